@@ -1,0 +1,1 @@
+"""smsq: the daemon that turns notification messages into paced, never-repeated SMS."""

@@ -1,0 +1,63 @@
+"""The `smsq` command: one verb per program or operator task.
+
+Settings are built here, once, and passed down; no other module reads the environment.
+A bad setting or bad input ends the command with exit status 2 and one line that names it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from consumer.commands import UsageError
+from consumer.logs import setup_logging
+from consumer.settings import ConfigError, Settings, load_settings
+
+log = logging.getLogger("smsq")
+
+# verb -> module with `add_arguments(parser)` and `main(settings, args) -> int | None`
+COMMANDS = {
+    "migrate": ("consumer.commands.migrate", "apply the database migrations"),
+    "consume": ("consumer.commands.consume", "store messages from RabbitMQ in Postgres"),
+    "publish": ("consumer.commands.publish", "publish notifications (from flags or JSON lines)"),
+    "status": ("consumer.commands.status", "counts by status and priority, queue depths"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smsq", description="SMS notifications from RabbitMQ to Twilio, paced and never twice."
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+    for verb, (module_name, help_text) in COMMANDS.items():
+        sub = verbs.add_parser(verb, help=help_text, description=help_text)
+        importlib.import_module(module_name).add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"smsq: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.smsq_log_format, settings.smsq_log_level)
+    module = importlib.import_module(COMMANDS[args.verb][0])
+    try:
+        return module.main(settings, args) or 0
+    except (ConfigError, UsageError) as exc:
+        print(f"smsq {args.verb}: {exc}", file=sys.stderr)
+        return 2
+
+
+def run_with(settings: Settings, argv: list[str]) -> int:
+    """Run a verb with explicit settings (for tests and embedding)."""
+    args = build_parser().parse_args(argv)
+    return importlib.import_module(COMMANDS[args.verb][0]).main(settings, args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""`smsq status`: what is stored, by status and priority, and what waits in RabbitMQ."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import psycopg
+
+from consumer import amqp, store
+from consumer.settings import Settings
+
+STATUSES = ("pending", "processing", "sent", "errored", "failed", "canceled")
+PRIORITIES = ("high", "medium", "low")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def collect(settings: Settings) -> dict:
+    with psycopg.connect(settings.database_dsn) as conn:
+        counts = store.counts_by_status(conn)
+        oldest = store.oldest_due_age_seconds(conn)
+    table = {status: {p: 0 for p in PRIORITIES} for status in STATUSES}
+    for status, priority, count in counts:
+        table[status][priority] = count
+    return {"notifications": table, "oldest_due_age_seconds": oldest,
+            "queues": amqp.queue_depths(settings)}
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    report = collect(settings)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(render(report))
+    return 0
+
+
+def render(report: dict) -> str:
+    lines = [f"{'status':<12}" + "".join(f"{p:>10}" for p in PRIORITIES) + f"{'total':>10}"]
+    for status, by_priority in report["notifications"].items():
+        counts = [by_priority[p] for p in PRIORITIES]
+        lines.append(f"{status:<12}" + "".join(f"{c:>10}" for c in counts) + f"{sum(counts):>10}")
+    age = report["oldest_due_age_seconds"]
+    lines.append("")
+    lines.append("oldest due message: " + ("none waiting" if age is None else f"{age:.1f} s old"))
+    for queue, depth in report["queues"].items():
+        lines.append(f"queue {queue}: " + ("not declared yet" if depth is None
+                                            else f"{depth} message(s) ready"))
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""Logging: one line per event, an `action` name on each, JSON on request, numbers masked.
+
+Callers log with `extra={"action": "...", "notification_id": ...}` so operators filter on a
+name, not on text. Phone numbers are masked in every line whatever logged them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from datetime import datetime, timezone
+
+# E.164-looking numbers (7 to 15 digits after '+'); everything but the last 4 digits masked.
+_PHONE = re.compile(r"\+\d{3,11}(\d{4})\b")
+_STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+def mask_phone(text: str) -> str:
+    return _PHONE.sub(lambda m: "+" + "*" * (len(m.group(0)) - 5) + m.group(1), text)
+
+
+def _fields(record: logging.LogRecord) -> dict[str, object]:
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            **_fields(record),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return mask_phone(json.dumps(line, default=str))
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields = " ".join(f"{k}={v}" for k, v in _fields(record).items())
+        stamp = datetime.fromtimestamp(record.created, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        line = f"{stamp} {record.levelname:<7} {record.getMessage()}"
+        if fields:
+            line += f" [{fields}]"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return mask_phone(line)
+
+
+def setup_logging(log_format: str = "text", level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # Library chatter (every pika frame, every HTTP request) is not an smsq event.
+    for noisy in ("pika", "twilio.http_client", "urllib3", "httpx", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # A passive declare of a missing queue (smsq status) closes a channel: expected, not news.
+    logging.getLogger("pika.channel").setLevel(logging.ERROR)

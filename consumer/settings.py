@@ -1,0 +1,134 @@
+"""The one configuration object, built once by the CLI and passed down explicitly.
+
+Field names are the environment variable names in lower case, so an operator reading an
+error or the code sees the same name they set. Values also come from a `.env` file.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import (
+    AnyHttpUrl,
+    Field,
+    PostgresDsn,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+import phonenumbers
+
+TWILIO_DEFAULT_API_URL = "https://api.twilio.com"
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    database_url: PostgresDsn = PostgresDsn("postgresql://postgres@127.0.0.1:5432/smsq")
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+    twilio_account_sid: str | None = None
+    twilio_auth_token: SecretStr | None = None
+    twilio_phone_number: str | None = None
+    twilio_messaging_service_sid: str | None = None
+    twilio_sms_batch_size: int = Field(100, ge=1, le=10_000)
+    twilio_sms_rate: float = Field(1.0, gt=0)
+    twilio_api_url: AnyHttpUrl = AnyHttpUrl(TWILIO_DEFAULT_API_URL)
+
+    smsq_public_url: AnyHttpUrl | None = None
+    smsq_burst: float = Field(1.0, ge=1)
+    smsq_max_attempts: int = Field(10, ge=1)
+    smsq_retry_backoff: float = Field(5.0, gt=0)
+    smsq_retry_backoff_max: float = Field(600.0, gt=0)
+    smsq_lease_seconds: float = Field(60.0, gt=0)
+    smsq_default_region: str | None = None
+    smsq_http_host: str = "127.0.0.1"
+    smsq_http_port: int = Field(8000, ge=1, le=65535)
+    smsq_metrics_port: int = Field(0, ge=0, le=65535)
+    smsq_dashboard_user: str | None = None
+    smsq_dashboard_password: SecretStr | None = None
+
+    smsq_log_format: Literal["text", "json"] = "text"
+    smsq_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # AMQP names: the defaults are the public contract; tests point them at their own queues.
+    smsq_exchange: str = Field("notifications", min_length=1)
+    smsq_queue: str = Field("notifications.sms", min_length=1)
+    smsq_routing_key: str = Field("sms", min_length=1)
+    smsq_quorum_queues: bool = False
+
+    # Ingest batching: a batch is flushed at this many messages or after this many
+    # milliseconds, whichever comes first, and at once when the queue runs dry.
+    smsq_ingest_batch_size: int = Field(1000, ge=1, le=50_000)
+    smsq_ingest_batch_ms: int = Field(50, ge=1, le=60_000)
+    smsq_prefetch: int = Field(2000, ge=1, le=65_535)
+
+    # Extra From numbers; each recipient sticks to one of them (see consumer.senders).
+    smsq_senders: str = ""
+
+    @field_validator("smsq_default_region")
+    @classmethod
+    def _known_region(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        region = value.upper()
+        if region not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"not a region phonenumbers knows (e.g. US, GB, DE): {value!r}")
+        return region
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_scheme(cls, value: str) -> str:
+        if not value.startswith(("amqp://", "amqps://")):
+            raise ValueError("must start with amqp:// or amqps://")
+        return value
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> Settings:
+        if self.smsq_retry_backoff_max < self.smsq_retry_backoff:
+            raise ValueError("SMSQ_RETRY_BACKOFF_MAX must not be below SMSQ_RETRY_BACKOFF")
+        if self.smsq_prefetch < self.smsq_ingest_batch_size:
+            raise ValueError("SMSQ_PREFETCH must be at least SMSQ_INGEST_BATCH_SIZE")
+        return self
+
+    @property
+    def database_dsn(self) -> str:
+        return str(self.database_url)
+
+    @property
+    def dead_queue(self) -> str:
+        return f"{self.smsq_queue}.dead"
+
+    @property
+    def uses_twilio_sandbox(self) -> bool:
+        return str(self.twilio_api_url).rstrip("/") != TWILIO_DEFAULT_API_URL
+
+    @property
+    def extra_senders(self) -> list[str]:
+        return [s.strip() for s in self.smsq_senders.split(",") if s.strip()]
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build Settings, turning pydantic's report into one line that names the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise ConfigError(describe_config_error(exc)) from None
+
+
+def describe_config_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    loc = [str(part) for part in first["loc"]]
+    name = loc[0].upper() if loc else "configuration"
+    message = first["msg"].removeprefix("Value error, ")
+    # Never echo the value back: it may be a secret.
+    return f"{name}: {message}"

@@ -1,0 +1,43 @@
+"""Graceful stop: the first SIGTERM/SIGINT asks the loops to finish, a second exits at once."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+log = logging.getLogger(__name__)
+
+
+class StopSignal:
+    """A flag the loops poll; set by a signal or by tests."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def request(self) -> None:
+        self._event.set()
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to `seconds`, waking early when a stop is requested."""
+        return self._event.wait(seconds)
+
+    def install(self) -> StopSignal:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        return self
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.requested:
+            log.warning("second signal, exiting at once", extra={"action": "stop_forced",
+                                                                  "signal": name})
+            os._exit(1)
+        log.info("stopping after the current batch", extra={"action": "stop_requested",
+                                                            "signal": name})
+        self.request()

@@ -1,0 +1,138 @@
+"""Every SQL statement of ingest and of the operator commands; the loops call only this.
+
+The dispatcher's and the web app's statements live in their own store modules
+(`dispatch_store.py`, `web/store.py`), next to nothing else.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import psycopg
+
+from schemas.message import Notification
+
+# Hosted media outlives its message by this much, so Twilio can fetch it after accepting.
+MEDIA_TTL = timedelta(days=7)
+MEDIA_ID_NAMESPACE = uuid.UUID("2b7e1c64-1f0a-5d5e-8c41-7a3e9d0f6b25")
+
+_STAGE = """
+CREATE TEMP TABLE IF NOT EXISTS ingest_stage (
+    id uuid, user_id text, title text, body text, url text, priority text,
+    publish_datetime timestamptz, expire_datetime timestamptz, content_type text,
+    object_id text, sender text, to_phone_number text, media_url text[],
+    temporary_media_id uuid
+) ON COMMIT DELETE ROWS
+"""
+_STAGE_COLUMNS = (
+    "id, user_id, title, body, url, priority, publish_datetime, expire_datetime, "
+    "content_type, object_id, sender, to_phone_number, media_url, temporary_media_id"
+)
+
+# One statement moves the batch from the stage into both tables; ids already stored are
+# skipped (ON CONFLICT), which is what makes a redelivered message harmless.
+_INSERT_FROM_STAGE = """
+WITH stage AS (
+    SELECT DISTINCT ON (id) * FROM ingest_stage
+), inserted AS (
+    INSERT INTO notification (id, type, user_id, title, body, url, priority, publish_datetime,
+                              expire_datetime, content_type, object_id, sender)
+    SELECT id, 'sms', user_id, title, body, url, priority, publish_datetime,
+           expire_datetime, content_type, object_id, sender
+    FROM stage
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id, sender, priority_rank, publish_datetime
+), sms AS (
+    INSERT INTO sms_notification (notification_id, to_phone_number, media_url, temporary_media_id)
+    SELECT s.id, s.to_phone_number, s.media_url, s.temporary_media_id
+    FROM stage s JOIN inserted USING (id)
+)
+SELECT count(*),
+       -- wake the dispatchers of senders that have something due now
+       (SELECT count(pg_notify('smsq_due', d.sender || ' ' || d.best_rank))
+          FROM (SELECT sender, min(priority_rank) AS best_rank FROM inserted
+                WHERE publish_datetime <= now() GROUP BY sender) d)
+FROM inserted
+"""
+
+_INSERT_MEDIA = """
+INSERT INTO sms_temporary_media (id, access_token, name, content_type, content, expire_datetime)
+VALUES (%s, %s, %s, %s, %s, %s)
+ON CONFLICT (id) DO NOTHING
+"""
+
+
+@dataclass(frozen=True)
+class IngestRow:
+    """A validated message ready to be stored."""
+
+    notification: Notification  # with id and publish_datetime filled in
+    sender: str = ""
+
+
+def prepare_ingest(conn: psycopg.Connection) -> None:
+    """Create this connection's staging table (once per connection)."""
+    conn.execute(_STAGE)
+    conn.commit()
+
+
+def insert_batch(conn: psycopg.Connection, rows: list[IngestRow]) -> int:
+    """Store a batch in one transaction; return how many were new. Caller commits."""
+    media_ids = _insert_media(conn, rows)
+    with conn.cursor() as cur:
+        with cur.copy(f"COPY ingest_stage ({_STAGE_COLUMNS}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(_stage_tuple(row, media_ids.get(row.notification.id)))
+        cur.execute(_INSERT_FROM_STAGE)
+        inserted, _ = cur.fetchone()
+    return inserted
+
+
+def _stage_tuple(row: IngestRow, media_id: uuid.UUID | None) -> tuple:
+    n = row.notification
+    return (
+        n.id, n.user_id, n.title, n.body, n.url, n.priority, n.publish_datetime,
+        n.expire_datetime, n.content_type, n.object_id, row.sender,
+        n.sms.to_phone_number, n.sms.media_url, media_id,
+    )
+
+
+def _insert_media(conn: psycopg.Connection, rows: list[IngestRow]) -> dict[uuid.UUID, uuid.UUID]:
+    """Store inline media; ids derive from the notification id so a redelivery adds nothing."""
+    media_ids = {}
+    for row in rows:
+        media = row.notification.sms.temporary_media
+        if media is None:
+            continue
+        media_id = uuid.uuid5(MEDIA_ID_NAMESPACE, str(row.notification.id))
+        expires = _media_expiry(row.notification)
+        conn.execute(
+            _INSERT_MEDIA,
+            (media_id, secrets.token_urlsafe(24), media.name, media.content_type,
+             media.content, expires),
+        )
+        media_ids[row.notification.id] = media_id
+    return media_ids
+
+
+def _media_expiry(n: Notification) -> datetime:
+    last_useful = n.expire_datetime or n.publish_datetime
+    return last_useful + MEDIA_TTL
+
+
+def counts_by_status(conn: psycopg.Connection) -> list[tuple[str, str, int]]:
+    """(status, priority, count) for every combination present."""
+    return conn.execute(
+        "SELECT status, priority, count(*) FROM notification GROUP BY 1, 2 ORDER BY 1, 2"
+    ).fetchall()
+
+
+def oldest_due_age_seconds(conn: psycopg.Connection) -> float | None:
+    row = conn.execute(
+        """SELECT extract(epoch FROM now() - min(publish_datetime))
+           FROM notification WHERE status = 'pending' AND publish_datetime <= now()"""
+    ).fetchone()
+    return float(row[0]) if row and row[0] is not None else None

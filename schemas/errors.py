@@ -1,0 +1,84 @@
+"""Turn raw bytes into a Notification, or into one line that says what is wrong and where.
+
+The line goes into the `x-error` header of a dead-lettered message, so it names the field
+(`sms.to_phone_number`) and says the problem in words a person understands.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import ValidationError
+
+from schemas.message import Notification
+
+
+class InvalidMessage(ValueError):
+    """The message cannot be accepted; str() is the reason for a person to read."""
+
+
+_PLAIN_WORDS = {
+    "missing": "required field is missing",
+    "extra_forbidden": "unknown field (not part of the message format)",
+    "timezone_aware": "needs a time zone, e.g. 2026-11-24T12:00:00Z",
+    "string_type": "must be a string",
+    "model_type": "must be a JSON object",
+    "model_attributes_type": "must be a JSON object",
+    "dict_type": "must be a JSON object",
+    "list_type": "must be a list",
+    "uuid_parsing": "must be a UUID, e.g. 0b9a3c1e-6f0d-4a51-9d57-2f0c6d3e9a11",
+    "uuid_type": "must be a UUID, e.g. 0b9a3c1e-6f0d-4a51-9d57-2f0c6d3e9a11",
+}
+
+
+def parse_notification(raw: bytes, default_region: str | None = None) -> Notification:
+    """Validate one message body; raise InvalidMessage with a reason naming the field."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidMessage(f"message: not UTF-8 text (bad byte at position {exc.start})")
+    try:
+        return Notification.model_validate_json(raw, context={"default_region": default_region})
+    except ValidationError as exc:
+        raise InvalidMessage(describe(exc, raw)) from None
+
+
+def describe(exc: ValidationError, raw: bytes = b"") -> str:
+    """All problems of one message, most useful first, joined with '; '."""
+    return "; ".join(_describe_one(error, raw) for error in exc.errors(include_url=False))
+
+
+def _describe_one(error: dict, raw: bytes) -> str:
+    kind = error["type"]
+    field = ".".join(str(part) for part in error["loc"]) or "message"
+    if kind == "json_invalid":
+        return f"message: not valid JSON ({error['ctx'].get('error', 'parse error')})"
+    if kind in ("model_type", "model_attributes_type") and field == "message":
+        return f"message: must be a JSON object, got {_json_kind(raw)}"
+    if kind == "literal_error" and field == "type":
+        return f"type: only 'sms' is served, got {error['input']!r}"
+    if kind == "literal_error":
+        return f"{field}: must be one of {error['ctx']['expected']}, got {error['input']!r}"
+    if kind == "string_too_long":
+        limit = error["ctx"]["max_length"]
+        return f"{field}: at most {limit} characters, got {len(error['input'])}"
+    if kind == "string_too_short":
+        return f"{field}: must not be empty"
+    if kind == "too_long":
+        return f"{field}: at most {error['ctx']['max_length']} items, got {error['ctx']['actual_length']}"
+    if kind == "value_error":
+        return f"{field}: {error['msg'].removeprefix('Value error, ')}"
+    words = _PLAIN_WORDS.get(kind)
+    if kind == "missing" and field == "message":
+        field = "message"
+    return f"{field}: {words or error['msg']}"
+
+
+def _json_kind(raw: bytes) -> str:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return "something else"
+    names = {list: "an array", str: "a string", int: "a number", float: "a number",
+             bool: "a boolean", type(None): "null"}
+    return names.get(type(value), type(value).__name__)

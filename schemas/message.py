@@ -1,0 +1,186 @@
+"""The notification message: the contract between producers and smsq.
+
+Every rule of the message format lives here, so the consumer, the CLI and producers written
+in Python share one definition; `notification.schema.json` is generated from these models
+for producers in other languages.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import hashlib
+import uuid
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import phonenumbers
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+MAX_MEDIA_URLS = 10
+MAX_INLINE_MEDIA_BYTES = 5 * 1024 * 1024
+INLINE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/gif")
+CHANNELS_NOT_SERVED = ("email", "app", "push")
+
+# Namespace of the UUIDv5 ids derived from a message_id that is not a UUID, or from the body.
+ID_NAMESPACE = uuid.UUID("6f1c2a4e-8b0d-5c3e-9a71-5d2f0e8b4c19")
+
+
+class _Strict(BaseModel):
+    # Unknown fields are rejected: a typo must not silently drop data.
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, frozen=True)
+
+
+def _one_or_many(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+@functools.lru_cache(maxsize=65_536)
+def normalise_phone_number(raw: str, default_region: str | None) -> str:
+    """E.164 form of `raw`, or ValueError in words a person understands.
+
+    Cached: parsing is the costliest step of validation and recipients repeat.
+    """
+    if not raw.startswith("+") and default_region is None:
+        raise ValueError(
+            f"needs a leading + and country code, or SMSQ_DEFAULT_REGION set: {raw!r}"
+        )
+    try:
+        parsed = phonenumbers.parse(raw, default_region)
+    except phonenumbers.NumberParseException:
+        raise ValueError(f"not a valid phone number: {raw!r}") from None
+    if not phonenumbers.is_valid_number(parsed):
+        raise ValueError(f"not a valid phone number: {raw!r}")
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+def _check_media_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"must be an http or https URL: {url!r}")
+    return url
+
+
+MediaUrl = Annotated[str, Field(min_length=1, max_length=2048)]
+_URL_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 2048, "pattern": "^https?://"}
+_MEDIA_URL_SCHEMA = {
+    "anyOf": [_URL_SCHEMA, {"type": "array", "items": _URL_SCHEMA, "maxItems": MAX_MEDIA_URLS}],
+    "description": "one http(s) URL or a list of at most 10 (MMS)",
+}
+
+
+class TemporaryMedia(_Strict):
+    """An inline image that smsq hosts itself for Twilio to fetch."""
+
+    name: str = Field(min_length=1, max_length=255)
+    content_type: Literal["image/png", "image/jpeg", "image/gif"]
+    content_base64: str = Field(description="the image, base64-encoded; at most 5 MB decoded")
+
+    @field_validator("content_base64")
+    @classmethod
+    def _decodes_small_enough(cls, value: str) -> str:
+        # Refuse before decoding a huge payload: 4 base64 chars carry 3 bytes.
+        if len(value) > (MAX_INLINE_MEDIA_BYTES // 3 + 1) * 4 + 4:
+            raise ValueError("larger than 5 MB once decoded")
+        try:
+            content = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("not valid base64") from None
+        if len(content) > MAX_INLINE_MEDIA_BYTES:
+            raise ValueError(f"larger than 5 MB once decoded ({len(content)} bytes)")
+        if not content:
+            raise ValueError("is empty")
+        return value
+
+    @property
+    def content(self) -> bytes:
+        return base64.b64decode(self.content_base64)
+
+
+class SmsPart(_Strict):
+    to_phone_number: str = Field(
+        min_length=1, max_length=64, description="E.164 after normalisation, e.g. +14155550123"
+    )
+    media_url: Annotated[
+        list[MediaUrl], BeforeValidator(_one_or_many), WithJsonSchema(_MEDIA_URL_SCHEMA)
+    ] = Field(
+        default_factory=list,
+        max_length=MAX_MEDIA_URLS,
+        description="one http(s) URL or a list of at most 10 (MMS)",
+    )
+    temporary_media: TemporaryMedia | None = None
+
+    @field_validator("to_phone_number")
+    @classmethod
+    def _e164(cls, value: str, info: ValidationInfo) -> str:
+        region = (info.context or {}).get("default_region")
+        return normalise_phone_number(value.strip(), region)
+
+    @field_validator("media_url")
+    @classmethod
+    def _http_only(cls, urls: list[str]) -> list[str]:
+        return [_check_media_url(url) for url in urls]
+
+
+class Notification(_Strict):
+    """One SMS notification, as published to the `notifications` exchange."""
+
+    id: uuid.UUID | None = Field(None, description="idempotency key; derived when absent")
+    type: Literal["sms"] = Field("sms", description="only sms is served")
+    user_id: str | None = None
+    title: str = Field("", max_length=124, description="not part of the SMS text")
+    body: str = Field(min_length=1, max_length=1600, description="the SMS text")
+    url: str | None = None
+    priority: Literal["low", "medium", "high"] = "low"
+    publish_datetime: AwareDatetime | None = Field(None, description="not sent before; default now")
+    expire_datetime: AwareDatetime | None = Field(None, description="not sent after")
+    content_type: str | None = None
+    object_id: str | None = None
+    sms: SmsPart
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _sms_only(cls, value: Any) -> Any:
+        if value in CHANNELS_NOT_SERVED:
+            raise ValueError(f"channel {value!r} is not served here: smsq sends sms only")
+        return value
+
+    @model_validator(mode="after")
+    def _expiry_after_publish(self) -> Notification:
+        if self.expire_datetime and self.publish_datetime:
+            if self.expire_datetime <= self.publish_datetime:
+                raise ValueError("expire_datetime must be after publish_datetime")
+        return self
+
+    def with_defaults(self, fallback_id: uuid.UUID, now: datetime | None = None) -> Notification:
+        """The message as stored: with its id and publish time filled in."""
+        return self.model_copy(
+            update={
+                "id": self.id or fallback_id,
+                "publish_datetime": self.publish_datetime or now or datetime.now(timezone.utc),
+            }
+        )
+
+
+def derive_id(message_id: str | None, body: bytes) -> uuid.UUID:
+    """The id of a message that carries none: its AMQP message_id, else a hash of the body."""
+    if message_id:
+        try:
+            return uuid.UUID(message_id)
+        except ValueError:
+            return uuid.uuid5(ID_NAMESPACE, message_id)
+    # UUIDv5 of the raw bytes (uuid.uuid5 takes text; this is the same hash on bytes).
+    digest = hashlib.sha1(ID_NAMESPACE.bytes + body).digest()
+    return uuid.UUID(bytes=digest[:16], version=5)

@@ -1,0 +1,105 @@
+"""Helpers for tests that drive the real programs against the real RabbitMQ and Postgres."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pika
+import psycopg
+
+from consumer.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def env_of(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment that gives a subprocess exactly these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMSQ_", "TWILIO_"))}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        env[name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+    env.update(extra)
+    return env
+
+
+def start_smsq(settings: Settings, *args: str, log_path: Path | None = None,
+               **extra_env: str) -> subprocess.Popen:
+    """Start `smsq <args>` as its own process, as an operator would."""
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    return subprocess.Popen(
+        [sys.executable, "-m", "consumer.cli", *args],
+        env=env_of(settings, **extra_env), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+    )
+
+
+def stop(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+    process.send_signal(sig)
+    return process.wait(timeout=timeout)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 30, interval: float = 0.05,
+               message: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
+
+
+def publish_raw(settings: Settings, bodies: list[bytes],
+                properties: pika.BasicProperties | None = None,
+                routing_key: str | None = None, exchange: str | None = None) -> None:
+    """Publish bodies as they are (no validation), confirmed, as any producer could."""
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        props = properties or pika.BasicProperties(delivery_mode=2)
+        for body in bodies:
+            channel.basic_publish(
+                settings.smsq_exchange if exchange is None else exchange,
+                settings.smsq_routing_key if routing_key is None else routing_key,
+                body, props, mandatory=True)
+    finally:
+        connection.close()
+
+
+def queue_depth(settings: Settings, queue: str) -> int:
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        return connection.channel().queue_declare(queue, passive=True).method.message_count
+    finally:
+        connection.close()
+
+
+def get_all(settings: Settings, queue: str) -> list[tuple[pika.BasicProperties, bytes]]:
+    """Drain a queue (acknowledging), returning (properties, body) pairs."""
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    found = []
+    try:
+        channel = connection.channel()
+        while True:
+            method, props, body = channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                return found
+            found.append((props, body))
+    finally:
+        connection.close()
+
+
+def count_rows(settings: Settings, where: str = "true") -> int:
+    with psycopg.connect(settings.database_dsn) as conn:
+        return conn.execute(f"SELECT count(*) FROM notification WHERE {where}").fetchone()[0]
