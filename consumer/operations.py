@@ -1,0 +1,86 @@
+"""What an operator does to stored notifications: retry the ones that failed, cancel.
+
+Used by the CLI (`smsq retry`, `smsq cancel`) and the dashboard; all SQL of these actions
+is here. Each action is one statement, so it cannot race with a dispatcher: a row that a
+dispatcher holds (`processing`) is never touched.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+import psycopg
+
+RETRYABLE = ("errored", "failed")
+CANCELABLE = ("pending",)
+
+_RETRY = """
+WITH retried AS (
+    UPDATE notification n
+    SET status = 'pending', status_message = 'retried by an operator',
+        retry_datetime = NULL, claimed_by = NULL, claimed_datetime = NULL,
+        lease_expire_datetime = NULL
+    FROM sms_notification s
+    WHERE s.notification_id = n.id
+      AND n.status = ANY(%(statuses)s)
+      AND (%(ids)s::uuid[] IS NULL OR n.id = ANY(%(ids)s::uuid[]))
+      AND (%(error_code)s::int IS NULL OR s.error_code = %(error_code)s::int)
+      AND (%(since)s::timestamptz IS NULL OR n.created_datetime >= %(since)s::timestamptz)
+    RETURNING n.id, n.sender, n.priority_rank, n.publish_datetime
+), reset AS (
+    -- a fresh set of attempts; the last error code stays until the next outcome
+    UPDATE sms_notification s SET attempts = 0
+    FROM retried WHERE s.notification_id = retried.id
+)
+SELECT id FROM retried
+"""
+
+# Wake the dispatchers of the senders that now have something due.
+_WAKE = """
+SELECT pg_notify('smsq_due', sender || ' ' || min(priority_rank))
+FROM notification
+WHERE id = ANY(%(ids)s::uuid[]) AND publish_datetime <= now()
+GROUP BY sender
+"""
+
+_CANCEL = """
+UPDATE notification
+SET status = 'canceled', status_message = %(reason)s
+WHERE id = ANY(%(ids)s::uuid[]) AND status = ANY(%(statuses)s)
+RETURNING id
+"""
+
+
+def retry(
+    conn: psycopg.Connection,
+    *,
+    ids: Sequence[uuid.UUID] | None = None,
+    statuses: Sequence[str] = RETRYABLE,
+    error_code: int | None = None,
+    since: datetime | None = None,
+) -> list[uuid.UUID]:
+    """Return errored/failed notifications to pending; the ids that were retried."""
+    unknown = set(statuses) - set(RETRYABLE)
+    if unknown:
+        raise ValueError(f"only {' or '.join(RETRYABLE)} notifications can be retried, "
+                         f"not {', '.join(sorted(unknown))}")
+    params = {"statuses": list(statuses), "ids": list(ids) if ids is not None else None,
+              "error_code": error_code, "since": since}
+    with conn.transaction():
+        retried = [row[0] for row in conn.execute(_RETRY, params).fetchall()]
+        conn.execute(_WAKE, {"ids": retried})
+    return retried
+
+
+def cancel(conn: psycopg.Connection, ids: Sequence[uuid.UUID],
+           reason: str = "canceled by an operator") -> list[uuid.UUID]:
+    """Cancel pending notifications (scheduled or waiting); the ids that were canceled.
+
+    A notification being sent (`processing`) or already finished cannot be canceled.
+    """
+    with conn.transaction():
+        rows = conn.execute(_CANCEL, {"ids": list(ids), "statuses": list(CANCELABLE),
+                                      "reason": reason}).fetchall()
+    return [row[0] for row in rows]
