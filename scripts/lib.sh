@@ -62,6 +62,7 @@ start_postgres() {
     say "starting PostgreSQL"
     local version; version="$(ls /etc/postgresql | sort -V | tail -1)"
     as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main reload || true
 }
 
 # A development install: let the `postgres` role in over 127.0.0.1 without a password,

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +39,9 @@ def start_smsq(settings: Settings, *args: str, log_path: Path | None = None,
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     return subprocess.Popen(
         [sys.executable, "-m", "consumer.cli", *args],
-        env=env_of(settings, **extra_env), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        # Not the repo root: a developer's .env there must not leak into the test.
+        env=env_of(settings, **extra_env), cwd=tempfile.gettempdir(), stdout=out,
+        stderr=subprocess.STDOUT,
     )
 
 
