@@ -23,6 +23,7 @@ COMMANDS = {
     "consume": ("consumer.commands.consume", "store messages from RabbitMQ in Postgres"),
     "publish": ("consumer.commands.publish", "publish notifications (from flags or JSON lines)"),
     "status": ("consumer.commands.status", "counts by status and priority, queue depths"),
+    "fake-twilio": ("consumer.commands.fake_twilio", "a local stand-in for Twilio's Messages API"),
 }
 
 

@@ -1,0 +1,73 @@
+"""`smsq fake-twilio`: a local stand-in for Twilio's Messages API. Nothing is delivered."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from consumer.commands import UsageError
+from consumer.fake_twilio import (
+    FAKE_ACCOUNT_SID,
+    FAKE_AUTH_TOKEN,
+    UNDELIVERABLE_TO,
+    FaultError,
+    FaultRule,
+    FakeTwilioServer,
+)
+from consumer.settings import Settings
+from consumer.signals import StopSignal
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8089
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"port (default {DEFAULT_PORT}; 0 picks a free one and prints it)")
+    parser.add_argument("--account-sid", help="accepted account SID (default: "
+                        f"TWILIO_ACCOUNT_SID, else {FAKE_ACCOUNT_SID})")
+    parser.add_argument("--auth-token", help="accepted auth token (default: "
+                        f"TWILIO_AUTH_TOKEN, else {FAKE_AUTH_TOKEN})")
+    parser.add_argument("--latency-ms", type=float, default=0, help="added to every API answer")
+    parser.add_argument("--jitter-ms", type=float, default=0,
+                        help="random extra latency, uniform in [0, this]")
+    parser.add_argument("--send-delay-ms", type=float, default=100,
+                        help="time a message stays queued before it is sent")
+    parser.add_argument("--deliver-delay-ms", type=float, default=400,
+                        help="time from sent to delivered")
+    parser.add_argument("--fault", action="append", default=[], metavar="MODE[:k=v,...]",
+                        help="inject a fault into message creation, e.g. 429:count=3,retry_after=2 "
+                             "or 500:probability=0.1 or slow:slow_ms=15000 or drop:count=1; "
+                             "modes: 429 500 503 21611 slow drop drop-unrecorded; repeatable")
+    parser.epilog = (f"Twilio's test numbers answer as Twilio does (To +15005550001 -> 21211, "
+                     f"...); To {UNDELIVERABLE_TO} is accepted and then undelivered (30003). "
+                     "Control at run time: GET/DELETE /_fake/messages, GET/POST/DELETE "
+                     "/_fake/faults, GET/POST /_fake/config, GET /_fake/stats, "
+                     "GET /_fake/callbacks.")
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        faults = [FaultRule.parse(text) for text in args.fault]
+    except (FaultError, ValueError) as exc:
+        raise UsageError(f"--fault: {exc}") from None
+    token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else None
+    server = FakeTwilioServer(
+        args.host, args.port, faults=faults,
+        account_sid=args.account_sid or settings.twilio_account_sid or FAKE_ACCOUNT_SID,
+        auth_token=args.auth_token or token or FAKE_AUTH_TOKEN,
+        latency_ms=args.latency_ms, jitter_ms=args.jitter_ms,
+        send_delay_ms=args.send_delay_ms, deliver_delay_ms=args.deliver_delay_ms)
+    stop = StopSignal().install()
+    with server:
+        log.warning("fake Twilio listening on %s: a SANDBOX, nothing is delivered to any phone",
+                    server.url, extra={"action": "fake_twilio_started", "url": server.url,
+                                       "account_sid": server.fake.account_sid})
+        # The first stdout line is the URL, for scripts and tests that asked for port 0.
+        print(server.url, flush=True)
+        while not stop.wait(3600):
+            pass
+    log.info("fake Twilio stopped", extra={"action": "fake_twilio_stopped"})
+    return 0
