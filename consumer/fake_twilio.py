@@ -27,6 +27,8 @@ import json
 import logging
 import random
 import secrets
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -631,7 +633,7 @@ class FakeTwilioServer:
         self.fake = FakeTwilio(**options)  # type: ignore[arg-type]
         self.http = FakeTwilioHTTPServer((host, port), self.fake)
         self._thread = threading.Thread(target=self.http.serve_forever, name="fake-twilio",
-                                        kwargs={"poll_interval": 0.1}, daemon=True)
+                                        kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def url(self) -> str:
@@ -702,3 +704,18 @@ class FakeTwilioControl:
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
+
+
+def spawn(*flags: str, account_sid: str = FAKE_ACCOUNT_SID, auth_token: str = FAKE_AUTH_TOKEN,
+          env: dict[str, str] | None = None) -> tuple[subprocess.Popen, FakeTwilioControl]:
+    """Start `smsq fake-twilio` as its own process on a free port (benchmarks, crash tests).
+    Stop it with SIGTERM; its log goes to the parent's stderr."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "consumer.cli", "fake-twilio", "--port", "0",
+         "--account-sid", account_sid, "--auth-token", auth_token, *flags],
+        stdout=subprocess.PIPE, text=True, env=env)
+    url = process.stdout.readline().strip()  # type: ignore[union-attr]
+    if not url.startswith("http://"):
+        process.kill()
+        raise RuntimeError(f"smsq fake-twilio did not start (exit status {process.wait()})")
+    return process, FakeTwilioControl(url, account_sid, auth_token)
