@@ -273,9 +273,9 @@ class FakeTwilio:
             return rejection
         self._accept(entry, now)
         reply = Reply(201, self.resource(entry, now))
-        if entry.fault == "slow":
-            reply.delay = fault.slow_ms / 1000  # type: ignore[union-attr]
-        reply.drop = entry.fault == "drop"
+        if fault is not None:
+            reply.delay = fault.slow_ms / 1000 if fault.mode == "slow" else 0.0
+            reply.drop = fault.mode == "drop"
         return reply
 
     def _take_fault(self, to: str, sender: str) -> FaultRule | None:
@@ -340,14 +340,14 @@ class FakeTwilio:
             keep = self._list_filter(params, now)
         except ValueError as exc:
             return error_reply(400, 20001, f"Invalid parameter: {exc}")
+        token = params.get("PageToken", "")
         with self._lock:
             self.stats["list"] += 1
             pool = self._by_to.get(params["To"], []) if "To" in params else self._by_sid.values()
             matching = sorted((e for e in pool if keep(e)), key=lambda e: e.seq, reverse=True)
-        token = params.get("PageToken", "")
-        if token.startswith("PA") and token[2:] in self._by_sid:
-            after = self._by_sid[token[2:]].seq
-            matching = [e for e in matching if e.seq < after]
+            last_seen = self._by_sid.get(token[2:]) if token.startswith("PA") else None
+        if last_seen is not None:  # a token pages on from where the last page ended
+            matching = [e for e in matching if e.seq < last_seen.seq]
         else:
             matching = matching[page * page_size:]
         items = matching[:page_size]
@@ -363,7 +363,7 @@ class FakeTwilio:
             "page": page, "page_size": page_size,
             "first_page_uri": page_uri(0), "previous_page_uri": None,
             "uri": page_uri(page, token or None),
-            "next_page_uri": (page_uri(page + 1, "PA" + items[-1].sid)  # type: ignore[operator]
+            "next_page_uri": (page_uri(page + 1, f"PA{items[-1].sid}")
                               if len(matching) > page_size else None),
         })
 
@@ -499,7 +499,8 @@ class StatusCallbacks:
             headers={"X-Twilio-Signature": signature, "User-Agent": "TwilioProxy/1.1",
                      "Content-Type": "application/x-www-form-urlencoded"})
         outcome: dict[str, object] = {"url": url, "sid": params["MessageSid"],
-                                      "status": params["MessageStatus"], "posted_at": time.time()}
+                                      "status": params["MessageStatus"], "posted_at": time.time(),
+                                      "http_status": None, "error": None}
         try:
             with urllib.request.urlopen(request, timeout=5) as response:
                 outcome["http_status"] = response.status
@@ -507,12 +508,17 @@ class StatusCallbacks:
             outcome["http_status"] = exc.code
         except OSError as exc:
             outcome["error"] = str(exc)
+        outcome["ok"] = outcome["error"] is None and 200 <= int(outcome["http_status"] or 0) < 300
         with self._wake:
             self.log.append(outcome)
 
+    def entries(self) -> list[dict]:
+        with self._wake:
+            return list(self.log)
+
     def counts(self) -> dict[str, int]:
         with self._wake:
-            ok = sum(1 for o in self.log if 200 <= int(o.get("http_status", 0)) < 300)  # type: ignore[call-overload]
+            ok = sum(1 for outcome in self.log if outcome["ok"])
             return {"callbacks_ok": ok, "callbacks_failed": len(self.log) - ok,
                     "callbacks_waiting": len(self._due)}
 
@@ -552,7 +558,9 @@ class Handler(BaseHTTPRequestHandler):
             self._answer(self._control(fake, method, url.path, body))
             return
         reply = self._api(fake, method, url.path, url.query, body)
-        time.sleep(fake.latency() + reply.delay)
+        delay = fake.latency() + reply.delay
+        if delay > 0:  # even sleep(0) costs a GIL round trip, a third of a fast request
+            time.sleep(delay)
         if reply.drop:
             self.close_connection = True  # the socket is closed with nothing written
             return
@@ -590,7 +598,7 @@ class Handler(BaseHTTPRequestHandler):
             if path == "/_fake/stats" and method == "GET":
                 return Reply(200, fake.all_stats())
             if path == "/_fake/callbacks" and method == "GET":
-                return Reply(200, {"callbacks": list(fake.callbacks.log)})
+                return Reply(200, {"callbacks": fake.callbacks.entries()})
         except (FaultError, TypeError, ValueError) as exc:
             return Reply(400, {"error": str(exc)})
         return Reply(404, {"error": f"no {method} {path}"})
