@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from consumer.outcomes import (
@@ -143,3 +147,12 @@ def test_descriptions_are_readable() -> None:
     assert describe(TwilioAttempt(True, 429, 20429, "Too Many Requests")) == (
         "HTTP 429, Twilio error 20429: Too Many Requests")
     assert describe(TwilioAttempt(True, 502)) == "HTTP 502"
+
+
+def test_pure_core_imports_no_io_library() -> None:
+    """segments, bucket and outcomes stay pure: pyproject's import-linter contracts hold."""
+    linter = Path(sys.executable).with_name("lint-imports")
+    result = subprocess.run([str(linter)], cwd=Path(__file__).parent.parent,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "pure core knows no I/O library KEPT" in result.stdout
