@@ -414,10 +414,14 @@ class FakeTwilio:
 
     # --- the control API -----------------------------------------------------------------
 
-    def received(self) -> list[dict]:
+    def received(self, after: int = 0) -> list[dict]:
+        """The log of creation requests with `seq` above `after` (for cheap polling)."""
         now = time.time()
         with self._lock:
-            return [entry.as_log(now) for entry in self._received]
+            # seq counts up from 1 in log order, so the entries after `after` are a tail.
+            start = next((i for i in range(len(self._received) - 1, -1, -1)
+                          if self._received[i].seq <= after), -1) + 1
+            return [entry.as_log(now) for entry in self._received[start:]]
 
     def clear(self) -> None:
         with self._lock:
@@ -555,7 +559,7 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if url.path.startswith("/_fake/"):
-            self._answer(self._control(fake, method, url.path, body))
+            self._answer(self._control(fake, method, url.path, url.query, body))
             return
         reply = self._api(fake, method, url.path, url.query, body)
         delay = fake.latency() + reply.delay
@@ -581,13 +585,14 @@ class Handler(BaseHTTPRequestHandler):
         return error_reply(404, 20404, f"The requested resource {path} was not found")
 
     @staticmethod
-    def _control(fake: FakeTwilio, method: str, path: str, body: bytes) -> Reply:
+    def _control(fake: FakeTwilio, method: str, path: str, query: str, body: bytes) -> Reply:
         try:
             payload = json.loads(body) if body else {}
             if path == "/_fake/messages" and method in ("GET", "DELETE"):
                 if method == "DELETE":
                     fake.clear()
-                return Reply(200, {"messages": fake.received()})
+                after = int(parse_qs(query).get("after", ["0"])[0])
+                return Reply(200, {"messages": fake.received(after)})
             if path == "/_fake/faults" and method in ("GET", "POST", "DELETE"):
                 if method != "GET":
                     specs = payload if isinstance(payload, list) else [payload] if payload else []
@@ -673,9 +678,10 @@ class FakeTwilioControl:
         self.account_sid = account_sid
         self.auth_token = auth_token
 
-    def messages(self, accepted_only: bool = False) -> list[dict]:
-        """Every creation request received, in arrival order, with the outcome returned."""
-        messages = self._call("GET", "/_fake/messages")["messages"]
+    def messages(self, accepted_only: bool = False, after: int = 0) -> list[dict]:
+        """Every creation request received, in arrival order, with the outcome returned;
+        only those with `seq` above `after` when given (poll with the last seq seen)."""
+        messages = self._call("GET", f"/_fake/messages?after={after}")["messages"]
         return [m for m in messages if m["accepted"]] if accepted_only else messages
 
     def clear(self) -> None:

@@ -424,6 +424,9 @@ def test_command_runs_on_a_free_port_with_faults_and_stops_on_sigterm() -> None:
         assert raised.value.status == 500
         assert client.messages.create(to=TO, from_=FROM, body="x").status == "queued"
         assert [m["http_status"] for m in fake.messages()] == [500, 201]
+        first, second = fake.messages()
+        assert [m["sid"] for m in fake.messages(after=first["seq"])] == [second["sid"]]
+        assert fake.messages(after=second["seq"]) == []
         fake.clear()
         assert fake.messages() == []
     finally:
