@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import hmac
 import heapq
 import itertools
@@ -141,7 +142,7 @@ class FaultRule:
 class Received:
     """One message creation request as the fake saw it, and what it answered."""
 
-    seq: int
+    seq: int  # position in the log, from 1
     received_at: float  # epoch seconds
     received_monotonic: float  # time.monotonic(): comparable with other processes on this host
     to: str
@@ -154,6 +155,7 @@ class Received:
     error_code: int | None = None
     fault: str | None = None
     sid: str | None = None
+    created_seq: int = 0  # creation order among accepted messages (Twilio lists newest first)
     num_segments: int = 0
     sent_at: float = 0.0  # epoch second it leaves `queued`, once accepted
     done_at: float = 0.0  # epoch second it reaches its final delivery status
@@ -221,6 +223,7 @@ class FakeTwilio:
                        "send_delay_ms": send_delay_ms, "deliver_delay_ms": deliver_delay_ms}
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
+        self._created_seq = itertools.count(1)
         self._received: list[Received] = []
         self._by_sid: dict[str, Received] = {}
         self._by_to: dict[str, list[Received]] = defaultdict(list)
@@ -245,7 +248,7 @@ class FakeTwilio:
         now = time.time()
         first = {key: values[0] for key, values in form.items()}
         entry = Received(
-            seq=next(self._seq), received_at=now, received_monotonic=time.monotonic(),
+            seq=0, received_at=now, received_monotonic=time.monotonic(),
             to=first.get("To", ""), from_=first.get("From") or None,
             messaging_service_sid=first.get("MessagingServiceSid") or None,
             body=first.get("Body", ""), media_url=form.get("MediaUrl", []),
@@ -254,6 +257,8 @@ class FakeTwilio:
         entry.http_status = None if reply.drop else reply.status
         entry.error_code = reply.body.get("code") if reply.body and reply.status >= 400 else None
         with self._lock:
+            # Numbered as logged, so the log is in seq order (what `received(after)` relies on).
+            entry.seq = next(self._seq)
             self._received.append(entry)
             self.stats["create"] += 1
         return reply
@@ -317,6 +322,7 @@ class FakeTwilio:
         entry.sent_at = now + self.config["send_delay_ms"] / 1000
         entry.done_at = entry.sent_at + self.config["deliver_delay_ms"] / 1000
         with self._lock:
+            entry.created_seq = next(self._created_seq)
             self._by_sid[entry.sid] = entry
             self._by_to[entry.to].append(entry)
         if entry.status_callback:
@@ -344,10 +350,11 @@ class FakeTwilio:
         with self._lock:
             self.stats["list"] += 1
             pool = self._by_to.get(params["To"], []) if "To" in params else self._by_sid.values()
-            matching = sorted((e for e in pool if keep(e)), key=lambda e: e.seq, reverse=True)
+            matching = sorted((e for e in pool if keep(e)), key=lambda e: e.created_seq,
+                              reverse=True)
             last_seen = self._by_sid.get(token[2:]) if token.startswith("PA") else None
         if last_seen is not None:  # a token pages on from where the last page ended
-            matching = [e for e in matching if e.seq < last_seen.seq]
+            matching = [e for e in matching if e.created_seq < last_seen.created_seq]
         else:
             matching = matching[page * page_size:]
         items = matching[:page_size]
@@ -418,9 +425,7 @@ class FakeTwilio:
         """The log of creation requests with `seq` above `after` (for cheap polling)."""
         now = time.time()
         with self._lock:
-            # seq counts up from 1 in log order, so the entries after `after` are a tail.
-            start = next((i for i in range(len(self._received) - 1, -1, -1)
-                          if self._received[i].seq <= after), -1) + 1
+            start = bisect.bisect_right(self._received, after, key=lambda entry: entry.seq)
             return [entry.as_log(now) for entry in self._received[start:]]
 
     def clear(self) -> None:
