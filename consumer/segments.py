@@ -10,6 +10,9 @@ segments, not by messages. The rules are 3GPP TS 23.038 / 23.040 as Twilio appli
   Characters outside the Basic Multilingual Plane (most emoji) are a surrogate pair, two code
   units, and the pair is never split across two parts.
 
+Twilio's optional Smart Encoding (turning ’ into ' and the like) is not assumed: without it
+Twilio sends such a body as UCS-2, and counting high is the safe side for pacing.
+
 An empty body counts as one GSM-7 segment with zero units: whatever goes out still occupies a
 segment (the contract requires 1..1600 characters, so this only matters for media-only MMS,
 whose cost `cost_of` fixes at one anyway).
