@@ -336,7 +336,7 @@ class FakeTwilio:
             return error_reply(404, 20404, f"The requested resource {path} was not found")
         return Reply(200, self.resource(entry, time.time()))
 
-    def list(self, query: dict[str, list[str]]) -> Reply:
+    def list_messages(self, query: dict[str, list[str]]) -> Reply:
         """Newest first, filtered, paged (PageSize, Page, PageToken = "PA" + last SID seen)."""
         now = time.time()
         params = {key: values[0] for key, values in query.items()}
@@ -357,14 +357,18 @@ class FakeTwilio:
             matching = [e for e in matching if e.created_seq < last_seen.created_seq]
         else:
             matching = matching[page * page_size:]
-        items = matching[:page_size]
         filters = {k: v for k, v in params.items() if k not in ("PageSize", "Page", "PageToken")}
+        return Reply(200, self._page(matching, filters, page, page_size, token, now))
+
+    def _page(self, matching: list[Received], filters: dict[str, str], page: int,
+              page_size: int, token: str, now: float) -> dict:
+        items = matching[:page_size]
 
         def page_uri(number: int, token: str | None = None) -> str:
             extra = {"PageSize": page_size, "Page": number} | ({"PageToken": token} if token else {})
             return f"{self.messages_uri}.json?{urlencode(filters | extra)}"
 
-        return Reply(200, {
+        return {
             "messages": [self.resource(e, now) for e in items],
             "start": page * page_size, "end": page * page_size + max(0, len(items) - 1),
             "page": page, "page_size": page_size,
@@ -372,7 +376,7 @@ class FakeTwilio:
             "uri": page_uri(page, token or None),
             "next_page_uri": (page_uri(page + 1, f"PA{items[-1].sid}")
                               if len(matching) > page_size else None),
-        })
+        }
 
     @staticmethod
     def _list_filter(params: dict[str, str], now: float):
@@ -584,7 +588,7 @@ class Handler(BaseHTTPRequestHandler):
         if method == "POST" and path == f"{prefix}.json":
             return fake.create(parse_qs(body.decode(), keep_blank_values=True))
         if method == "GET" and path == f"{prefix}.json":
-            return fake.list(parse_qs(query, keep_blank_values=True))
+            return fake.list_messages(parse_qs(query, keep_blank_values=True))
         if method == "GET" and path.startswith(f"{prefix}/") and path.endswith(".json"):
             return fake.fetch(path[len(prefix) + 1:-len(".json")], path)
         return error_reply(404, 20404, f"The requested resource {path} was not found")
