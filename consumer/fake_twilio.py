@@ -30,6 +30,7 @@ import random
 import secrets
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -736,7 +737,8 @@ def spawn(*flags: str, account_sid: str = FAKE_ACCOUNT_SID, auth_token: str = FA
     process = subprocess.Popen(
         [sys.executable, "-m", "consumer.cli", "fake-twilio", "--port", "0",
          "--account-sid", account_sid, "--auth-token", auth_token, *flags],
-        stdout=subprocess.PIPE, text=True, env=env)
+        # Not the working directory: a developer's .env there must not configure the fake.
+        stdout=subprocess.PIPE, text=True, env=env, cwd=tempfile.gettempdir())
     url = process.stdout.readline().strip()  # type: ignore[union-attr]
     if not url.startswith("http://"):
         process.kill()
