@@ -21,7 +21,14 @@ from twilio.http.http_client import TwilioHttpClient
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
-from consumer.fake_twilio import UNDELIVERABLE_TO, FakeTwilioControl, spawn
+from consumer.fake_twilio import (
+    UNDELIVERABLE_TO,
+    FakeTwilio,
+    FakeTwilioControl,
+    FaultError,
+    FaultRule,
+    spawn,
+)
 from tests.support import wait_until
 
 TWILIO_API_URL = "https://api.twilio.com"
@@ -307,7 +314,26 @@ def test_control_api_rejects_nonsense(fake_twilio: FakeTwilioControl) -> None:
                          timeout=5).status_code == 400
 
 
+def test_fault_flag_syntax() -> None:
+    assert FaultRule.parse("429:count=3,retry_after=2.5") == FaultRule(
+        "429", count=3, retry_after=2.5)
+    assert FaultRule.parse("drop") == FaultRule("drop")
+    assert FaultRule.parse("500:probability=0.1,to=+14155550123") == FaultRule(
+        "500", probability=0.1, to="+14155550123")
+    for bad in ("teapot", "429:count", "429:count=0", "429:probability=2", "slow:speed=1"):
+        with pytest.raises(FaultError):
+            FaultRule.parse(bad)
+
+
 # --- latency, concurrency, keep-alive -----------------------------------------------------
+
+def test_latency_with_jitter_stays_in_its_range_and_varies() -> None:
+    fake = FakeTwilio(latency_ms=100, jitter_ms=50)
+    samples = [fake.latency() for _ in range(100)]
+    assert all(0.1 <= sample <= 0.15 for sample in samples)
+    assert len(set(samples)) > 1
+    assert FakeTwilio(latency_ms=200).latency() == 0.2
+
 
 def test_latency_is_added_and_requests_are_served_concurrently(
         fake_twilio: FakeTwilioControl) -> None:
