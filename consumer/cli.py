@@ -24,6 +24,7 @@ COMMANDS = {
     "publish": ("consumer.commands.publish", "publish notifications (from flags or JSON lines)"),
     "status": ("consumer.commands.status", "counts by status and priority, queue depths"),
     "fake-twilio": ("consumer.commands.fake_twilio", "a local stand-in for Twilio's Messages API"),
+    "dispatch": ("consumer.commands.dispatch", "send due messages to Twilio, paced per sender"),
 }
 
 

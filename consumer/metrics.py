@@ -27,6 +27,27 @@ DEPENDENCY_UP = Gauge(
     "smsq_dependency_up", "1 when the program is connected to the dependency", ["dependency"]
 )
 
+DISPATCH_SENDS = Counter(
+    "smsq_dispatch_sends_total",
+    "Messages handed to Twilio, by the status they ended in and Twilio's error code",
+    ["outcome", "error_code"],
+)
+DISPATCH_RECONCILED = Counter(
+    "smsq_dispatch_reconciled_total",
+    "Rows of unknown outcome checked with Twilio: found (sent) or not (pending again)",
+    ["result"],
+)
+TWILIO_REQUEST_SECONDS = Histogram(
+    "smsq_twilio_request_seconds", "Time of one Messages create request to Twilio",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+BUCKET_TOKENS = Gauge(
+    "smsq_bucket_tokens", "Tokens (segments) in each paced sender's bucket", ["sender"]
+)
+SENDERS_HELD = Gauge(
+    "smsq_dispatch_senders_held", "Senders this dispatcher paces (holds the lock of)"
+)
+
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
     """Expose /metrics on `port` in a background thread; 0 means no endpoint."""

@@ -75,6 +75,13 @@ class Settings(BaseSettings):
     # Extra From numbers; each recipient sticks to one of them (see consumer.senders).
     smsq_senders: str = ""
 
+    # Dispatch: Twilio requests in flight at most (threads, and pooled connections), the
+    # timeouts of one request, and the fallback poll when no notification wakes the loop.
+    smsq_dispatch_concurrency: int = Field(32, ge=1, le=1000)
+    smsq_twilio_connect_timeout: float = Field(5.0, gt=0)
+    smsq_twilio_read_timeout: float = Field(10.0, gt=0)
+    smsq_dispatch_poll_seconds: float = Field(5.0, gt=0)
+
     @field_validator("smsq_default_region")
     @classmethod
     def _known_region(cls, value: str | None) -> str | None:

@@ -1,0 +1,230 @@
+"""Every SQL statement of `smsq dispatch`; the dispatcher loop calls only this.
+
+Connections are autocommit: each statement is its own short transaction, and none is ever
+open while a Twilio request is on the wire. Where several statements must commit together
+(a batch of outcomes), `conn.transaction()` wraps them, still without any network call inside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+import psycopg
+from psycopg.rows import class_row
+
+# First key of the two-key advisory locks that give a dispatcher a sender; the second key
+# is hashtext(sender). Two senders hashing alike share a lock: one dispatcher paces both.
+SENDER_LOCK_NAMESPACE = 0x736D_7371  # "smsq"
+
+
+@dataclass
+class ClaimedRow:
+    """A notification in `processing`, as the dispatcher needs it to send or reconcile it."""
+
+    id: UUID
+    sender: str
+    priority_rank: int
+    publish_datetime: datetime
+    expire_datetime: datetime | None
+    body: str
+    claimed_datetime: datetime
+    to_phone_number: str
+    media_url: list[str]
+    media_token: str | None
+    attempts: int
+    lease_expired: bool = False
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What to write for one row. status is the row's status afterwards.
+
+    `attempted` adds one to sms_notification.attempts (a request went to Twilio);
+    `lease_seconds` keeps a `processing` row leased that long (an unknown outcome, to be
+    reconciled when it expires); `retry_in` sets retry_datetime for a row back in `pending`.
+    """
+
+    id: UUID
+    status: str
+    status_message: str = ""
+    sid: str | None = None
+    segments: int | None = None
+    error_code: int | None = None
+    retry_in: float | None = None
+    lease_seconds: float | None = None
+    attempted: bool = True
+    sent_datetime: datetime | None = None
+
+
+_ROW_COLUMNS = """
+    c.id, c.sender, c.priority_rank, c.publish_datetime, c.expire_datetime, c.body, c.claimed_datetime,
+    s.to_phone_number, s.media_url, m.access_token AS media_token, s.attempts
+"""
+
+_CLAIM = f"""
+WITH due AS (
+    SELECT id FROM notification
+    WHERE status = 'pending' AND sender = %(sender)s AND priority_rank <= %(max_rank)s
+      AND publish_datetime <= now()
+      AND (retry_datetime IS NULL OR retry_datetime <= now())
+    ORDER BY priority_rank, publish_datetime
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), c AS (
+    UPDATE notification n
+    SET status = 'processing', claimed_by = %(holder)s, claimed_datetime = now(),
+        lease_expire_datetime = now() + make_interval(secs => %(lease)s)
+    FROM due WHERE n.id = due.id
+    RETURNING n.id, n.sender, n.priority_rank, n.publish_datetime, n.expire_datetime, n.body,
+              n.claimed_datetime
+)
+SELECT {_ROW_COLUMNS}
+FROM c JOIN sms_notification s ON s.notification_id = c.id
+LEFT JOIN sms_temporary_media m ON m.id = s.temporary_media_id
+"""
+
+# Rows of these senders left in processing by anyone but what this process has in hand.
+_STALE = f"""
+SELECT {_ROW_COLUMNS}, c.lease_expire_datetime < now() AS lease_expired
+FROM notification c JOIN sms_notification s ON s.notification_id = c.id
+LEFT JOIN sms_temporary_media m ON m.id = s.temporary_media_id
+WHERE c.status = 'processing' AND c.sender = ANY(%(senders)s)
+  AND (NOT %(expired_only)s OR c.lease_expire_datetime < now())
+  AND NOT c.id = ANY(%(exclude)s)
+"""
+
+_RECORD = """
+WITH n AS (
+    UPDATE notification SET
+        status = %(status)s,
+        status_message = %(status_message)s,
+        sent_datetime = CASE WHEN %(status)s = 'sent'
+                             THEN coalesce(%(sent_datetime)s, now()) END,
+        retry_datetime = now() + make_interval(secs => %(retry_in)s::float8),
+        lease_expire_datetime = now() + make_interval(secs => %(lease_seconds)s::float8),
+        claimed_by = CASE WHEN %(status)s = 'processing' THEN claimed_by END,
+        claimed_datetime = CASE WHEN %(status)s = 'processing' THEN claimed_datetime END
+    -- Twilio's acceptance wins even over a row that a reconciliation put back meanwhile;
+    -- any other outcome only lands on a row still in processing.
+    WHERE id = %(id)s AND (status = 'processing'
+                           OR (%(status)s = 'sent' AND status = 'pending'))
+    RETURNING id
+)
+UPDATE sms_notification s SET
+    twilio_sid = coalesce(%(sid)s, s.twilio_sid),
+    segments = coalesce(%(segments)s, s.segments),
+    error_code = %(error_code)s,
+    attempts = s.attempts + CASE WHEN %(attempted)s THEN 1 ELSE 0 END
+FROM n WHERE s.notification_id = n.id
+"""
+
+_RELEASE = """
+UPDATE notification
+SET status = 'pending', claimed_by = NULL, claimed_datetime = NULL, lease_expire_datetime = NULL
+WHERE id = ANY(%s) AND status = 'processing' AND claimed_by = %s
+"""
+
+_RENEW = """
+UPDATE notification SET lease_expire_datetime = now() + make_interval(secs => %s)
+WHERE id = ANY(%s) AND status = 'processing' AND claimed_by = %s
+"""
+
+# When the next pending row of a sender becomes due: one index probe per priority for
+# publish times (notification_due_idx), one for retry times (notification_retry_idx).
+_NEXT_DUE = """
+SELECT extract(epoch FROM least(
+    (SELECT min(p.next) FROM (VALUES (0), (1), (2)) r(rank), LATERAL (
+        SELECT publish_datetime AS next FROM notification
+        WHERE status = 'pending' AND sender = %(sender)s AND priority_rank = r.rank
+          AND publish_datetime > now()
+        ORDER BY publish_datetime LIMIT 1) p),
+    (SELECT min(retry_datetime) FROM notification
+     WHERE status = 'pending' AND sender = %(sender)s AND retry_datetime IS NOT NULL
+       AND retry_datetime > now())
+) - now())
+"""
+
+_SAVE_BUCKET = """
+INSERT INTO dispatch_sender (sender, address, holder, tokens, rate, capacity, updated_datetime)
+VALUES (%s, %s, %s, %s, %s, %s, now())
+ON CONFLICT (sender) DO UPDATE SET
+    address = excluded.address, holder = excluded.holder, tokens = excluded.tokens,
+    rate = excluded.rate, capacity = excluded.capacity, updated_datetime = now()
+"""
+
+
+def try_lock_senders(conn: psycopg.Connection, senders: list[str]) -> list[str]:
+    """Take the advisory lock of each sender that nobody holds; return those now held.
+
+    Session-level locks: they stay with this connection until released or until the
+    connection ends, which is what frees them when a dispatcher is killed.
+    """
+    rows = conn.execute(
+        "SELECT s FROM unnest(%s::text[]) s WHERE pg_try_advisory_lock(%s, hashtext(s))",
+        (senders, SENDER_LOCK_NAMESPACE),
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+def claim_due(conn: psycopg.Connection, sender: str, holder: str, limit: int,
+              lease_seconds: float, max_rank: int = 2) -> list[ClaimedRow]:
+    """Mark up to `limit` due rows of `sender` processing for `holder`, best first."""
+    with conn.cursor(row_factory=class_row(ClaimedRow)) as cur:
+        cur.execute(_CLAIM, {"sender": sender, "holder": holder, "limit": limit,
+                             "lease": lease_seconds, "max_rank": max_rank})
+        return cur.fetchall()
+
+
+def stale_processing(conn: psycopg.Connection, senders: list[str], exclude: Iterable[UUID],
+                     expired_only: bool) -> list[ClaimedRow]:
+    """Rows of `senders` in processing that need reconciling with Twilio."""
+    with conn.cursor(row_factory=class_row(ClaimedRow)) as cur:
+        cur.execute(_STALE, {"senders": senders, "exclude": list(exclude),
+                             "expired_only": expired_only})
+        return cur.fetchall()
+
+
+def record_outcomes(conn: psycopg.Connection, outcomes: list[Outcome]) -> None:
+    """Write a batch of outcomes in one transaction (pipelined)."""
+    if not outcomes:
+        return
+    with conn.transaction(), conn.cursor() as cur:
+        cur.executemany(_RECORD, [vars(outcome) for outcome in outcomes])
+
+
+def release_unsent(conn: psycopg.Connection, ids: list[UUID], holder: str) -> int:
+    """Hand rows claimed but never sent back to pending, as if never claimed."""
+    if not ids:
+        return 0
+    return conn.execute(_RELEASE, (ids, holder)).rowcount
+
+
+def renew_leases(conn: psycopg.Connection, ids: list[UUID], holder: str,
+                 lease_seconds: float) -> None:
+    if ids:
+        conn.execute(_RENEW, (lease_seconds, ids, holder))
+
+
+def seconds_until_next_due(conn: psycopg.Connection, sender: str) -> float | None:
+    """Seconds until a pending row of `sender` becomes due; None when none is waiting."""
+    row = conn.execute(_NEXT_DUE, {"sender": sender}).fetchone()
+    return float(row[0]) if row and row[0] is not None else None
+
+
+def recorded_sids(conn: psycopg.Connection, sids: list[str]) -> set[str]:
+    """Which of these Twilio SIDs are already recorded for some notification."""
+    rows = conn.execute(
+        "SELECT twilio_sid FROM sms_notification WHERE twilio_sid = ANY(%s)", (sids,)
+    ).fetchall()
+    return {row[0] for row in rows}
+
+
+def save_buckets(conn: psycopg.Connection,
+                 buckets: list[tuple[str, str, str | None, float, float, float]]) -> None:
+    """(sender, address, holder, tokens, rate, capacity) of each sender, for status pages."""
+    if buckets:
+        with conn.transaction(), conn.cursor() as cur:
+            cur.executemany(_SAVE_BUCKET, buckets)

@@ -1,0 +1,208 @@
+"""The Twilio adapter: the official `twilio` client, and every outcome turned into a TwilioAttempt.
+
+This is the only module that knows the twilio library. It adds what the library leaves to its
+user:
+
+- the base URL from TWILIO_API_URL (a sandbox such as `smsq fake-twilio`), by setting the
+  `api` domain's base_url, which is how the library builds every Messages URL;
+- explicit (connect, read) timeouts, and one requests session whose pool holds as many
+  connections as the dispatcher has threads, for http:// and https:// alike (the library
+  only mounts a pool for https://, sized to the CPU count);
+- the response of the current thread kept aside, because the library's exception does not
+  carry headers and a 429's Retry-After is in a header;
+- the classification the status table needs: did the request leave before the failure?
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from email.utils import parsedate_to_datetime
+
+import requests
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+from twilio.base.exceptions import TwilioRestException
+from twilio.http.http_client import TwilioHttpClient
+from twilio.http.response import Response
+from twilio.rest import Client
+
+from consumer.outcomes import TwilioAttempt
+from consumer.settings import Settings
+
+# Without credentials a sandbox still gets well-formed ones (it may ignore them).
+SANDBOX_ACCOUNT_SID = "AC" + "0" * 32
+SANDBOX_AUTH_TOKEN = "sandbox"
+# Reconciliation looks this far before the claim, for clocks that disagree a little.
+CLOCK_SLACK = timedelta(seconds=60)
+RECONCILE_PAGE = 50
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One message as it leaves: what Twilio's Messages create needs."""
+
+    to: str
+    sender_address: str  # a From number, or a Messaging Service SID (MG...)
+    body: str
+    media_url: tuple[str, ...] = ()
+    media_token: str | None = None  # hosted temporary media, served by `smsq serve`
+
+
+@dataclass(frozen=True)
+class FoundMessage:
+    sid: str
+    segments: int | None
+    date_created: datetime | None
+
+
+class MissingPublicUrl(Exception):
+    """Hosted media needs SMSQ_PUBLIC_URL: Twilio must be able to fetch it from us."""
+
+
+class PooledHttpClient(TwilioHttpClient):
+    """TwilioHttpClient with a pool sized to the concurrency and per-thread last responses."""
+
+    def __init__(self, pool_size: int, connect_timeout: float, read_timeout: float) -> None:
+        super().__init__(pool_connections=True)
+        self.timeout = (connect_timeout, read_timeout)  # requests takes a tuple
+        # No transport retries: a blind retry of a POST is exactly a possible double send.
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self._local = threading.local()
+
+    def request(self, *args, **kwargs) -> Response:
+        self._local.response = None
+        response = super().request(*args, **kwargs)
+        self._local.response = response
+        return response
+
+    @property
+    def last_response(self) -> Response | None:
+        return getattr(self._local, "response", None)
+
+
+class TwilioSender:
+    """Sends messages and finds them again; safe to call from many threads at once."""
+
+    def __init__(self, settings: Settings, pool_size: int) -> None:
+        self.http = PooledHttpClient(pool_size, settings.smsq_twilio_connect_timeout,
+                                     settings.smsq_twilio_read_timeout)
+        token = settings.twilio_auth_token
+        self.client = Client(
+            username=settings.twilio_account_sid or SANDBOX_ACCOUNT_SID,
+            password=token.get_secret_value() if token else SANDBOX_AUTH_TOKEN,
+            http_client=self.http,
+            environment={},  # no TWILIO_EDGE / TWILIO_REGION from the environment
+        )
+        self.client.api.base_url = str(settings.twilio_api_url).rstrip("/")
+        public = str(settings.smsq_public_url).rstrip("/") if settings.smsq_public_url else None
+        self.public_url = public
+        self.status_callback = f"{public}/twilio/status" if public else None
+
+    def send(self, message: Outgoing) -> TwilioAttempt:
+        """Create the message at Twilio; never raises for anything Twilio or the network does."""
+        params = self._create_params(message)
+        try:
+            created = self.client.messages.create(**params)
+        except TwilioRestException as exc:
+            return TwilioAttempt(request_sent=True, http_status=exc.status, error_code=exc.code,
+                                 error_message=exc.msg, retry_after=self._retry_after())
+        except requests.RequestException as exc:
+            return TwilioAttempt(request_sent=_left_before_failure(exc),
+                                 error_message=f"{type(exc).__name__}: {exc}")
+        status = self.http.last_response.status_code if self.http.last_response else 201
+        return TwilioAttempt(request_sent=True, http_status=status, sid=created.sid,
+                             segments=_int_or_none(created.num_segments))
+
+    def find_sent(self, message: Outgoing, since: datetime) -> list[FoundMessage]:
+        """Messages Twilio holds for this recipient since `since` with this body and sender.
+
+        First the Messages list filtered by To and DateSent; if that finds nothing, the newest
+        messages to that number by creation date, because a message still queued at Twilio
+        has no DateSent yet. Several may match (the same text sent twice to one person): the
+        caller skips SIDs it has already recorded. Raises on network or API errors.
+        """
+        after = since - CLOCK_SLACK
+        found = self._matching(message, after, date_sent_after=after.astimezone(timezone.utc))
+        return found or self._matching(message, after)
+
+    def _matching(self, message: Outgoing, after: datetime, **filters) -> list[FoundMessage]:
+        listed = self.client.messages.list(to=message.to, limit=RECONCILE_PAGE, **filters)
+        return [FoundMessage(m.sid, _int_or_none(m.num_segments), m.date_created)
+                for m in listed if self._matches(m, message, after)]
+
+    def _matches(self, candidate, message: Outgoing, after: datetime) -> bool:
+        created = candidate.date_created or candidate.date_sent
+        if created is not None and created < after:
+            return False
+        if message.sender_address.startswith("MG"):
+            same_sender = candidate.messaging_service_sid == message.sender_address
+        else:
+            same_sender = candidate.from_ == message.sender_address
+        # A trial account prefixes the body; the text we sent is still its end.
+        body = candidate.body or ""
+        return same_sender and (body == message.body or body.endswith(message.body))
+
+    def _create_params(self, message: Outgoing) -> dict:
+        params: dict = {"to": message.to, "body": message.body}
+        if message.sender_address.startswith("MG"):
+            params["messaging_service_sid"] = message.sender_address
+        else:
+            params["from_"] = message.sender_address
+        media = list(message.media_url)
+        if message.media_token:
+            if not self.public_url:
+                raise MissingPublicUrl("hosted media needs SMSQ_PUBLIC_URL, where Twilio fetches it")
+            media.append(f"{self.public_url}/media/{message.media_token}")
+        if media:
+            params["media_url"] = media
+        if self.status_callback:
+            params["status_callback"] = self.status_callback
+        return params
+
+    def _retry_after(self) -> float | None:
+        response = self.http.last_response
+        value = response.headers.get("Retry-After") if response is not None else None
+        return _seconds_of_retry_after(value) if value else None
+
+    def close(self) -> None:
+        self.http.session.close()
+
+
+def _left_before_failure(exc: requests.RequestException) -> bool:
+    """True unless the connection failed before any byte of the request went out.
+
+    A refused or timed-out connect is safe to retry. Anything else (a read timeout, a
+    connection reset or closed after the request was written) leaves the outcome unknown.
+    """
+    if isinstance(exc, requests.ConnectTimeout):
+        return False
+    reason = exc.args[0] if exc.args else None
+    if isinstance(reason, urllib3.exceptions.MaxRetryError):
+        reason = reason.reason
+    return not isinstance(reason, (urllib3.exceptions.NewConnectionError,
+                                   urllib3.exceptions.ConnectTimeoutError))
+
+
+def _seconds_of_retry_after(value: str) -> float | None:
+    """Retry-After is delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _int_or_none(value: object) -> int | None:
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
