@@ -10,16 +10,25 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 
 import psycopg
+import pytest
 from pydantic import AnyHttpUrl, SecretStr
 
 from consumer import store
 from consumer.dispatcher import Dispatcher
+from consumer.fake_twilio import FakeTwilioControl, FakeTwilioServer
 from consumer.settings import Settings
 from consumer.signals import StopSignal
 from schemas.message import Notification
 
 SENDER = "+15005550006"  # Twilio's "valid From" test number
 TO = "+14155550123"
+
+
+@pytest.fixture
+def fake_twilio() -> Iterator[FakeTwilioControl]:
+    """The fake Twilio over HTTP on an ephemeral port of this test's own."""
+    with FakeTwilioServer() as server:
+        yield FakeTwilioControl(server.url)
 
 
 def dispatch_settings(settings: Settings, fake, **changes: object) -> Settings:
@@ -83,3 +92,23 @@ def running_dispatcher(settings: Settings) -> Iterator[Dispatcher]:
         stop.request()
         thread.join(timeout=10)
         assert not thread.is_alive(), "dispatcher did not stop within 10 s"
+
+
+def arrivals(fake, accepted_only: bool = True) -> list[dict]:
+    """What the fake received, in arrival order."""
+    return fake.messages(accepted_only=accepted_only)
+
+
+def most_in_any_window(times: list[float], window: float = 1.0,
+                       weights: list[float] | None = None) -> float:
+    """The largest total weight (default 1 each) of events inside any `window` seconds."""
+    weights = weights or [1.0] * len(times)
+    events = sorted(zip(times, weights))
+    best, start, total = 0.0, 0, 0.0
+    for end, (at, weight) in enumerate(events):
+        total += weight
+        while at - events[start][0] >= window:
+            total -= events[start][1]
+            start += 1
+        best = max(best, total)
+    return best

@@ -1,0 +1,156 @@
+"""smsq dispatch in a thread of the test: real Postgres, the fake Twilio over HTTP.
+
+What needs signals or kills (SIGTERM, SIGKILL, standby takeover) is in
+test_dispatch_process.py, with the dispatcher as its own process.
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime, timedelta, timezone
+
+import psycopg
+from pydantic import AnyHttpUrl
+
+from tests.dispatch_support import (
+    SENDER, TO, add_notifications, arrivals, dispatch_settings, fake_twilio,  # noqa: F401
+    most_in_any_window, rows_by_id, running_dispatcher, statuses,
+)
+from tests.support import wait_until
+
+PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 64).decode()
+LONG_BODY = "x" * 400  # three GSM-7 segments
+
+
+def settled(settings, count: int, done=("sent", "errored", "failed")) -> bool:
+    return sum(n for status, n in statuses(settings).items() if status in done) == count
+
+
+def test_an_accepted_message_is_recorded_with_its_sid_segments_callback_and_media(
+        settings, fake_twilio):
+    settings = dispatch_settings(settings, fake_twilio,
+                                 smsq_public_url=AnyHttpUrl("https://smsq.example.com"),
+                                 smsq_burst=3.0)
+    [sms_id, mms_id] = add_notifications(settings, {"body": LONG_BODY}, {
+        "body": "your label", "sms": {
+            "to_phone_number": TO, "media_url": ["https://example.com/a.png"],
+            "temporary_media": {"name": "l.png", "content_type": "image/png",
+                                "content_base64": PNG}}})
+    with running_dispatcher(settings):
+        wait_until(lambda: settled(settings, 2), timeout=10, message="both sent")
+    rows = rows_by_id(settings)
+    received = {m["body"]: m for m in arrivals(fake_twilio)}
+    assert rows[sms_id]["status"] == "sent" and rows[mms_id]["status"] == "sent"
+    assert rows[sms_id]["twilio_sid"] == received[LONG_BODY]["sid"]
+    assert rows[sms_id]["segments"] == 3 and rows[sms_id]["attempts"] == 1
+    assert rows[sms_id]["sent_datetime"] is not None
+    assert received[LONG_BODY]["from"] == SENDER
+    assert received[LONG_BODY]["status_callback"] == "https://smsq.example.com/twilio/status"
+    with psycopg.connect(settings.database_dsn) as conn:
+        token = conn.execute("SELECT access_token FROM sms_temporary_media").fetchone()[0]
+    assert received["your label"]["media_url"] == [
+        "https://example.com/a.png", f"https://smsq.example.com/media/{token}"]
+    assert rows[mms_id]["segments"] == 1
+
+
+def test_each_sender_sends_from_its_own_address(settings, fake_twilio):
+    service, pool_number = "MG" + "1" * 32, "+15017122661"
+    settings = dispatch_settings(settings, fake_twilio, twilio_messaging_service_sid=service,
+                                 smsq_senders=pool_number)
+    add_notifications(settings, {"body": "through the service"})
+    add_notifications(settings, {"body": "from the pool"}, sender=pool_number)
+    with running_dispatcher(settings):
+        wait_until(lambda: settled(settings, 2), timeout=10, message="both sent")
+    received = {m["body"]: m for m in arrivals(fake_twilio)}
+    assert received["through the service"]["messaging_service_sid"] == service
+    assert received["through the service"]["from"] is None
+    assert received["from the pool"]["from"] == pool_number
+    with psycopg.connect(settings.database_dsn) as conn:
+        paced = conn.execute("SELECT sender, address FROM dispatch_sender ORDER BY 1").fetchall()
+    assert paced == [("", service), (pool_number, pool_number)]
+
+
+def test_pacing_holds_the_rate_and_the_capacity(settings, fake_twilio):
+    rate, count = 4.0, 13
+    settings = dispatch_settings(settings, fake_twilio, twilio_sms_rate=rate, smsq_burst=1.0)
+    add_notifications(settings, *[{"body": f"paced {i}"} for i in range(count)])
+    with running_dispatcher(settings):
+        wait_until(lambda: settled(settings, count), timeout=15, message="all sent")
+    times = [m["received_monotonic"] for m in arrivals(fake_twilio)]
+    assert len(times) == count
+    # A full bucket of 1 plus 4 per second: at most 5 in any second (1 of scheduling slack).
+    assert most_in_any_window(times) <= 1 + rate + 1
+    # Paced, not burst: 13 sends at 4/s with a bucket of 1 take at least 12/4 s.
+    assert times[-1] - times[0] >= (count - 1) / rate - 0.25
+
+
+def test_a_multi_segment_message_costs_its_segments(settings, fake_twilio):
+    settings = dispatch_settings(settings, fake_twilio, twilio_sms_rate=4.0, smsq_burst=1.0)
+    add_notifications(settings, {"body": LONG_BODY, "priority": "high"})
+    add_notifications(settings, {"body": "after the long one"})
+    with running_dispatcher(settings):
+        wait_until(lambda: settled(settings, 2), timeout=10, message="both sent")
+    first, second = arrivals(fake_twilio)
+    assert first["body"] == LONG_BODY
+    # 3 segments from a bucket of 1: a debt of 2 tokens, then 1 more, at 4 tokens/s.
+    assert second["received_monotonic"] - first["received_monotonic"] >= 3 / 4 - 0.05
+
+
+def test_a_high_priority_message_overtakes_a_claimed_backlog(settings, fake_twilio):
+    settings = dispatch_settings(settings, fake_twilio, twilio_sms_rate=2.0, smsq_burst=1.0)
+    add_notifications(settings, *[{"body": f"low {i}"} for i in range(10)])
+    with running_dispatcher(settings):
+        wait_until(lambda: len(arrivals(fake_twilio)) >= 2, timeout=10, message="two lows")
+        sent_before = len(arrivals(fake_twilio))
+        add_notifications(settings, {"body": "code 482910", "priority": "high"})
+        wait_until(lambda: any(m["body"] == "code 482910" for m in arrivals(fake_twilio)),
+                   timeout=10, message="the high one")
+    bodies = [m["body"] for m in arrivals(fake_twilio)]
+    # At most the one low already released when it was stored goes before it.
+    assert bodies.index("code 482910") <= sent_before + 1
+    # Nothing lost: whatever was not sent went back to pending at the stop.
+    assert statuses(settings) == {"sent": len(bodies), "pending": 11 - len(bodies)}
+
+
+def test_nothing_is_sent_before_its_publish_datetime(settings, fake_twilio):
+    settings = dispatch_settings(settings, fake_twilio)
+    publish_at = datetime.now(timezone.utc) + timedelta(seconds=1.5)
+    add_notifications(settings, {"body": "later", "priority": "high",
+                                 "publish_datetime": publish_at.isoformat()})
+    add_notifications(settings, {"body": "now"})
+    with running_dispatcher(settings):
+        wait_until(lambda: settled(settings, 2), timeout=10, message="both sent")
+    received = {m["body"]: m for m in arrivals(fake_twilio)}
+    assert [m["body"] for m in arrivals(fake_twilio)] == ["now", "later"]
+    assert received["later"]["received_at"] >= publish_at.timestamp()
+
+
+def test_an_expired_message_is_errored_and_never_sent(settings, fake_twilio):
+    settings = dispatch_settings(settings, fake_twilio)
+    now = datetime.now(timezone.utc)
+    [expired] = add_notifications(settings, {
+        "body": "too late", "publish_datetime": (now - timedelta(seconds=2)).isoformat(),
+        "expire_datetime": (now - timedelta(seconds=1)).isoformat()})
+    [fresh] = add_notifications(settings, {
+        "body": "in time", "expire_datetime": (now + timedelta(minutes=5)).isoformat()})
+    with running_dispatcher(settings):
+        wait_until(lambda: settled(settings, 2), timeout=10, message="both settled")
+    rows = rows_by_id(settings)
+    assert rows[expired]["status"] == "errored"
+    assert rows[expired]["status_message"].startswith("expired")
+    assert rows[expired]["attempts"] == 0
+    assert rows[fresh]["status"] == "sent"
+    assert [m["body"] for m in arrivals(fake_twilio, accepted_only=False)] == ["in time"]
+
+
+def test_twilio_latency_does_not_cap_the_rate(settings, fake_twilio):
+    rate, count = 10.0, 15
+    fake_twilio.set_latency(300)
+    settings = dispatch_settings(settings, fake_twilio, twilio_sms_rate=rate, smsq_burst=1.0)
+    add_notifications(settings, *[{"body": f"slow twilio {i}"} for i in range(count)])
+    with running_dispatcher(settings):
+        wait_until(lambda: settled(settings, count), timeout=15, message="all sent")
+    most = most_in_any_window([m["received_monotonic"] for m in arrivals(fake_twilio)])
+    # One request at a time could start at most 4 per second at 300 ms each.
+    assert most > 4
+    assert most <= 1 + rate + 1  # and still never faster than the bucket
