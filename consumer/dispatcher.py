@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 TICK_SECONDS = 1.0  # take free senders, save buckets, reconcile expired leases
 HORIZON_SECONDS = 2.0  # claim about this much of a sender's sending at a time
-SHUTDOWN_GRACE_SECONDS = 7.0  # wait this long for requests on the wire at SIGTERM
+SHUTDOWN_GRACE_SECONDS = 5.0  # wait this long for requests on the wire at SIGTERM
 MAX_BACKOFF_SECONDS = 10.0
 
 
@@ -137,6 +137,8 @@ class DueListener(threading.Thread):
             try:
                 self._listen()
             except psycopg.OperationalError as exc:
+                if self.stop.requested:
+                    return
                 log.warning("listen connection lost", extra={"action": "listen_retry",
                                                              "error": str(exc).strip()})
                 self.stop.wait(backoff)

@@ -1,0 +1,114 @@
+"""Each class of Twilio outcome, end to end: the fake injects it, the row ends as DESIGN.md says.
+
+The faults are real: the fake answers 429/500/21611, rejects Twilio's test numbers, answers
+too late, or closes the connection after accepting; each test checks the fake saw it happen.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from pydantic import AnyHttpUrl, SecretStr
+
+from tests.dispatch_support import (
+    add_notifications, arrivals, dispatch_settings, fake_twilio,  # noqa: F401
+    rows_by_id, running_dispatcher, statuses,
+)
+from tests.support import wait_until
+
+TRANSIENT = {"+14155550101": ("429", {"retry_after": 1}), "+14155550102": ("500", {}),
+             "+14155550103": ("21611", {})}
+REJECTED = {"+15005550001": 21211, "+15005550004": 21610, "+15005550009": 21614}
+UNKNOWN = {"+14155550104": ("slow", {"slow_ms": 4000}), "+14155550105": ("drop", {})}
+LOST_BEFORE_RECORDING = "+14155550106"
+
+
+def all_settled(settings, count: int) -> bool:
+    done = statuses(settings)
+    return done.get("sent", 0) + done.get("errored", 0) == count
+
+
+def requests_to(fake, number: str) -> list[dict]:
+    return [m for m in arrivals(fake, accepted_only=False) if m["to"] == number]
+
+
+def test_every_outcome_class_ends_in_its_status(settings, fake_twilio):
+    faults = [{"mode": mode, "count": 1, "to": to, **options}
+              for to, (mode, options) in (TRANSIENT | UNKNOWN).items()]
+    faults.append({"mode": "drop-unrecorded", "count": 1, "to": LOST_BEFORE_RECORDING})
+    fake_twilio.set_faults(faults)
+    settings = dispatch_settings(settings, fake_twilio, smsq_twilio_read_timeout=1.0,
+                                 smsq_lease_seconds=1.5)
+    numbers = [*TRANSIENT, *REJECTED, *UNKNOWN, LOST_BEFORE_RECORDING, "+14155550100"]
+    ids = dict(zip(numbers, add_notifications(
+        settings, *[{"body": f"to {n}", "sms": {"to_phone_number": n}} for n in numbers])))
+    with running_dispatcher(settings):
+        wait_until(lambda: all_settled(settings, len(numbers)), timeout=30,
+                   message="every row sent or errored")
+    rows = {number: rows_by_id(settings)[row_id] for number, row_id in ids.items()}
+
+    for number in TRANSIENT:  # retried once, then accepted
+        first, second = requests_to(fake_twilio, number)
+        assert first["fault"] == TRANSIENT[number][0] and second["accepted"]
+        assert rows[number]["status"] == "sent" and rows[number]["attempts"] == 2
+        assert rows[number]["twilio_sid"] == second["sid"]
+    retry_after = requests_to(fake_twilio, "+14155550101")
+    assert retry_after[1]["received_at"] - retry_after[0]["received_at"] >= 1.0
+
+    for number, code in REJECTED.items():  # errored at once, never retried
+        [request] = requests_to(fake_twilio, number)
+        assert request["error_code"] == code
+        assert rows[number]["status"] == "errored" and rows[number]["error_code"] == code
+        assert rows[number]["status_message"] and rows[number]["attempts"] == 1
+
+    for number, (mode, _) in UNKNOWN.items():  # accepted, answer lost: reconciled, not resent
+        [request] = requests_to(fake_twilio, number)
+        assert request["fault"] == mode and request["accepted"]
+        assert rows[number]["status"] == "sent"
+        assert rows[number]["twilio_sid"] == request["sid"]
+
+    # Twilio never had it: reconciliation finds nothing, so it is sent again, once.
+    lost, resent = requests_to(fake_twilio, LOST_BEFORE_RECORDING)
+    assert lost["fault"] == "drop-unrecorded" and not lost["accepted"]
+    assert resent["accepted"] and rows[LOST_BEFORE_RECORDING]["twilio_sid"] == resent["sid"]
+
+    [plain] = requests_to(fake_twilio, "+14155550100")
+    assert rows["+14155550100"]["twilio_sid"] == plain["sid"]
+
+
+def test_bad_credentials_are_errored_not_retried(settings, fake_twilio):
+    settings = dispatch_settings(settings, fake_twilio, twilio_auth_token=SecretStr("wrong"))
+    [row_id] = add_notifications(settings, {"body": "who are you"})
+    with running_dispatcher(settings):
+        wait_until(lambda: statuses(settings) == {"errored": 1}, timeout=10, message="errored")
+    row = rows_by_id(settings)[row_id]
+    assert row["error_code"] == 20003 and row["attempts"] == 1
+    assert fake_twilio.stats().get("create", 0) == 0  # refused at the door, nothing stored
+
+
+def test_gives_up_after_the_configured_attempts(settings, fake_twilio):
+    fake_twilio.set_fault("500")
+    settings = dispatch_settings(settings, fake_twilio, smsq_max_attempts=3,
+                                 smsq_retry_backoff=0.1, smsq_retry_backoff_max=0.2)
+    [row_id] = add_notifications(settings, {"body": "never accepted"})
+    with running_dispatcher(settings):
+        wait_until(lambda: statuses(settings) == {"errored": 1}, timeout=15, message="errored")
+    row = rows_by_id(settings)[row_id]
+    assert row["attempts"] == 3 and len(arrivals(fake_twilio, accepted_only=False)) == 3
+    assert row["status_message"].startswith("gave up after 3 attempts")
+
+
+def test_a_connection_that_fails_before_sending_is_retried_later(settings, fake_twilio):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    settings = dispatch_settings(settings, fake_twilio,
+                                 twilio_api_url=AnyHttpUrl(f"http://127.0.0.1:{closed_port}"),
+                                 smsq_retry_backoff=30.0, smsq_retry_backoff_max=60.0)
+    [row_id] = add_notifications(settings, {"body": "no route"})
+    with running_dispatcher(settings):
+        wait_until(lambda: rows_by_id(settings)[row_id]["attempts"] == 1, timeout=10,
+                   message="one attempt")
+    row = rows_by_id(settings)[row_id]
+    assert row["status"] == "pending" and row["retry_datetime"] is not None
+    assert "before the request was sent" in row["status_message"]
