@@ -10,25 +10,16 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 
 import psycopg
-import pytest
 from pydantic import AnyHttpUrl, SecretStr
 
 from consumer import store
 from consumer.dispatcher import Dispatcher
-from consumer.fake_twilio import FakeTwilioControl, FakeTwilioServer
 from consumer.settings import Settings
 from consumer.signals import StopSignal
 from schemas.message import Notification
 
 SENDER = "+15005550006"  # Twilio's "valid From" test number
 TO = "+14155550123"
-
-
-@pytest.fixture
-def fake_twilio() -> Iterator[FakeTwilioControl]:
-    """The fake Twilio over HTTP on an ephemeral port of this test's own."""
-    with FakeTwilioServer() as server:
-        yield FakeTwilioControl(server.url)
 
 
 def dispatch_settings(settings: Settings, fake, **changes: object) -> Settings:

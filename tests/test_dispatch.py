@@ -13,7 +13,7 @@ import psycopg
 from pydantic import AnyHttpUrl
 
 from tests.dispatch_support import (
-    SENDER, TO, add_notifications, arrivals, dispatch_settings, fake_twilio,  # noqa: F401
+    SENDER, TO, add_notifications, arrivals, dispatch_settings,
     most_in_any_window, rows_by_id, running_dispatcher, statuses,
 )
 from tests.support import wait_until

@@ -11,7 +11,7 @@ import socket
 from pydantic import AnyHttpUrl, SecretStr
 
 from tests.dispatch_support import (
-    add_notifications, arrivals, dispatch_settings, fake_twilio,  # noqa: F401
+    add_notifications, arrivals, dispatch_settings,
     rows_by_id, running_dispatcher, statuses,
 )
 from tests.support import wait_until

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import psycopg
-from pydantic import AnyHttpUrl
 
 from consumer.dispatch_store import SENDER_LOCK_NAMESPACE
 from tests.dispatch_support import (
-    add_notifications, arrivals, dispatch_settings, fake_twilio,  # noqa: F401
+    add_notifications, arrivals, dispatch_settings,
     rows_by_id, statuses,
 )
 from tests.support import ROOT, env_of, start_smsq, stop, wait_until
@@ -55,7 +55,7 @@ def sender_locks_held(settings) -> int:
 
 
 def holder_name(process: subprocess.Popen) -> str:
-    return f"{__import__('socket').gethostname()}:{process.pid}"
+    return f"{socket.gethostname()}:{process.pid}"
 
 
 def test_sigterm_hands_back_unsent_rows_and_releases_the_sender(settings, fake_twilio, tmp_path):
