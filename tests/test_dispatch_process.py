@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import psycopg
@@ -15,14 +16,14 @@ from tests.dispatch_support import (
     add_notifications, arrivals, dispatch_settings,
     rows_by_id, statuses,
 )
-from tests.support import ROOT, env_of, start_smsq, stop, wait_until
+from tests.support import env_of, start_smsq, stop, wait_until
 
 SLOW_TO = "+14155550177"
 
 
 def run_dispatch(settings, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "consumer.cli", "dispatch"],
-                          env=env_of(settings, **env), cwd=ROOT, capture_output=True,
+                          env=env_of(settings, **env), cwd=tempfile.gettempdir(), capture_output=True,
                           text=True, timeout=30)
 
 
