@@ -1,14 +1,13 @@
 """Every SQL statement of `smsq dispatch`; the dispatcher loop calls only this.
 
 Connections are autocommit: each statement is its own short transaction, and none is ever
-open while a Twilio request is on the wire. Where several statements must commit together
-(a batch of outcomes), `conn.transaction()` wraps them, still without any network call inside.
+open while a Twilio request is on the wire.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from uuid import UUID
 
@@ -59,12 +58,15 @@ class Outcome:
     sent_datetime: datetime | None = None
 
 
+_OUTCOME_FIELDS = [f.name for f in fields(Outcome)]
+
 _ROW_COLUMNS = """
     c.id, c.sender, c.priority_rank, c.publish_datetime, c.expire_datetime, c.body, c.claimed_datetime,
     s.to_phone_number, s.media_url, m.access_token AS media_token, s.attempts
 """
 
-_CLAIM = f"""
+# Public: bench/dispatch.py explains it against a million pending rows.
+CLAIM_DUE = f"""
 WITH due AS (
     SELECT id FROM notification
     WHERE status = 'pending' AND sender = %(sender)s AND priority_rank <= %(max_rank)s
@@ -96,29 +98,38 @@ WHERE c.status = 'processing' AND c.sender = ANY(%(senders)s)
   AND NOT c.id = ANY(%(exclude)s)
 """
 
+# One statement for a whole batch of outcomes: the columns arrive as arrays, side by side.
 _RECORD = """
-WITH n AS (
-    UPDATE notification SET
-        status = %(status)s,
-        status_message = %(status_message)s,
-        sent_datetime = CASE WHEN %(status)s = 'sent'
-                             THEN coalesce(%(sent_datetime)s, now()) END,
-        retry_datetime = now() + make_interval(secs => %(retry_in)s::float8),
-        lease_expire_datetime = now() + make_interval(secs => %(lease_seconds)s::float8),
-        claimed_by = CASE WHEN %(status)s = 'processing' THEN claimed_by END,
-        claimed_datetime = CASE WHEN %(status)s = 'processing' THEN claimed_datetime END
+WITH o AS (
+    SELECT * FROM unnest(
+        %(id)s::uuid[], %(status)s::text[], %(status_message)s::text[], %(sid)s::text[],
+        %(segments)s::int[], %(error_code)s::int[], %(retry_in)s::float8[],
+        %(lease_seconds)s::float8[], %(attempted)s::bool[], %(sent_datetime)s::timestamptz[]
+    ) AS o(id, status, status_message, sid, segments, error_code, retry_in, lease_seconds,
+           attempted, sent_datetime)
+), n AS (
+    UPDATE notification t SET
+        status = o.status,
+        status_message = o.status_message,
+        sent_datetime = CASE WHEN o.status = 'sent' THEN coalesce(o.sent_datetime, now()) END,
+        retry_datetime = now() + make_interval(secs => o.retry_in),
+        lease_expire_datetime = now() + make_interval(secs => o.lease_seconds),
+        claimed_by = CASE WHEN o.status = 'processing' THEN t.claimed_by END,
+        claimed_datetime = CASE WHEN o.status = 'processing' THEN t.claimed_datetime END
+    FROM o
     -- Twilio's acceptance wins even over a row that a reconciliation put back meanwhile;
     -- any other outcome only lands on a row still in processing.
-    WHERE id = %(id)s AND (status = 'processing'
-                           OR (%(status)s = 'sent' AND status = 'pending'))
-    RETURNING id
+    WHERE t.id = o.id AND (t.status = 'processing'
+                           OR (o.status = 'sent' AND t.status = 'pending'))
+    RETURNING t.id
 )
 UPDATE sms_notification s SET
-    twilio_sid = coalesce(%(sid)s, s.twilio_sid),
-    segments = coalesce(%(segments)s, s.segments),
-    error_code = %(error_code)s,
-    attempts = s.attempts + CASE WHEN %(attempted)s THEN 1 ELSE 0 END
-FROM n WHERE s.notification_id = n.id
+    twilio_sid = coalesce(o.sid, s.twilio_sid),
+    segments = coalesce(o.segments, s.segments),
+    error_code = o.error_code,
+    attempts = s.attempts + o.attempted::int
+FROM n JOIN o ON o.id = n.id
+WHERE s.notification_id = n.id
 """
 
 _RELEASE = """
@@ -173,7 +184,7 @@ def claim_due(conn: psycopg.Connection, sender: str, holder: str, limit: int,
               lease_seconds: float, max_rank: int = 2) -> list[ClaimedRow]:
     """Mark up to `limit` due rows of `sender` processing for `holder`, best first."""
     with conn.cursor(row_factory=class_row(ClaimedRow)) as cur:
-        cur.execute(_CLAIM, {"sender": sender, "holder": holder, "limit": limit,
+        cur.execute(CLAIM_DUE, {"sender": sender, "holder": holder, "limit": limit,
                              "lease": lease_seconds, "max_rank": max_rank})
         return cur.fetchall()
 
@@ -188,11 +199,10 @@ def stale_processing(conn: psycopg.Connection, senders: list[str], exclude: Iter
 
 
 def record_outcomes(conn: psycopg.Connection, outcomes: list[Outcome]) -> None:
-    """Write a batch of outcomes in one transaction (pipelined)."""
-    if not outcomes:
-        return
-    with conn.transaction(), conn.cursor() as cur:
-        cur.executemany(_RECORD, [vars(outcome) for outcome in outcomes])
+    """Write a batch of outcomes with one statement (one transaction, one round trip)."""
+    if outcomes:
+        columns = {name: [getattr(o, name) for o in outcomes] for name in _OUTCOME_FIELDS}
+        conn.execute(_RECORD, columns)
 
 
 def release_unsent(conn: psycopg.Connection, ids: list[UUID], holder: str) -> int:

@@ -77,7 +77,7 @@ class Settings(BaseSettings):
 
     # Dispatch: Twilio requests in flight at most (threads, and pooled connections), the
     # timeouts of one request, and the fallback poll when no notification wakes the loop.
-    smsq_dispatch_concurrency: int = Field(32, ge=1, le=1000)
+    smsq_dispatch_concurrency: int = Field(64, ge=1, le=1000)
     smsq_twilio_connect_timeout: float = Field(5.0, gt=0)
     smsq_twilio_read_timeout: float = Field(10.0, gt=0)
     smsq_dispatch_poll_seconds: float = Field(5.0, gt=0)

@@ -1,0 +1,384 @@
+"""Benchmark of `smsq dispatch` (issue 3, item 10), against a fake Twilio this script starts.
+
+    .venv/bin/python bench/dispatch.py                       # every section, about 4 minutes
+    .venv/bin/python bench/dispatch.py --only pacing --pacing-seconds 20
+
+Everything runs on this machine: its own database (created and dropped here), its own
+exchange and queue, `smsq fake-twilio`, `smsq dispatch` and `smsq consume` as their own
+processes on free ports. Times at the fake are its arrival times (CLOCK_MONOTONIC, which
+every process on the host shares), so they are what Twilio would see.
+
+Sections (targets from the issue):
+  pacing    1 segment/s for 60 s: sent within +-1 of expected, no 1 s window above capacity
+  senders   100 senders x 1/s, 200 ms fake latency: at least 98 sends/s
+  overhead  no rate limit, zero-latency fake: at least 1,000 sends/s; baseline: the same
+            twilio client, same threads, calling the fake directly (no database, no loop)
+  idle      confirmed publish -> fake received, 200 single messages: p50 <= 20 ms, p99 <= 100 ms
+  claim     the claim query with 1,000,000 pending rows: <= 5 ms; baseline: a primary-key read
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pika
+import psycopg
+from psycopg import sql
+from pydantic import AnyHttpUrl, SecretStr
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from consumer import dispatch_store  # noqa: E402
+from consumer.fake_twilio import FakeTwilioControl, spawn  # noqa: E402
+from consumer.migrate import migrate  # noqa: E402
+from consumer.settings import Settings  # noqa: E402
+from consumer.twilio_client import Outgoing, TwilioSender  # noqa: E402
+
+SERVER_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/smsq")
+AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+DEFAULT_SENDER = "+15005550006"
+TO = "+14155550123"
+SECTIONS = ("pacing", "senders", "overhead", "idle", "claim")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections of {', '.join(SECTIONS)}")
+    parser.add_argument("--pacing-seconds", type=float, default=60.0)
+    parser.add_argument("--claim-rows", type=int, default=1_000_000)
+    args = parser.parse_args()
+    chosen = [s.strip() for s in args.only.split(",") if s.strip()]
+    with bench_database() as dsn:
+        for section in chosen:
+            reset(dsn)
+            print(f"\n== {section}", flush=True)
+            if section == "pacing":
+                bench_pacing(dsn, args.pacing_seconds)
+            elif section == "senders":
+                bench_senders(dsn)
+            elif section == "overhead":
+                bench_overhead(dsn)
+            elif section == "idle":
+                bench_idle_latency(dsn)
+            elif section == "claim":
+                bench_claim(dsn, args.claim_rows)
+            else:
+                parser.error(f"unknown section {section!r}")
+    return 0
+
+
+# -- the sections --------------------------------------------------------------------------------
+
+
+def bench_pacing(dsn: str, seconds: float) -> None:
+    insert_pending(dsn, int(seconds) + 20, senders=[""])
+    with fake_twilio() as fake, dispatcher(dsn, fake, TWILIO_SMS_RATE="1", SMSQ_BURST="1"):
+        first = wait_for(lambda: fake.messages(accepted_only=True), 30)[0]["received_monotonic"]
+        time.sleep(max(0.0, first + seconds + 0.5 - time.monotonic()))
+        received = fake.messages(accepted_only=True)
+    times = [m["received_monotonic"] for m in received]
+    sent = sum(1 for t in times if 0 < t - times[0] <= seconds)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    segments = [m["num_segments"] for m in received]
+    print(f"rate 1 segment/s, capacity 1, over {seconds:.0f} s after the first send")
+    print(f"  sent {sent}, expected {seconds:.0f} (target: within +-1)")
+    print(f"  smallest gap between sends {min(gaps):.4f} s, largest {max(gaps):.4f} s")
+    print(f"  most segments in any 1 s window: {most_in_window(times, segments):g} "
+          f"(target: <= capacity 1)")
+
+
+def bench_senders(dsn: str, count: int = 100, seconds: float = 10.0) -> None:
+    numbers = [f"+1202555{1000 + i}" for i in range(count)]
+    insert_pending(dsn, count * int(seconds + 8), senders=numbers)
+    with fake_twilio(latency_ms=200) as fake, dispatcher(
+            dsn, fake, SMSQ_SENDERS=",".join(numbers), TWILIO_SMS_RATE="1", SMSQ_BURST="1"):
+        first = wait_for(lambda: fake.messages(accepted_only=True), 30)[0]["received_monotonic"]
+        time.sleep(max(0.0, first + 2 + seconds + 0.5 - time.monotonic()))
+        times = [m["received_monotonic"] for m in fake.messages(accepted_only=True)]
+    steady = [t for t in times if first + 2 <= t < first + 2 + seconds]
+    print(f"{count} senders at 1/s each, fake latency 200 ms, "
+          f"SMSQ_DISPATCH_CONCURRENCY={Settings(_env_file=None).smsq_dispatch_concurrency}")
+    print(f"  aggregate {len(steady) / seconds:.1f} sends/s over {seconds:.0f} s "
+          f"after the first 2 s (target: >= 98)")
+
+
+def bench_overhead(dsn: str, rows: int = 20_000, seconds: float = 10.0) -> None:
+    insert_pending(dsn, rows, senders=[""])
+    concurrency = Settings(_env_file=None).smsq_dispatch_concurrency
+    with fake_twilio() as fake:
+        baseline = raw_client_rate(fake, concurrency, seconds=5.0)
+        fake.clear()
+        with dispatcher(dsn, fake, TWILIO_SMS_RATE="1000000", SMSQ_BURST="1000000"):
+            first = wait_for(lambda: fake.stats().get("create"), 30) and time.monotonic()
+            time.sleep(seconds)
+            done = fake.stats().get("create", 0)
+            elapsed = time.monotonic() - first
+    rate = done / elapsed
+    print(f"no rate limit, zero-latency fake, {concurrency} threads")
+    print(f"  baseline: raw twilio client -> fake, {concurrency} threads: {baseline:.0f} calls/s")
+    print(f"  smsq dispatch (claim, send, record):       {rate:.0f} sends/s "
+          f"(target: >= 1000), {rate / baseline:.2f} of the baseline")
+
+
+def bench_idle_latency(dsn: str, count: int = 200, gap: float = 0.05) -> None:
+    names = {"SMSQ_EXCHANGE": f"bench.{os.getpid()}", "SMSQ_QUEUE": f"bench.{os.getpid()}.sms"}
+    with fake_twilio() as fake, dispatcher(dsn, fake, TWILIO_SMS_RATE="100", SMSQ_BURST="1"), \
+            smsq_process("consume", dsn, fake, **names):
+        connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        try:
+            channel = connection.channel()
+            wait_for(lambda: queue_exists(names["SMSQ_QUEUE"]), 30)
+            channel.confirm_delivery()
+            published = {}
+            for index in range(count):
+                body = f"idle latency {index}"
+                message = {"id": str(uuid.uuid4()), "body": body, "priority": "high",
+                           "sms": {"to_phone_number": TO}}
+                published[body] = time.monotonic()
+                channel.basic_publish(names["SMSQ_EXCHANGE"], "sms", json.dumps(message),
+                                      pika.BasicProperties(delivery_mode=2), mandatory=True)
+                time.sleep(gap)  # idle between messages: the bucket is full again
+            wait_for(lambda: len(fake.messages(accepted_only=True)) >= count, 30)
+            received = {m["body"]: m["received_monotonic"] for m in fake.messages()}
+        finally:
+            delete_amqp(channel, names)
+            connection.close()
+    latencies = sorted((received[body] - at) * 1000 for body, at in published.items())
+    print(f"{count} single high-priority messages, {gap * 1000:.0f} ms apart, through RabbitMQ, "
+          f"smsq consume, Postgres, smsq dispatch")
+    print(f"  publish (from the call, confirmed) -> fake received: "
+          f"p50 {percentile(latencies, 50):.1f} ms, p99 {percentile(latencies, 99):.1f} ms, "
+          f"max {latencies[-1]:.1f} ms (targets: p50 <= 20, p99 <= 100)")
+
+
+def bench_claim(dsn: str, rows: int, runs: int = 50) -> None:
+    started = time.monotonic()
+    insert_pending(dsn, rows, senders=[""], spread=True)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE notification")
+        conn.execute("VACUUM ANALYZE sms_notification")
+    print(f"{rows:,} pending rows of one sender, mixed priorities, 10% scheduled later "
+          f"(loaded in {time.monotonic() - started:.0f} s)")
+    params = {"sender": "", "holder": "bench", "limit": 100, "lease": 60.0, "max_rank": 2}
+    with psycopg.connect(dsn) as conn:
+        plan = []
+        executions = []
+        for _ in range(runs):
+            lines = [r[0] for r in conn.execute(
+                "EXPLAIN (ANALYZE, BUFFERS) " + dispatch_store.CLAIM_DUE, params)]
+            conn.rollback()
+            executions.append(float(lines[-1].split(":")[1].split()[0]))
+            plan = lines
+        claim_ms = timed(conn, runs, lambda: dispatch_store.claim_due(
+            conn, "", "bench", 100, 60.0))
+        some_id = conn.execute("SELECT id FROM notification LIMIT 1").fetchone()[0]
+        lookup_ms = timed(conn, runs, lambda: conn.execute(
+            "SELECT * FROM notification WHERE id = %s", (some_id,)).fetchall())
+    print("  plan of the claim (LIMIT 100):")
+    for line in plan:
+        print("    " + line)
+    uses_index = any("notification_due_idx" in line for line in plan)
+    print(f"  uses notification_due_idx: {uses_index}")
+    print(f"  server execution time: p50 {percentile(sorted(executions), 50):.2f} ms, "
+          f"p95 {percentile(sorted(executions), 95):.2f} ms")
+    print(f"  claim of 100 rows as the dispatcher runs it (client round trip, rolled back): "
+          f"p50 {claim_ms:.2f} ms (target: <= 5)")
+    print(f"  baseline, primary-key read of one row: p50 {lookup_ms:.2f} ms; "
+          f"claim / baseline = {claim_ms / lookup_ms:.1f}")
+
+
+# -- the pieces ------------------------------------------------------------------------------
+
+
+@contextmanager
+def bench_database() -> Iterator[str]:
+    name = f"smsq_bench_dispatch_{os.getpid()}"
+    admin = _with_dbname(SERVER_URL, "postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = _with_dbname(SERVER_URL, name)
+    try:
+        migrate(dsn)
+        yield dsn
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)))
+
+
+def _with_dbname(url: str, name: str) -> str:
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    info["dbname"] = name
+    return psycopg.conninfo.make_conninfo(**info)
+
+
+def reset(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("TRUNCATE notification, sms_notification, dispatch_sender")
+
+
+def insert_pending(dsn: str, count: int, senders: list[str], spread: bool = False) -> None:
+    """Pending rows, round-robin over `senders`; `spread` mixes priorities and publish times
+    (10% in the next hour) as a real backlog would."""
+    with psycopg.connect(dsn) as conn:
+        conn.execute("""
+            WITH n AS (
+                INSERT INTO notification (id, body, priority, publish_datetime, sender)
+                SELECT gen_random_uuid(), 'bench message ' || i,
+                       CASE WHEN %(spread)s THEN (ARRAY['low', 'medium', 'high'])[1 + i %% 3]
+                            ELSE 'low' END,
+                       CASE WHEN %(spread)s AND i %% 10 = 0 THEN now() + interval '1 hour'
+                            WHEN %(spread)s THEN now() - (i %% 86400) * interval '1 second'
+                            ELSE now() - interval '1 second' END,
+                       (%(senders)s::text[])[1 + i %% cardinality(%(senders)s::text[])]
+                FROM generate_series(1, %(count)s) i
+                RETURNING id)
+            INSERT INTO sms_notification (notification_id, to_phone_number)
+            SELECT id, %(to)s FROM n""",
+                     {"count": count, "senders": senders, "spread": spread, "to": TO})
+
+
+def environment(dsn: str, fake: FakeTwilioControl, **values: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMSQ_", "TWILIO_"))}
+    env.update(DATABASE_URL=_as_url(dsn), AMQP_URL=AMQP_URL, TWILIO_API_URL=fake.url,
+               TWILIO_ACCOUNT_SID=fake.account_sid, TWILIO_AUTH_TOKEN=fake.auth_token,
+               TWILIO_PHONE_NUMBER=DEFAULT_SENDER, SMSQ_LOG_LEVEL="WARNING")
+    env.update(values)
+    return env
+
+
+def _as_url(dsn: str) -> str:
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    return (f"postgresql://{info.get('user', 'postgres')}@{info.get('host', '127.0.0.1')}:"
+            f"{info.get('port', '5432')}/{info['dbname']}")
+
+
+@contextmanager
+def fake_twilio(**config: float) -> Iterator[FakeTwilioControl]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMSQ_", "TWILIO_"))}
+    env["SMSQ_LOG_LEVEL"] = "WARNING"
+    process, fake = spawn(env=env)
+    try:
+        if config:
+            fake.configure(**config)
+        yield fake
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=15)
+
+
+@contextmanager
+def smsq_process(verb: str, dsn: str, fake: FakeTwilioControl,
+                 **values: str) -> Iterator[subprocess.Popen]:
+    log = tempfile.NamedTemporaryFile(prefix=f"bench-{verb}-", suffix=".log", delete=False)
+    process = subprocess.Popen([sys.executable, "-m", "consumer.cli", verb],
+                               env=environment(dsn, fake, **values), cwd=tempfile.gettempdir(),
+                               stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(timeout=20)
+        if status != 0:
+            print(f"  smsq {verb} exited with {status}; log: {log.name}", file=sys.stderr)
+
+
+def dispatcher(dsn: str, fake: FakeTwilioControl, **values: str):
+    return smsq_process("dispatch", dsn, fake, **values)
+
+
+def raw_client_rate(fake: FakeTwilioControl, threads: int, seconds: float) -> float:
+    """Messages created per second by the bare adapter from `threads` threads."""
+    settings = Settings(_env_file=None, twilio_api_url=AnyHttpUrl(fake.url),
+                        twilio_account_sid=fake.account_sid,
+                        twilio_auth_token=SecretStr(fake.auth_token))
+    sender = TwilioSender(settings, pool_size=threads)
+    deadline = time.monotonic() + seconds
+    counts = [0] * threads
+
+    def work(slot: int) -> None:
+        while time.monotonic() < deadline:
+            sender.send(Outgoing(TO, DEFAULT_SENDER, "baseline"))
+            counts[slot] += 1
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    started = time.monotonic()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return sum(counts) / (time.monotonic() - started)
+
+
+def queue_exists(queue: str) -> bool:
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    try:
+        connection.channel().queue_declare(queue, passive=True)
+        return True
+    except pika.exceptions.ChannelClosedByBroker:
+        return False
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def delete_amqp(channel, names: dict[str, str]) -> None:
+    for queue in (names["SMSQ_QUEUE"], names["SMSQ_QUEUE"] + ".dead"):
+        channel.queue_delete(queue)
+    channel.exchange_delete(names["SMSQ_EXCHANGE"])
+
+
+def wait_for(predicate, timeout: float):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"gave up after {timeout} s waiting")
+        time.sleep(0.01)
+    return value
+
+
+def timed(conn: psycopg.Connection, runs: int, call) -> float:
+    """p50 in ms of `call` in a transaction that is rolled back each time."""
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - started) * 1000)
+        conn.rollback()
+    return statistics.median(samples)
+
+
+def most_in_window(times: list[float], weights: list[float], window: float = 1.0) -> float:
+    events = sorted(zip(times, weights))
+    best, start, total = 0.0, 0, 0.0
+    for at, weight in events:
+        total += weight
+        while at - events[start][0] >= window:
+            total -= events[start][1]
+            start += 1
+        best = max(best, total)
+    return best
+
+
+def percentile(ordered: list[float], p: float) -> float:
+    index = min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))
+    return ordered[index]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
