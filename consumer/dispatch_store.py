@@ -180,13 +180,29 @@ def try_lock_senders(conn: psycopg.Connection, senders: list[str]) -> list[str]:
     return [row[0] for row in rows]
 
 
+@dataclass
+class Claim:
+    rows: list[ClaimedRow]
+    drained: bool = False  # fewer than asked were due
+    next_due_in: float | None = None  # then: seconds until the next one is (None: none waits)
+
+
 def claim_due(conn: psycopg.Connection, sender: str, holder: str, limit: int,
-              lease_seconds: float, max_rank: int = 2) -> list[ClaimedRow]:
-    """Mark up to `limit` due rows of `sender` processing for `holder`, best first."""
-    with conn.cursor(row_factory=class_row(ClaimedRow)) as cur:
+              lease_seconds: float, max_rank: int = 2) -> Claim:
+    """Mark up to `limit` due rows of `sender` processing for `holder`, best first.
+
+    When fewer than `limit` were due (and every priority was asked for), also say when the
+    next one will be, in the same transaction: now() is one instant for both statements, so
+    a row becoming due between them cannot fall through the gap.
+    """
+    with conn.transaction(), conn.cursor(row_factory=class_row(ClaimedRow)) as cur:
         cur.execute(CLAIM_DUE, {"sender": sender, "holder": holder, "limit": limit,
-                             "lease": lease_seconds, "max_rank": max_rank})
-        return cur.fetchall()
+                                "lease": lease_seconds, "max_rank": max_rank})
+        claim = Claim(cur.fetchall())
+        if len(claim.rows) < limit and max_rank == 2:
+            claim.drained = True
+            claim.next_due_in = _seconds_until_next_due(conn, sender)
+        return claim
 
 
 def stale_processing(conn: psycopg.Connection, senders: list[str], exclude: Iterable[UUID],
@@ -218,7 +234,7 @@ def renew_leases(conn: psycopg.Connection, ids: list[UUID], holder: str,
         conn.execute(_RENEW, (lease_seconds, ids, holder))
 
 
-def seconds_until_next_due(conn: psycopg.Connection, sender: str) -> float | None:
+def _seconds_until_next_due(conn: psycopg.Connection, sender: str) -> float | None:
     """Seconds until a pending row of `sender` becomes due; None when none is waiting."""
     row = conn.execute(_NEXT_DUE, {"sender": sender}).fetchone()
     return float(row[0]) if row and row[0] is not None else None

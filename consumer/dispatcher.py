@@ -58,6 +58,9 @@ HORIZON_SECONDS = 2.0  # claim about this much of a sender's sending at a time
 PACING_MARGIN = 0.005
 SHUTDOWN_GRACE_SECONDS = 5.0  # wait this long for requests on the wire at SIGTERM
 MAX_BACKOFF_SECONDS = 10.0
+# A row due already but not claimable (locked by an operator's transaction) is looked at
+# again after this, not in a busy loop.
+MIN_WAKE_SECONDS = 0.05
 
 
 def paced_senders(settings: Settings) -> dict[str, str]:
@@ -233,6 +236,7 @@ class Dispatcher:
 
     def _loop(self) -> None:
         while not self.stop.requested:
+            self._flush_outcomes()  # first: a row put back to pending must be claimable
             now = time.monotonic()
             if now >= self.next_tick:
                 self._tick(now)
@@ -298,15 +302,15 @@ class Dispatcher:
             sender.notified_rank = None
 
     def _claim(self, sender: Sender, limit: int, max_rank: int) -> None:
-        rows = store.claim_due(self.db, sender.key, self.holder, limit, self.lease, max_rank)
-        for row in rows:
+        claim = store.claim_due(self.db, sender.key, self.holder, limit, self.lease, max_rank)
+        for row in claim.rows:
             heapq.heappush(sender.queue, (row.priority_rank, row.publish_datetime,
                                           next(self.sequence), row))
-        if len(rows) < limit and max_rank == 2:
-            # Drained: sleep until the next scheduled row (or a notification) instead.
+        if claim.drained:
+            # Sleep until the next scheduled row (or a notification) instead of polling.
             sender.maybe_due = False
-            seconds = store.seconds_until_next_due(self.db, sender.key)
-            sender.wake_at = time.monotonic() + seconds if seconds is not None else None
+            sender.wake_at = (None if claim.next_due_in is None
+                              else time.monotonic() + max(claim.next_due_in, MIN_WAKE_SECONDS))
 
     def _hand_back_surplus(self, sender: Sender) -> None:
         if len(sender.queue) <= self.in_hand_target:
@@ -412,6 +416,8 @@ class Dispatcher:
             decision = decide(result.attempt, row.attempts + 1, self.policy)
         self.outcomes.append(self._outcome_of(result, decision))
         self._pause_after_retry_after(result)
+        if decision.retry_in is not None:
+            self._wake_for(result.sender, time.monotonic() + decision.retry_in)
         code = decision.error_code
         metrics.DISPATCH_SENDS.labels(decision.status, str(code) if code else "").inc()
         log.info(_SEND_LOG[decision.status][1], extra={
@@ -431,6 +437,12 @@ class Dispatcher:
             retry_in=decision.retry_in,
             lease_seconds=self.lease if decision.status == "processing" else None,
             attempted=attempt is not None)
+
+    def _wake_for(self, sender_key: str, at: float) -> None:
+        """Look for due rows of this sender again at `at` (a retry we scheduled ourselves)."""
+        sender = self.held.get(sender_key)
+        if sender is not None:
+            sender.wake_at = at if sender.wake_at is None else min(sender.wake_at, at)
 
     def _pause_after_retry_after(self, result: SendResult) -> None:
         sender = self.held.get(result.sender)
@@ -476,6 +488,7 @@ class Dispatcher:
             self.outcomes.append(store.Outcome(
                 row.id, "pending", "not found at Twilio after an unknown outcome; sending again",
                 attempted=False))
+            self._wake_for(result.sender, time.monotonic())
             self._log_reconciled(row, "pending", None)
         # Else: not found yet, but its lease is still running (a request of a holder that just
         # died may still be on its way to Twilio); it is looked at again when the lease expires.

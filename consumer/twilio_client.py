@@ -15,6 +15,7 @@ user:
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ SANDBOX_AUTH_TOKEN = "sandbox"
 # Reconciliation looks this far before the claim, for clocks that disagree a little.
 CLOCK_SLACK = timedelta(seconds=60)
 RECONCILE_PAGE = 50
+# The library logs every request and its headers at INFO; not an smsq event.
+_HTTP_LOG = logging.getLogger("consumer.twilio_client.http")
+_HTTP_LOG.setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ class PooledHttpClient(TwilioHttpClient):
     """TwilioHttpClient with a pool sized to the concurrency and per-thread last responses."""
 
     def __init__(self, pool_size: int, connect_timeout: float, read_timeout: float) -> None:
-        super().__init__(pool_connections=True)
+        super().__init__(pool_connections=True, logger=_HTTP_LOG)
         self.timeout = (connect_timeout, read_timeout)  # requests takes a tuple
         # No transport retries: a blind retry of a POST is exactly a possible double send.
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)

@@ -34,7 +34,8 @@ def dispatch_settings(settings: Settings, fake, **changes: object) -> Settings:
         "smsq_retry_backoff_max": 1.0,
         "smsq_lease_seconds": 2.0,
         "smsq_twilio_read_timeout": 2.0,
-        "smsq_dispatch_poll_seconds": 1.0,
+        # No fallback poll within a test: notifications, publish and retry times must wake it.
+        "smsq_dispatch_poll_seconds": 600.0,
     }
     values.update(changes)
     return settings.model_copy(update=values)
