@@ -47,6 +47,7 @@ from consumer.fake_twilio import FakeTwilioControl, spawn  # noqa: E402
 from consumer.migrate import migrate  # noqa: E402
 from consumer.settings import Settings  # noqa: E402
 from consumer.twilio_client import Outgoing, TwilioSender  # noqa: E402
+from tests.dispatch_support import most_in_any_window  # noqa: E402 - the tests' own measure
 
 SERVER_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/smsq")
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
@@ -98,7 +99,7 @@ def bench_pacing(dsn: str, seconds: float) -> None:
     print(f"rate 1 segment/s, capacity 1, over {seconds:.0f} s after the first send")
     print(f"  sent {sent}, expected {seconds:.0f} (target: within +-1)")
     print(f"  smallest gap between sends {min(gaps):.4f} s, largest {max(gaps):.4f} s")
-    print(f"  most segments in any 1 s window: {most_in_window(times, segments):g} "
+    print(f"  most segments in any 1 s window: {most_in_any_window(times, weights=segments):g} "
           f"(target: <= capacity 1)")
 
 
@@ -361,18 +362,6 @@ def timed(conn: psycopg.Connection, runs: int, call) -> float:
         samples.append((time.perf_counter() - started) * 1000)
         conn.rollback()
     return statistics.median(samples)
-
-
-def most_in_window(times: list[float], weights: list[float], window: float = 1.0) -> float:
-    events = sorted(zip(times, weights))
-    best, start, total = 0.0, 0, 0.0
-    for at, weight in events:
-        total += weight
-        while at - events[start][0] >= window:
-            total -= events[start][1]
-            start += 1
-        best = max(best, total)
-    return best
 
 
 def percentile(ordered: list[float], p: float) -> float:
