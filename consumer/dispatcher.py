@@ -164,8 +164,7 @@ class DueListener(threading.Thread):
 
 
 class Dispatcher:
-    def __init__(self, settings: Settings, stop: StopSignal,
-                 twilio: TwilioSender | None = None) -> None:
+    def __init__(self, settings: Settings, stop: StopSignal) -> None:
         self.settings = settings
         self.stop = stop
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
@@ -176,7 +175,7 @@ class Dispatcher:
         self.concurrency = settings.smsq_dispatch_concurrency
         self.in_hand_target = max(1, min(settings.twilio_sms_batch_size, math.ceil(
             settings.twilio_sms_rate * HORIZON_SECONDS + settings.smsq_burst)))
-        self.twilio = twilio or TwilioSender(settings, self.concurrency)
+        self.twilio = TwilioSender(settings, self.concurrency)
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.pool = WorkerPool(self.concurrency, self.events)
         self.held: dict[str, Sender] = {}

@@ -25,7 +25,7 @@ from email.utils import parsedate_to_datetime
 import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
-from twilio.base.exceptions import TwilioRestException
+from twilio.base.exceptions import TwilioRestException, TwilioServiceException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.http.response import Response
 from twilio.rest import Client
@@ -115,9 +115,13 @@ class TwilioSender:
         params = self._create_params(message)
         try:
             created = self.client.messages.create(**params)
-        except TwilioRestException as exc:
+        except TwilioRestException as exc:  # the legacy error body
             return TwilioAttempt(request_sent=True, http_status=exc.status, error_code=exc.code,
                                  error_message=exc.msg, retry_after=self._retry_after())
+        except TwilioServiceException as exc:  # the RFC 9457 problem body of newer APIs
+            return TwilioAttempt(request_sent=True, http_status=exc.status, error_code=exc.code,
+                                 error_message=exc.detail or exc.title,
+                                 retry_after=self._retry_after())
         except requests.RequestException as exc:
             return TwilioAttempt(request_sent=_left_before_failure(exc),
                                  error_message=f"{type(exc).__name__}: {exc}")
