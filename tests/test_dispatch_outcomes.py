@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 
+from prometheus_client import REGISTRY
 from pydantic import AnyHttpUrl, SecretStr
 
 from tests.dispatch_support import (
@@ -28,6 +29,11 @@ def all_settled(settings, count: int) -> bool:
     return done.get("sent", 0) + done.get("errored", 0) == count
 
 
+def sends_counted(outcome: str, error_code: str) -> float:
+    return REGISTRY.get_sample_value("smsq_dispatch_sends_total",
+                                     {"outcome": outcome, "error_code": error_code}) or 0.0
+
+
 def requests_to(fake, number: str) -> list[dict]:
     return [m for m in arrivals(fake, accepted_only=False) if m["to"] == number]
 
@@ -39,6 +45,7 @@ def test_every_outcome_class_ends_in_its_status(settings, fake_twilio):
     fake_twilio.set_faults(faults)
     settings = dispatch_settings(settings, fake_twilio, smsq_twilio_read_timeout=1.0,
                                  smsq_lease_seconds=1.5)
+    rejected_before = sends_counted("errored", "21211")
     numbers = [*TRANSIENT, *REJECTED, *UNKNOWN, LOST_BEFORE_RECORDING, "+14155550100"]
     ids = dict(zip(numbers, add_notifications(
         settings, *[{"body": f"to {n}", "sms": {"to_phone_number": n}} for n in numbers])))
@@ -71,6 +78,8 @@ def test_every_outcome_class_ends_in_its_status(settings, fake_twilio):
     lost, resent = requests_to(fake_twilio, LOST_BEFORE_RECORDING)
     assert lost["fault"] == "drop-unrecorded" and not lost["accepted"]
     assert resent["accepted"] and rows[LOST_BEFORE_RECORDING]["twilio_sid"] == resent["sid"]
+
+    assert sends_counted("errored", "21211") == rejected_before + 1  # the metric, by code
 
     [plain] = requests_to(fake_twilio, "+14155550100")
     assert rows["+14155550100"]["twilio_sid"] == plain["sid"]
