@@ -179,7 +179,7 @@ class Dispatcher:
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.pool = WorkerPool(self.concurrency, self.events)
         self.held: dict[str, Sender] = {}
-        self.in_flight: dict[UUID, str] = {}  # row id -> sender, for sends and reconciliations
+        self.in_flight: dict[UUID, store.ClaimedRow] = {}  # sends and reconciliations
         self.outcomes: list[store.Outcome] = []
         self.lock_db: psycopg.Connection | None = None
         self.db: psycopg.Connection | None = None
@@ -341,7 +341,7 @@ class Dispatcher:
             if not sender.bucket.try_take(_cost(row)):
                 return
             heapq.heappop(sender.queue)
-            self.in_flight[row.id] = sender.key
+            self.in_flight[row.id] = row
             self.pool.submit(self._send, sender.key, sender.address, row)
 
     def _expire(self, row: store.ClaimedRow) -> None:
@@ -457,7 +457,7 @@ class Dispatcher:
             return
         rows = store.stale_processing(self.db, senders, self._claimed_ids(), expired_only)
         for row in rows:
-            self.in_flight[row.id] = row.sender
+            self.in_flight[row.id] = row
             self.pool.submit(self._find, row.sender, self.addresses[row.sender], row)
 
     def _find(self, sender_key: str, address: str, row: store.ClaimedRow) -> ReconcileResult:
@@ -478,6 +478,10 @@ class Dispatcher:
                 "action": "reconcile_failed", "notification_id": str(row.id),
                 "error": str(result.error)})
             return
+        if self._sending_to(row.to_phone_number):
+            # A send of ours to the same number may be the message Twilio listed: decide
+            # once that one is recorded (the row is looked at again, its lease expired).
+            return
         found = self._first_unrecorded(result.found)
         if found is not None:
             self.outcomes.append(store.Outcome(
@@ -493,10 +497,15 @@ class Dispatcher:
         # Else: not found yet, but its lease is still running (a request of a holder that just
         # died may still be on its way to Twilio); it is looked at again when the lease expires.
 
+    def _sending_to(self, number: str) -> bool:
+        return any(row.to_phone_number == number for row in self.in_flight.values())
+
     def _first_unrecorded(self, found: list[FoundMessage]) -> FoundMessage | None:
+        """The first match whose SID no other row holds, in the database or about to be."""
         if not found:
             return None
         recorded = store.recorded_sids(self.db, [message.sid for message in found])
+        recorded.update(outcome.sid for outcome in self.outcomes if outcome.sid)
         return next((message for message in found if message.sid not in recorded), None)
 
     def _log_reconciled(self, row: store.ClaimedRow, status: str, sid: str | None) -> None:

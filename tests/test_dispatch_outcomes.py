@@ -121,3 +121,19 @@ def test_a_connection_that_fails_before_sending_is_retried_later(settings, fake_
     row = rows_by_id(settings)[row_id]
     assert row["status"] == "pending" and row["retry_datetime"] is not None
     assert "before the request was sent" in row["status_message"]
+
+
+def test_reconciliation_never_takes_the_sid_of_another_row(settings, fake_twilio):
+    """The same text twice to one number: the first is lost before Twilio stores it, the
+    second is accepted. Twilio lists the second when the first is reconciled; that SID is
+    the second row's, so the first must be sent again, not marked sent."""
+    fake_twilio.set_faults([{"mode": "drop-unrecorded", "count": 1}])
+    settings = dispatch_settings(settings, fake_twilio, smsq_lease_seconds=1.0)
+    lost, kept = add_notifications(settings, {"body": "your code is 1", "priority": "high"},
+                                   {"body": "your code is 1"})
+    with running_dispatcher(settings):
+        wait_until(lambda: statuses(settings) == {"sent": 2}, timeout=15, message="both sent")
+    rows = rows_by_id(settings)
+    accepted = fake_twilio.messages(accepted_only=True)
+    assert len(accepted) == 2 and len(fake_twilio.messages()) == 3
+    assert {rows[lost]["twilio_sid"], rows[kept]["twilio_sid"]} == {m["sid"] for m in accepted}
