@@ -154,3 +154,19 @@ def test_twilio_latency_does_not_cap_the_rate(settings, fake_twilio):
     # One request at a time could start at most 4 per second at 300 ms each.
     assert most > 4
     assert most <= 1 + rate + 1  # and still never faster than the bucket
+
+
+def test_the_loop_reconnects_when_its_database_connections_are_cut(settings, fake_twilio):
+    settings = dispatch_settings(settings, fake_twilio)
+    with running_dispatcher(settings):
+        add_notifications(settings, {"body": "before"})
+        wait_until(lambda: settled(settings, 1), timeout=10, message="the first sent")
+        with psycopg.connect(settings.database_dsn, autocommit=True) as conn:
+            cut = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name LIKE 'smsq dispatch%%'"
+            ).fetchone()[0]
+        assert cut == 3  # the lock, work and LISTEN connections
+        add_notifications(settings, {"body": "after"})
+        wait_until(lambda: settled(settings, 2), timeout=15, message="the second sent")
+    assert [m["body"] for m in arrivals(fake_twilio)] == ["before", "after"]
