@@ -30,12 +30,13 @@ from twilio.http.http_client import TwilioHttpClient
 from twilio.http.response import Response
 from twilio.rest import Client
 
+from consumer.fake_twilio import FAKE_ACCOUNT_SID, FAKE_AUTH_TOKEN
 from consumer.outcomes import TwilioAttempt
 from consumer.settings import Settings
 
-# Without credentials a sandbox still gets well-formed ones (it may ignore them).
-SANDBOX_ACCOUNT_SID = "AC" + "0" * 32
-SANDBOX_AUTH_TOKEN = "sandbox"
+# Without credentials (allowed only with a sandbox TWILIO_API_URL), the ones that
+# `smsq fake-twilio` accepts by default.
+SANDBOX_ACCOUNT_SID, SANDBOX_AUTH_TOKEN = FAKE_ACCOUNT_SID, FAKE_AUTH_TOKEN
 # Reconciliation looks this far before the claim, for clocks that disagree a little.
 CLOCK_SLACK = timedelta(seconds=60)
 RECONCILE_PAGE = 50

@@ -100,3 +100,9 @@ def test_find_sent_through_a_messaging_service(fake_twilio):
     found = twilio.find_sent(Outgoing(TO, service, "via the service"),
                              datetime.now(timezone.utc) - timedelta(seconds=5))
     assert [f.sid for f in found] == [sent.sid]
+
+
+def test_without_credentials_it_uses_the_ones_the_fake_accepts(fake_twilio):
+    settings = Settings(_env_file=None, twilio_api_url=AnyHttpUrl(fake_twilio.url))
+    attempt = TwilioSender(settings, pool_size=1).send(Outgoing(TO, FROM, "sandbox"))
+    assert attempt.http_status == 201
