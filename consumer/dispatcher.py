@@ -7,8 +7,8 @@ One thread runs the loop and owns the two database connections; it never waits o
   second of the holder's death (Postgres frees the locks when its connection closes).
   Taking a sender over starts with reconciling its rows left in `processing`.
 - The work connection claims due rows (`FOR UPDATE SKIP LOCKED`, best priority first) and
-  writes outcomes. Each statement is its own short transaction: none is open during a
-  Twilio request.
+  writes outcomes, each in a short transaction of its own: none is open during a Twilio
+  request.
 - Only about two seconds of a sender's sending is claimed at a time, so a high-priority
   message published into a backlog waits for little, and few rows sit claimed if this
   process dies. A notification of a better priority than the worst row in hand claims the
@@ -18,7 +18,7 @@ One thread runs the loop and owns the two database connections; it never waits o
 - A listener thread (its own connection, LISTEN smsq_due), the workers and the signal handler
   all post to one event queue; the loop sleeps on it until the next event or the next thing
   it has scheduled (a token, a publish or retry time, the tick), so a due message is sent
-  within milliseconds. Outcomes that arrive together are written in one transaction.
+  within milliseconds. Outcomes that arrive together are written with one statement.
 """
 
 from __future__ import annotations
@@ -94,7 +94,6 @@ class Sender:
 
 @dataclass
 class SendResult:
-    sender: str
     row: store.ClaimedRow
     attempt: TwilioAttempt | None
     error: Exception | None
@@ -104,7 +103,6 @@ class SendResult:
 
 @dataclass
 class ReconcileResult:
-    sender: str
     row: store.ClaimedRow
     found: list[FoundMessage]
     error: Exception | None
@@ -342,7 +340,7 @@ class Dispatcher:
                 return
             heapq.heappop(sender.queue)
             self.in_flight[row.id] = row
-            self.pool.submit(self._send, sender.key, sender.address, row)
+            self.pool.submit(self._send, sender.address, row)
 
     def _expire(self, row: store.ClaimedRow) -> None:
         message = f"expired at {row.expire_datetime.isoformat()} before it could be sent"
@@ -397,7 +395,7 @@ class Dispatcher:
 
     # -- sending (in a worker thread) and its outcome (in the loop) ----------------------------
 
-    def _send(self, sender_key: str, address: str, row: store.ClaimedRow) -> SendResult:
+    def _send(self, address: str, row: store.ClaimedRow) -> SendResult:
         started = time.perf_counter()
         try:
             attempt, error = self.twilio.send(_outgoing(row, address)), None
@@ -405,7 +403,7 @@ class Dispatcher:
             attempt, error = None, exc
         seconds = time.perf_counter() - started
         metrics.TWILIO_REQUEST_SECONDS.observe(seconds)
-        return SendResult(sender_key, row, attempt, error, seconds, _utcnow())
+        return SendResult(row, attempt, error, seconds, _utcnow())
 
     def _on_sent(self, result: SendResult) -> None:
         row = result.row
@@ -417,7 +415,7 @@ class Dispatcher:
         self.outcomes.append(self._outcome_of(result, decision))
         self._pause_after_retry_after(result)
         if decision.retry_in is not None:
-            self._wake_for(result.sender, time.monotonic() + decision.retry_in)
+            self._wake_for(row.sender, time.monotonic() + decision.retry_in)
         code = decision.error_code
         metrics.DISPATCH_SENDS.labels(decision.status, str(code) if code else "").inc()
         log.info(_SEND_LOG[decision.status][1], extra={
@@ -445,7 +443,7 @@ class Dispatcher:
             sender.wake_at = at if sender.wake_at is None else min(sender.wake_at, at)
 
     def _pause_after_retry_after(self, result: SendResult) -> None:
-        sender = self.held.get(result.sender)
+        sender = self.held.get(result.row.sender)
         if sender is not None and result.attempt is not None and result.attempt.retry_after:
             # Twilio asked this account to slow down: hold the whole sender, not just the row.
             sender.paused_until = time.monotonic() + result.attempt.retry_after
@@ -458,15 +456,14 @@ class Dispatcher:
         rows = store.stale_processing(self.db, senders, self._claimed_ids(), expired_only)
         for row in rows:
             self.in_flight[row.id] = row
-            self.pool.submit(self._find, row.sender, self.addresses[row.sender], row)
+            self.pool.submit(self._find, self.addresses[row.sender], row)
 
-    def _find(self, sender_key: str, address: str, row: store.ClaimedRow) -> ReconcileResult:
+    def _find(self, address: str, row: store.ClaimedRow) -> ReconcileResult:
         try:
-            return ReconcileResult(sender_key, row,
-                                   self.twilio.find_sent(_outgoing(row, address),
-                                                         row.claimed_datetime), None)
+            found = self.twilio.find_sent(_outgoing(row, address), row.claimed_datetime)
+            return ReconcileResult(row, found, None)
         except Exception as exc:  # noqa: BLE001 - Twilio unreachable: try again later
-            return ReconcileResult(sender_key, row, [], exc)
+            return ReconcileResult(row, [], exc)
 
     def _on_reconciled(self, result: ReconcileResult) -> None:
         row = result.row
@@ -492,7 +489,7 @@ class Dispatcher:
             self.outcomes.append(store.Outcome(
                 row.id, "pending", "not found at Twilio after an unknown outcome; sending again",
                 attempted=False))
-            self._wake_for(result.sender, time.monotonic())
+            self._wake_for(row.sender, time.monotonic())
             self._log_reconciled(row, "pending", None)
         # Else: not found yet, but its lease is still running (a request of a holder that just
         # died may still be on its way to Twilio); it is looked at again when the lease expires.
