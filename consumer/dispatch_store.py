@@ -1,7 +1,8 @@
 """Every SQL statement of `smsq dispatch`; the dispatcher loop calls only this.
 
-Connections are autocommit: each statement is its own short transaction, and none is ever
-open while a Twilio request is on the wire.
+Connections are autocommit: each call is one short transaction (most are one statement; the
+claim is two that must see the same now()), and none is ever open while a Twilio request is
+on the wire.
 """
 
 from __future__ import annotations
