@@ -70,15 +70,17 @@ class MissingPublicUrl(Exception):
 class PooledHttpClient(TwilioHttpClient):
     """TwilioHttpClient with a pool sized to the concurrency and per-thread last responses."""
 
-    def __init__(self, pool_size: int, connect_timeout: float, read_timeout: float) -> None:
+    def __init__(self, base_url: str, pool_size: int, connect_timeout: float,
+                 read_timeout: float) -> None:
         super().__init__(pool_connections=True, logger=_HTTP_LOG)
         self.timeout = (connect_timeout, read_timeout)  # requests takes a tuple
         # No transport retries: a blind retry of a POST is exactly a possible double send.
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        # No proxy or .netrc from the environment: settings come only from Settings (and
-        # looking them up on every request was a quarter of a request's CPU time).
+        # The standard proxy variables (HTTPS_PROXY, NO_PROXY) are read once, here: looking
+        # them up on every request was a quarter of a request's CPU time.
+        self.session.proxies = requests.utils.get_environ_proxies(base_url)
         self.session.trust_env = False
         self._local = threading.local()
 
@@ -97,7 +99,8 @@ class TwilioSender:
     """Sends messages and finds them again; safe to call from many threads at once."""
 
     def __init__(self, settings: Settings, pool_size: int) -> None:
-        self.http = PooledHttpClient(pool_size, settings.smsq_twilio_connect_timeout,
+        base_url = str(settings.twilio_api_url).rstrip("/")
+        self.http = PooledHttpClient(base_url, pool_size, settings.smsq_twilio_connect_timeout,
                                      settings.smsq_twilio_read_timeout)
         token = settings.twilio_auth_token
         self.client = Client(
@@ -106,7 +109,7 @@ class TwilioSender:
             http_client=self.http,
             environment={},  # no TWILIO_EDGE / TWILIO_REGION from the environment
         )
-        self.client.api.base_url = str(settings.twilio_api_url).rstrip("/")
+        self.client.api.base_url = base_url
         public = str(settings.smsq_public_url).rstrip("/") if settings.smsq_public_url else None
         self.public_url = public
         self.status_callback = f"{public}/twilio/status" if public else None
