@@ -25,6 +25,7 @@ COMMANDS = {
     "status": ("consumer.commands.status", "counts by status and priority, queue depths"),
     "fake-twilio": ("consumer.commands.fake_twilio", "a local stand-in for Twilio's Messages API"),
     "dispatch": ("consumer.commands.dispatch", "send due messages to Twilio, paced per sender"),
+    "serve": ("consumer.commands.serve", "status callbacks, MMS media, dashboard, health, metrics"),
 }
 
 

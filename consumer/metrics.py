@@ -53,3 +53,15 @@ def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
     """Expose /metrics on `port` in a background thread; 0 means no endpoint."""
     if port:
         start_http_server(port, addr=host)
+
+STATUS_CALLBACKS = Counter(
+    "smsq_status_callbacks_total",
+    "Twilio status callbacks received by smsq serve, by what became of them",
+    ["outcome"],  # applied, stale, unknown_sid, ignored, forbidden
+)
+MEDIA_REQUESTS = Counter(
+    "smsq_media_requests_total", "Requests for hosted MMS media, by result", ["result"]
+)
+MEDIA_DELETED = Counter(
+    "smsq_media_deleted_total", "Expired hosted media deleted by smsq serve's cleanup"
+)

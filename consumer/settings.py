@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     smsq_metrics_port: int = Field(0, ge=0, le=65535)
     smsq_dashboard_user: str | None = None
     smsq_dashboard_password: SecretStr | None = None
+    # Hosted media outlives its sending by this grace period (Twilio fetches it afterwards);
+    # `smsq serve` deletes expired media every SMSQ_MEDIA_CLEANUP_SECONDS.
+    smsq_media_grace_seconds: float = Field(86_400.0, ge=0)
+    smsq_media_cleanup_seconds: float = Field(300.0, gt=0)
 
     smsq_log_format: Literal["text", "json"] = "text"
     smsq_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -1,0 +1,59 @@
+-- Each notification's history, and what the dashboard needs to stay fast with millions of rows.
+
+-- One row per change of `notification.status` or `sms_notification.delivery_status`, written
+-- by triggers so that no writer (dispatcher, callbacks, operator actions) can forget it.
+-- A notification's creation is not an event: `created_datetime` already says it, and ingest
+-- stays one insert per message.
+CREATE TABLE notification_event (
+    id                bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    notification_id   uuid NOT NULL REFERENCES notification (id) ON DELETE CASCADE,
+    -- clock_timestamp(), not now(): events of one long transaction keep their own times
+    created_datetime  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    field             text NOT NULL CHECK (field IN ('status', 'delivery_status')),
+    old_value         text,
+    new_value         text NOT NULL,
+    message           text NOT NULL DEFAULT '',
+    error_code        integer
+);
+
+-- A notification's history, in order.
+CREATE INDEX notification_event_notification_idx ON notification_event (notification_id, id);
+
+-- Recent errors, grouped by Twilio code on the dashboard.
+CREATE INDEX notification_event_error_idx ON notification_event (created_datetime)
+    WHERE new_value IN ('errored', 'failed', 'undelivered');
+
+-- Sends per minute over the last hour.
+CREATE INDEX notification_sent_idx ON notification (sent_datetime)
+    WHERE sent_datetime IS NOT NULL;
+
+CREATE FUNCTION notification_status_event() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO notification_event (notification_id, field, old_value, new_value, message)
+    VALUES (NEW.id, 'status', OLD.status, NEW.status, NEW.status_message);
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER notification_status_event
+    AFTER UPDATE OF status ON notification
+    FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
+    EXECUTE FUNCTION notification_status_event();
+
+CREATE FUNCTION sms_delivery_status_event() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO notification_event (notification_id, field, old_value, new_value, error_code)
+    VALUES (NEW.notification_id, 'delivery_status', OLD.delivery_status, NEW.delivery_status,
+            NEW.error_code);
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER sms_delivery_status_event
+    AFTER UPDATE OF delivery_status ON sms_notification
+    FOR EACH ROW WHEN (NEW.delivery_status IS NOT NULL
+                       AND OLD.delivery_status IS DISTINCT FROM NEW.delivery_status)
+    EXECUTE FUNCTION sms_delivery_status_event();
+
+-- The hosted-media cleanup looks for expired media.
+CREATE INDEX sms_temporary_media_expire_idx ON sms_temporary_media (expire_datetime);

@@ -1,0 +1,74 @@
+"""The Starlette application of `smsq serve`: routes, middleware, and what runs beside them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from psycopg_pool import ConnectionPool
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from consumer.settings import Settings
+from consumer.web import auth, dashboard, health, login, media, receipts
+from consumer.web.render import HERE
+
+POOL_SIZE = 8
+
+
+def routes() -> list[Route | Mount]:
+    return [
+        Route(receipts.CALLBACK_PATH, receipts.status_callback, methods=["POST"]),
+        Route("/media/{token}", media.hosted_media, methods=["GET"]),
+        Route("/healthz", health.healthz, methods=["GET"]),
+        Route("/readyz", health.readyz, methods=["GET"]),
+        Route("/metrics", health.metrics, methods=["GET"]),
+        Route("/login", login.login_page, methods=["GET"]),
+        Route("/login", login.login, methods=["POST"]),
+        Route("/logout", login.logout, methods=["POST"]),
+        Route("/", dashboard.overview, methods=["GET"]),
+        Route("/notifications", dashboard.search, methods=["GET"]),
+        Route("/notifications/{notification_id}", dashboard.notification_page, methods=["GET"]),
+        Route("/errors", dashboard.errors_page, methods=["GET"]),
+        Route("/dead-letters", dashboard.dead_letters_page, methods=["GET"]),
+        Route("/actions/retry", dashboard.retry_action, methods=["POST"]),
+        Route("/actions/cancel", dashboard.cancel_action, methods=["POST"]),
+        Route("/actions/requeue", dashboard.requeue_action, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+
+
+def create_app(settings: Settings) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # open(wait=False): serve starts (and /readyz says why) even while Postgres is away.
+        pool = ConnectionPool(settings.database_dsn, min_size=1, max_size=POOL_SIZE, open=False,
+                              timeout=10, kwargs={"application_name": "smsq serve"})
+        pool.open(wait=False)
+        app.state.pool = pool
+        cleanup = asyncio.create_task(media.cleanup_forever(pool, settings))
+        try:
+            yield
+        finally:
+            cleanup.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await cleanup
+            await run_in_threadpool(pool.close, 5)
+
+    app = Starlette(
+        routes=routes(),
+        middleware=[
+            Middleware(SessionMiddleware, secret_key=auth.session_secret(settings),
+                       session_cookie=auth.SESSION_COOKIE, max_age=auth.SESSION_MAX_AGE,
+                       same_site="lax"),
+            Middleware(auth.RequireLogin),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    return app

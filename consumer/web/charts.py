@@ -1,0 +1,93 @@
+"""The sends-per-minute chart, laid out here and drawn as inline SVG by the template (pure).
+
+No JavaScript library and no network: the server computes each bar's geometry, the page
+shows it at once, and it prints and scales like any SVG.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+WIDTH, HEIGHT = 720, 180
+PAD_LEFT, PAD_BOTTOM, PAD_TOP = 36, 22, 8
+
+
+@dataclass(frozen=True)
+class Bar:
+    x: float
+    y: float
+    width: float
+    height: float
+    minute: datetime
+    count: int
+
+
+@dataclass(frozen=True)
+class Tick:
+    y: float
+    label: str
+
+
+@dataclass(frozen=True)
+class TimeLabel:
+    x: float
+    label: str
+
+
+@dataclass(frozen=True)
+class BarChart:
+    bars: list[Bar]
+    ticks: list[Tick]
+    time_labels: list[TimeLabel]
+    total: int
+    peak: int
+    width: int = WIDTH
+    height: int = HEIGHT
+    baseline: float = HEIGHT - PAD_BOTTOM
+    left: float = PAD_LEFT
+
+
+def per_minute(rows: list[tuple[datetime, int]], last_minute: datetime,
+               minutes: int = 60) -> list[tuple[datetime, int]]:
+    """One (minute, count) per minute ending at `last_minute`, zeros where nothing was sent."""
+    counts = dict(rows)
+    first = last_minute - timedelta(minutes=minutes - 1)
+    return [(first + timedelta(minutes=i), counts.get(first + timedelta(minutes=i), 0))
+            for i in range(minutes)]
+
+
+def nice_ceiling(value: int) -> int:
+    """The smallest of 1, 2, 5, 10, 20, 50... that is at least `value` (axis maximum)."""
+    if value <= 1:
+        return 1
+    magnitude = 10 ** math.floor(math.log10(value))
+    for step in (1, 2, 5, 10):
+        if step * magnitude >= value:
+            return step * magnitude
+    return 10 * magnitude
+
+
+def bar_chart(series: list[tuple[datetime, int]]) -> BarChart:
+    peak = max((count for _, count in series), default=0)
+    top = nice_ceiling(peak)
+    plot_height = HEIGHT - PAD_BOTTOM - PAD_TOP
+    slot = (WIDTH - PAD_LEFT) / max(len(series), 1)
+    bars = []
+    for i, (minute, count) in enumerate(series):
+        height = plot_height * count / top
+        bars.append(Bar(x=PAD_LEFT + i * slot + slot * 0.1, y=HEIGHT - PAD_BOTTOM - height,
+                        width=slot * 0.8, height=height, minute=minute, count=count))
+    ticks = [Tick(y=HEIGHT - PAD_BOTTOM - plot_height * part, label=_short(round(top * part)))
+             for part in (0, 0.5, 1)]
+    time_labels = [TimeLabel(x=PAD_LEFT + i * slot + slot / 2, label=minute.strftime("%H:%M"))
+                   for i, (minute, _) in enumerate(series) if i % 10 == 0 or i == len(series) - 1]
+    return BarChart(bars=bars, ticks=ticks, time_labels=time_labels,
+                    total=sum(count for _, count in series), peak=peak)
+
+
+def _short(value: int) -> str:
+    if value >= 10_000:
+        return f"{value / 1000:.0f}k"
+    return str(value)

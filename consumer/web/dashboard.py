@@ -1,0 +1,215 @@
+"""The operator's pages: overview, search, a notification's history, errors, dead letters,
+and the actions (retry, cancel, requeue)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+
+import phonenumbers
+import psycopg
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from consumer import amqp, dead_letters, operations
+from consumer import store as core_store
+from consumer.settings import Settings
+from consumer.web import auth, charts, db, render, store
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("pending", "processing", "sent", "errored", "failed", "canceled")
+PRIORITIES = ("high", "medium", "low")
+ERROR_WINDOW_HOURS = 24
+OVERVIEW_DEAD_LETTERS = 10
+
+
+# ---------------------------------------------------------------- overview
+
+
+def _overview_data(conn: psycopg.Connection) -> dict:
+    table = {status: dict.fromkeys(PRIORITIES, 0) for status in STATUSES}
+    for status, priority, count in core_store.counts_by_status(conn):
+        table[status][priority] = count
+    this_minute, sent_rows = store.sends_per_minute(conn)
+    return {
+        "counts": table,
+        "totals": {status: sum(row.values()) for status, row in table.items()},
+        "chart": charts.bar_chart(charts.per_minute(sent_rows, this_minute)),
+        "buckets": store.sender_buckets(conn),
+        "oldest_due_age": store.oldest_due_age_seconds(conn),
+        "errors": store.errors_by_code(conn, ERROR_WINDOW_HOURS),
+    }
+
+
+@dataclass(frozen=True)
+class QueueView:
+    depths: dict[str, int | None]
+    dead: list[dead_letters.DeadLetter]
+    error: str | None = None
+
+
+def _queue_view(settings: Settings, limit: int) -> QueueView:
+    """Queue depths and the first dead letters; RabbitMQ being away is shown, not fatal."""
+    try:
+        return QueueView(amqp.queue_depths(settings), dead_letters.list_dead(settings, limit))
+    except Exception as exc:  # noqa: BLE001 - the page still shows what Postgres knows
+        log.warning("dashboard could not read RabbitMQ", extra={"action": "dashboard_amqp_error",
+                                                                  "error": str(exc)})
+        return QueueView({}, [], f"RabbitMQ unreachable ({type(exc).__name__})")
+
+
+async def overview(request: Request) -> Response:
+    settings: Settings = request.app.state.settings
+    data, queues = await asyncio.gather(
+        db.run(request, _overview_data),
+        run_in_threadpool(_queue_view, settings, OVERVIEW_DEAD_LETTERS))
+    return render.page(request, "overview.html", **data, queues=queues,
+                       queue_name=settings.smsq_queue, dead_queue=settings.dead_queue,
+                       error_hours=ERROR_WINDOW_HOURS, statuses=STATUSES, priorities=PRIORITIES)
+
+
+# ---------------------------------------------------------------- search and history
+
+
+def _search(conn: psycopg.Connection, query: str, region: str | None) -> tuple[str, list[dict]]:
+    """(what the query was taken for, matching notifications): an id, a Twilio SID or a number."""
+    notification_id = _as_uuid(query)
+    if notification_id is not None:
+        found = store.notification(conn, notification_id)
+        return "id", [found] if found else []
+    if query[:2].upper() in ("SM", "MM") and len(query) == 34:
+        return "Twilio SID", store.notifications_by_sid(conn, query)
+    number = _as_e164(query, region)
+    if number is None:
+        return "nothing", []
+    return f"phone number {number}", store.notifications_to(conn, number)
+
+
+def _as_uuid(text: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        return None
+
+
+def _as_e164(text: str, region: str | None) -> str | None:
+    try:
+        parsed = phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException:
+        return None
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+async def search(request: Request) -> Response:
+    query = request.query_params.get("q", "").strip()
+    if not query:
+        return RedirectResponse("/", status_code=303)
+    settings: Settings = request.app.state.settings
+    taken_as, results = await db.run(request, _search, query, settings.smsq_default_region)
+    if taken_as == "id" and results:
+        return RedirectResponse(f"/notifications/{results[0]['id']}", status_code=303)
+    return render.page(request, "search.html", q=query, taken_as=taken_as, results=results)
+
+
+def _detail(conn: psycopg.Connection, notification_id: uuid.UUID) -> dict | None:
+    found = store.notification(conn, notification_id)
+    if found is None:
+        return None
+    media = store.media_of(conn, found["temporary_media_id"]) if found["temporary_media_id"] else None
+    return {"n": found, "events": store.history(conn, notification_id), "media": media}
+
+
+async def notification_page(request: Request) -> Response:
+    notification_id = _as_uuid(request.path_params["notification_id"])
+    detail = await db.run(request, _detail, notification_id) if notification_id else None
+    if detail is None:
+        return render.page(request, "missing.html", status_code=404, what="notification")
+    return render.page(request, "notification.html", **detail,
+                       retryable=operations.RETRYABLE, cancelable=operations.CANCELABLE)
+
+
+# ---------------------------------------------------------------- errors and dead letters
+
+
+def _code_filter(raw: str | None) -> tuple[int | None, bool]:
+    """`?code=30003` -> (30003, False); `?code=none` -> (None, True); absent -> (None, False)."""
+    if raw == "none":
+        return None, True
+    return (int(raw), False) if raw and raw.isdigit() else (None, False)
+
+
+async def errors_page(request: Request) -> Response:
+    code, without_code = _code_filter(request.query_params.get("code"))
+    rows = await db.run(request, store.recent_errors, ERROR_WINDOW_HOURS, code, without_code)
+    return render.page(request, "errors.html", rows=rows, code=code, without_code=without_code,
+                       hours=ERROR_WINDOW_HOURS, retryable=operations.RETRYABLE)
+
+
+async def dead_letters_page(request: Request) -> Response:
+    queues = await run_in_threadpool(_queue_view, request.app.state.settings, 500)
+    return render.page(request, "dead_letters.html", queues=queues,
+                       dead_queue=request.app.state.settings.dead_queue)
+
+
+# ---------------------------------------------------------------- actions
+
+
+def _ids(form: FormData) -> list[uuid.UUID]:
+    return [i for i in (_as_uuid(str(raw)) for raw in form.getlist("id")) if i is not None]
+
+
+def _back(form: FormData) -> RedirectResponse:
+    return RedirectResponse(auth.safe_next(form.get("next")), status_code=303)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+@auth.form_action
+async def retry_action(request: Request, form: FormData) -> Response:
+    ids = _ids(form)
+    code, without_code = _code_filter(form.get("code"))
+    if not ids and code is None:
+        auth.flash(request, "warning", "Nothing selected to retry.")
+        return _back(form)
+    retried = await db.run(request, operations.retry, ids=ids or None, error_code=code)
+    log.info("operator retried notifications", extra={"action": "dashboard_retry",
+                                                       "count": len(retried), "error_code": code})
+    auth.flash(request, "success" if retried else "warning",
+               f"{_plural(len(retried), 'notification')} back to pending."
+               + ("" if retried else " Only errored or failed ones can be retried."))
+    return _back(form)
+
+
+@auth.form_action
+async def cancel_action(request: Request, form: FormData) -> Response:
+    ids = _ids(form)
+    canceled = await db.run(request, operations.cancel, ids) if ids else []
+    log.info("operator canceled notifications", extra={"action": "dashboard_cancel",
+                                                        "count": len(canceled)})
+    auth.flash(request, "success" if canceled else "warning",
+               f"{_plural(len(canceled), 'notification')} canceled."
+               + ("" if canceled else " Only pending ones can be canceled."))
+    return _back(form)
+
+
+@auth.form_action
+async def requeue_action(request: Request, form: FormData) -> Response:
+    everything = form.get("all") == "1"
+    keys = None if everything else [str(key) for key in form.getlist("key")]
+    if not everything and not keys:
+        auth.flash(request, "warning", "Nothing selected to requeue.")
+        return _back(form)
+    settings: Settings = request.app.state.settings
+    sent_back = await run_in_threadpool(dead_letters.requeue, settings, keys)
+    log.info("operator requeued dead letters", extra={"action": "dashboard_requeue",
+                                                       "count": len(sent_back)})
+    auth.flash(request, "success", f"{_plural(len(sent_back), 'dead letter')} sent back to "
+                                   f"{settings.smsq_queue}.")
+    return _back(form)

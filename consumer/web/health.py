@@ -1,0 +1,49 @@
+"""GET /healthz (the process answers), /readyz (RabbitMQ and Postgres reachable), /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from consumer import amqp
+from consumer.settings import Settings
+
+CHECK_TIMEOUT = 3.0
+
+
+async def healthz(request: Request) -> Response:
+    return PlainTextResponse("ok\n")
+
+
+def _postgres(request: Request) -> None:
+    with request.app.state.pool.connection(timeout=CHECK_TIMEOUT) as conn:
+        conn.execute("SELECT 1")
+
+
+def _rabbitmq(settings: Settings) -> None:
+    amqp.queue_depths(settings)
+
+
+async def _check(fn, *args) -> str:
+    try:
+        await asyncio.wait_for(run_in_threadpool(fn, *args), CHECK_TIMEOUT + 1)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not ready", said in words
+        return f"unreachable: {type(exc).__name__}: {exc}".strip().rstrip(":")
+    return "ok"
+
+
+async def readyz(request: Request) -> Response:
+    settings: Settings = request.app.state.settings
+    postgres, rabbitmq = await asyncio.gather(_check(_postgres, request),
+                                              _check(_rabbitmq, settings))
+    checks = {"postgres": postgres, "rabbitmq": rabbitmq}
+    ready = all(result == "ok" for result in checks.values())
+    return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
+
+
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,47 @@
+"""GET/POST /login and POST /logout."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from starlette.datastructures import FormData
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
+
+from consumer.settings import Settings
+from consumer.web import auth, render
+
+log = logging.getLogger(__name__)
+
+
+async def login_page(request: Request) -> Response:
+    if not auth.dashboard_enabled(request.app.state.settings):
+        return PlainTextResponse(auth.DISABLED, status_code=403)
+    return render.page(request, "login.html", next=auth.safe_next(request.query_params.get("next")))
+
+
+@auth.form_action
+async def login(request: Request, form: FormData) -> Response:
+    settings: Settings = request.app.state.settings
+    if not auth.dashboard_enabled(settings):
+        return PlainTextResponse(auth.DISABLED, status_code=403)
+    target = auth.safe_next(form.get("next"))
+    if not auth.credentials_match(settings, str(form.get("user", "")),
+                                  str(form.get("password", ""))):
+        log.warning("dashboard login refused", extra={"action": "login_refused",
+                                                      "client": request.client.host if request.client else None})
+        return render.page(request, "login.html", status_code=401, next=target,
+                           error="Wrong user name or password.")
+    # A fresh session (and CSRF token) at login: a token planted before it is worth nothing.
+    request.session.clear()
+    request.session["user"] = settings.smsq_dashboard_user
+    request.session["csrf"] = secrets.token_urlsafe(32)
+    log.info("dashboard login", extra={"action": "login"})
+    return RedirectResponse(target, status_code=303)
+
+
+@auth.form_action
+async def logout(request: Request, form: FormData) -> Response:
+    request.session.clear()
+    return RedirectResponse("/login", status_code=303)

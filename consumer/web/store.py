@@ -1,0 +1,206 @@
+"""Every SQL statement of `smsq serve`: status callbacks, hosted media, the dashboard.
+
+Each dashboard query is written to use an index, so the page stays fast with millions of
+rows (see bench/web_dashboard.py for the plans and timings on a million notifications).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import psycopg
+from psycopg.rows import dict_row
+
+# ---------------------------------------------------------------- status callbacks
+
+
+def lock_delivery_status(conn: psycopg.Connection, twilio_sid: str) -> tuple[uuid.UUID, str | None] | None:
+    """(notification id, delivery_status) of the message with this SID, locked; None if unknown."""
+    return conn.execute(
+        """SELECT notification_id, delivery_status FROM sms_notification
+           WHERE twilio_sid = %s FOR UPDATE""", (twilio_sid,)).fetchone()
+
+
+def set_delivery_status(conn: psycopg.Connection, notification_id: uuid.UUID, status: str,
+                        error_code: int | None) -> None:
+    """Record a delivery status; an error code, once known, is kept when the next has none."""
+    conn.execute(
+        """UPDATE sms_notification
+           SET delivery_status = %s, error_code = coalesce(%s, error_code)
+           WHERE notification_id = %s""", (status, error_code, notification_id))
+
+
+# ---------------------------------------------------------------- hosted media
+
+# Media stays while a notification using it may still be sent, and for a grace period after
+# it was sent, because Twilio fetches the URL after accepting the message.
+_MEDIA_IN_USE = """EXISTS (
+    SELECT 1 FROM sms_notification s JOIN notification n ON n.id = s.notification_id
+    WHERE s.temporary_media_id = m.id
+      AND (n.status IN ('pending', 'processing')
+           OR n.sent_datetime > now() - make_interval(secs => %(grace_seconds)s)))"""
+
+
+@dataclass(frozen=True)
+class Media:
+    name: str
+    content_type: str
+    content: bytes
+
+
+def servable_media(conn: psycopg.Connection, token: str, grace_seconds: float) -> Media | None:
+    """The media behind `token`, unless it expired (exactly what the cleanup may delete)."""
+    row = conn.execute(
+        f"""SELECT name, content_type, content FROM sms_temporary_media m
+            WHERE access_token = %(token)s
+              AND (expire_datetime > now() OR {_MEDIA_IN_USE})""",
+        {"token": token, "grace_seconds": grace_seconds}).fetchone()
+    return Media(row[0], row[1], bytes(row[2])) if row else None
+
+
+def delete_expired_media(conn: psycopg.Connection, grace_seconds: float, batch: int = 500) -> int:
+    """Delete up to `batch` expired media rows nobody needs any more; how many were deleted."""
+    cur = conn.execute(
+        f"""DELETE FROM sms_temporary_media WHERE id IN (
+                SELECT id FROM sms_temporary_media m
+                WHERE expire_datetime <= now() AND NOT {_MEDIA_IN_USE}
+                ORDER BY expire_datetime LIMIT %(batch)s
+                FOR UPDATE SKIP LOCKED)""",
+        {"grace_seconds": grace_seconds, "batch": batch})
+    return cur.rowcount
+
+
+# ---------------------------------------------------------------- dashboard
+
+
+def sends_per_minute(conn: psycopg.Connection, minutes: int = 60) -> tuple[datetime, list[tuple[datetime, int]]]:
+    """(this minute, [(minute, messages sent)]) over the last `minutes` minutes, this one included."""
+    now_minute = conn.execute("SELECT date_trunc('minute', now())").fetchone()[0]
+    rows = conn.execute(
+        """SELECT date_trunc('minute', sent_datetime), count(*) FROM notification
+           WHERE sent_datetime >= date_trunc('minute', now()) - make_interval(mins => %s)
+           GROUP BY 1""", (minutes - 1,)).fetchall()
+    return now_minute, rows
+
+
+def sender_buckets(conn: psycopg.Connection) -> list[dict]:
+    return _dicts(
+        conn, """SELECT sender, address, holder, tokens, rate, capacity, updated_datetime,
+                  extract(epoch FROM now() - updated_datetime) AS age_seconds
+           FROM dispatch_sender ORDER BY sender""")
+
+
+# The oldest due message without reading every pending row: a skip scan over the senders
+# of notification_due_idx, then the first row of each (sender, priority) group.
+_OLDEST_DUE = """
+WITH RECURSIVE senders(sender) AS (
+    (SELECT sender FROM notification WHERE status = 'pending' ORDER BY sender LIMIT 1)
+    UNION ALL
+    SELECT (SELECT n.sender FROM notification n
+            WHERE n.status = 'pending' AND n.sender > s.sender ORDER BY n.sender LIMIT 1)
+    FROM senders s WHERE s.sender IS NOT NULL
+)
+SELECT extract(epoch FROM now() - min(first_due.publish_datetime))
+FROM senders s
+CROSS JOIN (VALUES (0::smallint), (1::smallint), (2::smallint)) AS ranks(rank)
+CROSS JOIN LATERAL (
+    SELECT n.publish_datetime FROM notification n
+    WHERE n.status = 'pending' AND n.sender = s.sender AND n.priority_rank = ranks.rank
+    ORDER BY n.publish_datetime LIMIT 1
+) first_due
+WHERE s.sender IS NOT NULL AND first_due.publish_datetime <= now()
+"""
+
+
+def oldest_due_age_seconds(conn: psycopg.Connection) -> float | None:
+    age = conn.execute(_OLDEST_DUE).fetchone()[0]
+    return float(age) if age is not None else None
+
+
+_ERROR_VALUES = "('errored', 'failed', 'undelivered')"  # as in notification_event_error_idx
+_ERROR_CODE = "coalesce(e.error_code, s.error_code)"
+
+
+def errors_by_code(conn: psycopg.Connection, hours: int = 24) -> list[dict]:
+    """Errors of the last `hours` (sending and delivery), grouped by Twilio error code."""
+    return _dicts(
+        conn, f"""SELECT {_ERROR_CODE} AS code, count(*) AS events,
+                   count(DISTINCT e.notification_id) AS notifications,
+                   max(e.created_datetime) AS last_seen,
+                   (array_agg(e.message ORDER BY e.id DESC)
+                       FILTER (WHERE e.message <> ''))[1] AS sample_message
+            FROM notification_event e
+            JOIN sms_notification s ON s.notification_id = e.notification_id
+            WHERE e.new_value IN {_ERROR_VALUES}
+              AND e.created_datetime >= now() - make_interval(hours => %s)
+            GROUP BY 1 ORDER BY events DESC, code LIMIT 30""", (hours,))
+
+
+def recent_errors(conn: psycopg.Connection, hours: int, code: int | None,
+                  without_code: bool, limit: int = 200) -> list[dict]:
+    """The latest error events (optionally of one code, or of none) with their notification."""
+    return _dicts(
+        conn, f"""SELECT e.created_datetime, e.field, e.new_value, {_ERROR_CODE} AS code,
+                   n.id, n.status, n.priority, n.status_message, n.created_datetime AS created,
+                   s.to_phone_number, s.delivery_status
+            FROM notification_event e
+            JOIN notification n ON n.id = e.notification_id
+            JOIN sms_notification s ON s.notification_id = e.notification_id
+            WHERE e.new_value IN {_ERROR_VALUES}
+              AND e.created_datetime >= now() - make_interval(hours => %(hours)s)
+              AND (NOT %(filtered)s OR {_ERROR_CODE} IS NOT DISTINCT FROM %(code)s::int)
+            ORDER BY e.created_datetime DESC LIMIT %(limit)s""",
+        {"hours": hours, "filtered": code is not None or without_code, "code": code,
+         "limit": limit})
+
+
+_NOTIFICATION_COLUMNS = """
+    n.id, n.status, n.status_message, n.priority, n.title, n.body, n.url, n.user_id,
+    n.publish_datetime, n.expire_datetime, n.sent_datetime, n.created_datetime,
+    n.content_type, n.object_id, n.sender, n.retry_datetime, n.claimed_by,
+    n.lease_expire_datetime, s.to_phone_number, s.media_url, s.twilio_sid, s.segments,
+    s.attempts, s.error_code, s.delivery_status, s.temporary_media_id
+"""
+_FROM_NOTIFICATION = "FROM notification n JOIN sms_notification s ON s.notification_id = n.id"
+
+
+def notification(conn: psycopg.Connection, notification_id: uuid.UUID) -> dict | None:
+    found = _dicts(conn, f"SELECT {_NOTIFICATION_COLUMNS} {_FROM_NOTIFICATION} WHERE n.id = %s",
+                   (notification_id,))
+    return found[0] if found else None
+
+
+def notifications_by_sid(conn: psycopg.Connection, twilio_sid: str) -> list[dict]:
+    return _dicts(conn, f"SELECT {_NOTIFICATION_COLUMNS} {_FROM_NOTIFICATION} WHERE s.twilio_sid = %s",
+                  (twilio_sid,))
+
+
+def notifications_to(conn: psycopg.Connection, phone_number: str, limit: int = 100) -> list[dict]:
+    """The latest notifications to one number (sms_notification_to_idx, then by primary key)."""
+    return _dicts(
+        conn, f"""SELECT {_NOTIFICATION_COLUMNS} {_FROM_NOTIFICATION}
+                  WHERE s.to_phone_number = %s ORDER BY n.created_datetime DESC LIMIT %s""",
+        (phone_number, limit))
+
+
+def history(conn: psycopg.Connection, notification_id: uuid.UUID) -> list[dict]:
+    return _dicts(
+        conn, """SELECT created_datetime, field, old_value, new_value, message, error_code
+                 FROM notification_event WHERE notification_id = %s ORDER BY id""",
+        (notification_id,))
+
+
+def media_of(conn: psycopg.Connection, media_id: uuid.UUID) -> dict | None:
+    found = _dicts(
+        conn, """SELECT name, content_type, octet_length(content) AS size, access_token,
+                        expire_datetime FROM sms_temporary_media WHERE id = %s""",
+        (media_id,))
+    return found[0] if found else None
+
+
+def _dicts(conn: psycopg.Connection, query: str, params: object = None) -> list[dict]:
+    """Rows by column name, without changing the pooled connection's row factory."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(query, params).fetchall()
