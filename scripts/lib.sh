@@ -71,3 +71,10 @@ trust_local_connections() {
     local hba; hba="$(ls /etc/postgresql/*/main/pg_hba.conf | sort -V | tail -1)"
     as_root sed -i '1i host all postgres 127.0.0.1/32 trust\nhost all postgres ::1/128 trust' "$hba"
 }
+
+# Headless Chromium for the browser test (Debian's packages; Playwright drives it through
+# executable_path, so `playwright install` and its downloads are never needed).
+ensure_browser() {
+    [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] && return 0
+    apt_install chromium chromium-driver
+}

@@ -5,5 +5,6 @@
 source "$(dirname "$0")/lib.sh"
 ensure_venv
 ensure_services
+ensure_browser
 cd "$ROOT"
 exec "$VENV/bin/pytest" "$@"

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -15,6 +18,31 @@ log = logging.getLogger(__name__)
 # After SIGTERM, requests in flight get this long before connections are closed; with the
 # lifespan shutdown this keeps a clean stop well under 10 seconds.
 GRACEFUL_SECONDS = 5
+
+
+class Server(uvicorn.Server):
+    """uvicorn with smsq's stop rules: the first SIGTERM/SIGINT stops gracefully and the
+    process exits 0 (uvicorn would re-raise the signal and die of it); a second one closes
+    the connections still open at once."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        handled = (signal.SIGTERM, signal.SIGINT)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        if self.should_exit:
+            log.warning("second signal, closing connections at once",
+                        extra={"action": "stop_forced", "signal": signal.Signals(sig).name})
+            self.force_exit = True
+            return
+        log.info("stopping", extra={"action": "stop_requested", "signal": signal.Signals(sig).name})
+        self.should_exit = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +60,6 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     )
     log.info("serving", extra={"action": "serve_start", "host": settings.smsq_http_host,
                                "port": settings.smsq_http_port})
-    uvicorn.Server(config).run()
+    Server(config).run()
     log.info("stopped", extra={"action": "serve_stopped"})
     return 0

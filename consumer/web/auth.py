@@ -117,6 +117,8 @@ def form_action(endpoint: FormEndpoint) -> Callable[[Request], Awaitable[Respons
     """A POST endpoint that only runs with this session's CSRF token in its form."""
 
     async def checked(request: Request) -> Response:
+        if not dashboard_enabled(request.app.state.settings):
+            return PlainTextResponse(DISABLED, status_code=403)
         form = await request.form()
         if not csrf_is_valid(request, form):
             log.warning("form without a valid CSRF token refused",

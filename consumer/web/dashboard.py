@@ -107,10 +107,10 @@ def _as_e164(text: str, region: str | None) -> str | None:
 
 async def search(request: Request) -> Response:
     query = request.query_params.get("q", "").strip()
-    if not query:
-        return RedirectResponse("/", status_code=303)
     settings: Settings = request.app.state.settings
-    taken_as, results = await db.run(request, _search, query, settings.smsq_default_region)
+    taken_as, results = "nothing", []
+    if query:
+        taken_as, results = await db.run(request, _search, query, settings.smsq_default_region)
     if taken_as == "id" and results:
         return RedirectResponse(f"/notifications/{results[0]['id']}", status_code=303)
     return render.page(request, "search.html", q=query, taken_as=taken_as, results=results)

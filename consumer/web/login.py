@@ -24,8 +24,6 @@ async def login_page(request: Request) -> Response:
 @auth.form_action
 async def login(request: Request, form: FormData) -> Response:
     settings: Settings = request.app.state.settings
-    if not auth.dashboard_enabled(settings):
-        return PlainTextResponse(auth.DISABLED, status_code=403)
     target = auth.safe_next(form.get("next"))
     if not auth.credentials_match(settings, str(form.get("user", "")),
                                   str(form.get("password", ""))):

@@ -55,6 +55,7 @@ def delete_expired(pool: ConnectionPool, grace_seconds: float) -> int:
 async def cleanup_forever(pool: ConnectionPool, settings: Settings) -> None:
     """Run the cleanup every SMSQ_MEDIA_CLEANUP_SECONDS; a failed run is retried next time."""
     while True:
+        await asyncio.sleep(settings.smsq_media_cleanup_seconds)
         try:
             deleted = await run_in_threadpool(delete_expired, pool,
                                               settings.smsq_media_grace_seconds)
@@ -66,4 +67,3 @@ async def cleanup_forever(pool: ConnectionPool, settings: Settings) -> None:
                 MEDIA_DELETED.inc(deleted)
                 log.info("expired media deleted", extra={"action": "media_deleted",
                                                          "count": deleted})
-        await asyncio.sleep(settings.smsq_media_cleanup_seconds)

@@ -1,0 +1,174 @@
+"""The dashboard's pages and actions, health and metrics, and `smsq serve` as a process."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+
+import httpx
+import pika
+import psycopg
+import pytest
+from starlette.testclient import TestClient
+
+from consumer import amqp
+from consumer.web.app import create_app
+from tests.support import publish_raw, queue_depth, start_smsq, stop, wait_until
+from tests.web_support import insert_notification, log_in, web_settings
+
+
+@pytest.fixture
+def conn(settings) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(settings.database_dsn, autocommit=True) as connection:
+        yield connection
+
+
+@pytest.fixture
+def client(settings) -> Iterator[TestClient]:
+    with TestClient(create_app(web_settings(settings))) as test_client:
+        test_client.csrf = log_in(test_client)
+        yield test_client
+
+
+def status_of(conn: psycopg.Connection, notification_id) -> str:
+    return conn.execute("SELECT status FROM notification WHERE id = %s",
+                        (notification_id,)).fetchone()[0]
+
+
+def test_the_overview_shows_counts_sends_senders_age_and_errors(client, conn):
+    for _ in range(3):
+        insert_notification(conn, status="sent", sent_ago=timedelta(minutes=2))
+    insert_notification(conn, status="pending", priority="high", publish_ago=timedelta(minutes=7))
+    failed = insert_notification(conn, status="processing")
+    conn.execute("UPDATE notification SET status = 'errored', status_message = 'Twilio said no' "
+                 "WHERE id = %s", (failed,))
+    conn.execute("UPDATE sms_notification SET error_code = 21610 WHERE notification_id = %s",
+                 (failed,))
+    conn.execute("INSERT INTO dispatch_sender (sender, address, holder, tokens, rate, capacity) "
+                 "VALUES ('', '+14155550199', 'host-a:4242', 0.5, 1, 1)")
+    page = client.get("/").text
+    assert "3 accepted by Twilio" in page            # the chart's hour
+    assert "+14155550199" in page and "host-a:4242" in page
+    assert "7 min" in page                            # oldest due message
+    assert "21610" in page and "unsubscribed" in page  # errors by code
+    assert '<svg class="chart"' in page
+
+
+def test_search_finds_a_notification_by_number_sid_and_id(client, conn):
+    sid = "SM" + "b" * 32
+    notification_id = insert_notification(conn, status="sent", to="+14155550123", twilio_sid=sid,
+                                          sent_ago=timedelta(seconds=5))
+    for query in ("+1 (415) 555-0123", sid):
+        page = client.get("/notifications", params={"q": query}).text
+        assert f"/notifications/{notification_id}" in page, query
+    by_id = client.get("/notifications", params={"q": str(notification_id)},
+                       follow_redirects=False)
+    assert by_id.headers["location"] == f"/notifications/{notification_id}"
+    assert "not an id" in client.get("/notifications", params={"q": "hello"}).text
+
+
+def test_a_notification_page_shows_its_history(client, conn):
+    notification_id = insert_notification(conn, status="pending")
+    for status in ("processing", "sent"):
+        conn.execute("UPDATE notification SET status = %s WHERE id = %s", (status, notification_id))
+    conn.execute("UPDATE sms_notification SET delivery_status = 'undelivered', error_code = 30003 "
+                 "WHERE notification_id = %s", (notification_id,))
+    page = client.get(f"/notifications/{notification_id}").text
+    history = page[page.index("History"):]
+    for text in ("stored as", "processing", "sent", "undelivered", "30003",
+                 "unreachable destination handset"):
+        assert text in history
+    assert history.index("processing") < history.index("undelivered")
+
+
+def test_retry_from_the_errors_page_and_cancel_from_a_notification(client, conn):
+    errored = insert_notification(conn, status="processing", error_code=30007)
+    conn.execute("UPDATE notification SET status = 'errored' WHERE id = %s", (errored,))
+    pending = insert_notification(conn, status="pending")
+    assert str(errored) in client.get("/errors?code=30007").text
+    retried = client.post("/actions/retry", data={"csrf_token": client.csrf,
+                                                  "id": str(errored), "next": "/errors"})
+    assert "1 notification back to pending" in retried.text
+    assert status_of(conn, errored) == "pending"
+    canceled = client.post("/actions/cancel", data={"csrf_token": client.csrf,
+                                                    "id": str(pending),
+                                                    "next": f"/notifications/{pending}"})
+    assert "1 notification canceled" in canceled.text
+    assert status_of(conn, pending) == "canceled"
+
+
+def test_dead_letters_are_listed_with_their_reason_and_requeued(client, settings):
+    with amqp.connect(settings, "test") as connection:
+        amqp.declare_topology(connection.channel(), settings)
+    reason = "sms.to_phone_number: not a valid phone number: '+1123'"
+    publish_raw(settings, [b'{"body": "hi", "sms": {"to_phone_number": "+1123"}}'],
+                pika.BasicProperties(message_id="dead-1", headers={"x-error": reason}),
+                exchange="", routing_key=settings.dead_queue)
+    page = client.get("/dead-letters").text
+    assert "not a valid phone number" in page and "dead-1" in page
+    response = client.post("/actions/requeue", data={"csrf_token": client.csrf,
+                                                     "key": "dead-1", "next": "/dead-letters"})
+    assert "1 dead letter sent back" in response.text
+    assert queue_depth(settings, settings.dead_queue) == 0
+    assert queue_depth(settings, settings.smsq_queue) == 1
+
+
+def test_health_readiness_and_metrics(client):
+    assert client.get("/healthz").text == "ok\n"
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {"ready": True, "postgres": "ok", "rabbitmq": "ok"}
+    metrics = client.get("/metrics")
+    assert "smsq_status_callbacks_total" in metrics.text
+    assert metrics.headers["content-type"].startswith("text/plain")
+
+
+def closed_port() -> int:
+    """A local port nobody listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("missing", ["postgres", "rabbitmq"])
+def test_readyz_says_which_dependency_is_unreachable(settings, missing):
+    port = closed_port()
+    broken = ({"database_url": f"postgresql://postgres@127.0.0.1:{port}/smsq"}
+              if missing == "postgres" else
+              {"amqp_url": f"amqp://guest:guest@127.0.0.1:{port}/%2F"})
+    with TestClient(create_app(web_settings(settings, **broken))) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["ready"] is False
+    assert body[missing].startswith("unreachable")
+    other = "rabbitmq" if missing == "postgres" else "postgres"
+    assert body[other] == "ok"
+
+
+def test_smsq_serve_listens_and_stops_cleanly_on_sigterm(settings, tmp_path):
+    port = closed_port()
+    log_path = tmp_path / "serve.log"
+    process = start_smsq(web_settings(settings, smsq_http_port=port), "serve",
+                         log_path=log_path)
+    try:
+        wait_until(lambda: _answers(f"http://127.0.0.1:{port}/healthz"), timeout=20,
+                   message="smsq serve to answer")
+        assert httpx.get(f"http://127.0.0.1:{port}/", follow_redirects=False).status_code == 303
+        started = time.monotonic()
+        assert stop(process, timeout=10) == 0
+        assert time.monotonic() - started < 10, log_path.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "serve_stopped" in log_path.read_text() or "stopped" in log_path.read_text()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
