@@ -15,7 +15,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from consumer.settings import Settings
-from consumer.web import auth, dashboard, health, login, media, receipts
+from consumer.web import auth, dashboard, health, housekeeping, login, media, receipts
 from consumer.web.render import HERE
 
 POOL_SIZE = 8
@@ -51,13 +51,13 @@ def create_app(settings: Settings) -> Starlette:
                               timeout=10, kwargs={"application_name": "smsq serve"})
         pool.open(wait=False)
         app.state.pool = pool
-        cleanup = asyncio.create_task(media.cleanup_forever(pool, settings))
+        jobs = housekeeping.start(pool, settings)
         try:
             yield
         finally:
-            cleanup.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await cleanup
+            for job in jobs:
+                job.cancel()
+            await asyncio.gather(*jobs, return_exceptions=True)
             await run_in_threadpool(pool.close, 5)
 
     app = Starlette(

@@ -16,7 +16,6 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from consumer import amqp, dead_letters, operations
-from consumer import store as core_store
 from consumer.settings import Settings
 from consumer.web import auth, charts, db, render, store
 
@@ -33,7 +32,7 @@ OVERVIEW_DEAD_LETTERS = 10
 
 def _overview_data(conn: psycopg.Connection) -> dict:
     table = {status: dict.fromkeys(PRIORITIES, 0) for status in STATUSES}
-    for status, priority, count in core_store.counts_by_status(conn):
+    for status, priority, count in store.counts_by_status(conn):
         table[status][priority] = count
     this_minute, sent_rows = store.sends_per_minute(conn)
     return {

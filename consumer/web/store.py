@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import psycopg
 from psycopg.rows import dict_row
@@ -75,14 +75,36 @@ def delete_expired_media(conn: psycopg.Connection, grace_seconds: float, batch: 
 # ---------------------------------------------------------------- dashboard
 
 
+def counts_by_status(conn: psycopg.Connection) -> list[tuple[str, str, int]]:
+    """(status, priority, count), from the deltas the triggers of migration 0004 append."""
+    return conn.execute(
+        """SELECT status, priority, sum(delta)::bigint FROM notification_count_delta
+           GROUP BY 1, 2 HAVING sum(delta) <> 0 ORDER BY 1, 2""").fetchall()
+
+
+def fold_counts(conn: psycopg.Connection) -> int:
+    """Replace the appended deltas by one row per (status, priority); how many were folded.
+
+    Writers keep appending meanwhile: the DELETE only takes the rows its snapshot sees.
+    """
+    return conn.execute(
+        """WITH folded AS (DELETE FROM notification_count_delta RETURNING status, priority, delta),
+                kept AS (INSERT INTO notification_count_delta (status, priority, delta)
+                         SELECT status, priority, sum(delta) FROM folded
+                         GROUP BY 1, 2 HAVING sum(delta) <> 0)
+           SELECT count(*) FROM folded""").fetchone()[0]
+
+
 def sends_per_minute(conn: psycopg.Connection, minutes: int = 60) -> tuple[datetime, list[tuple[datetime, int]]]:
     """(this minute, [(minute, messages sent)]) over the last `minutes` minutes, this one included."""
-    now_minute = conn.execute("SELECT date_trunc('minute', now())").fetchone()[0]
+    this_minute = conn.execute("SELECT date_trunc('minute', now())").fetchone()[0]
+    # A constant bound (not an expression of now()) lets the planner see how few rows it
+    # covers and use notification_sent_idx instead of reading the table.
     rows = conn.execute(
         """SELECT date_trunc('minute', sent_datetime), count(*) FROM notification
-           WHERE sent_datetime >= date_trunc('minute', now()) - make_interval(mins => %s)
-           GROUP BY 1""", (minutes - 1,)).fetchall()
-    return now_minute, rows
+           WHERE sent_datetime >= %s GROUP BY 1""",
+        (this_minute - timedelta(minutes=minutes - 1),)).fetchall()
+    return this_minute, rows
 
 
 def sender_buckets(conn: psycopg.Connection) -> list[dict]:

@@ -57,3 +57,67 @@ CREATE TRIGGER sms_delivery_status_event
 
 -- The hosted-media cleanup looks for expired media.
 CREATE INDEX sms_temporary_media_expire_idx ON sms_temporary_media (expire_datetime);
+
+-- Counts by status and priority without counting a million rows: every statement that
+-- inserts, deletes or changes the status of notifications appends its net change here
+-- (insert-only, so concurrent writers never wait on each other), and `smsq serve` folds
+-- the rows together now and then. The counts are sum(delta) by status and priority.
+CREATE TABLE notification_count_delta (
+    status    text NOT NULL,
+    priority  text NOT NULL,
+    delta     bigint NOT NULL
+);
+
+CREATE FUNCTION notification_count_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO notification_count_delta (status, priority, delta)
+    SELECT status, priority, count(*) FROM new_rows GROUP BY 1, 2;
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION notification_count_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO notification_count_delta (status, priority, delta)
+    SELECT status, priority, -count(*) FROM old_rows GROUP BY 1, 2;
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION notification_count_updated() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO notification_count_delta (status, priority, delta)
+    SELECT status, priority, sum(delta) FROM (
+        SELECT o.status, o.priority, -1 AS delta
+        FROM old_rows o JOIN new_rows n USING (id) WHERE o.status <> n.status
+        UNION ALL
+        SELECT n.status, n.priority, 1
+        FROM old_rows o JOIN new_rows n USING (id) WHERE o.status <> n.status
+    ) changes GROUP BY 1, 2 HAVING sum(delta) <> 0;
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION notification_count_truncated() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM notification_count_delta;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER notification_count_inserted AFTER INSERT ON notification
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT
+    EXECUTE FUNCTION notification_count_inserted();
+CREATE TRIGGER notification_count_deleted AFTER DELETE ON notification
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT
+    EXECUTE FUNCTION notification_count_deleted();
+CREATE TRIGGER notification_count_updated AFTER UPDATE ON notification
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT
+    EXECUTE FUNCTION notification_count_updated();
+CREATE TRIGGER notification_count_truncated AFTER TRUNCATE ON notification
+    FOR EACH STATEMENT EXECUTE FUNCTION notification_count_truncated();
+
+-- The rows already there: counted once, with writers held off so none is missed or doubled.
+LOCK TABLE notification IN SHARE MODE;
+INSERT INTO notification_count_delta (status, priority, delta)
+SELECT status, priority, count(*) FROM notification GROUP BY 1, 2;

@@ -1,0 +1,55 @@
+"""The dashboard's counts by status and priority (appended deltas) always equal a real count."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+
+from consumer import operations
+from consumer import store as ingest_store
+from consumer.web import store
+from schemas.message import Notification
+
+
+def ingest(conn: psycopg.Connection, count: int, priority: str) -> list[uuid.UUID]:
+    """Store through ingest's own statement (COPY, a CTE, ON CONFLICT), twice: a redelivery."""
+    rows = [ingest_store.IngestRow(Notification.model_validate({
+        "body": "hello", "priority": priority, "sms": {"to_phone_number": "+14155550123"},
+    }).with_defaults(uuid.uuid4())) for _ in range(count)]
+    ingest_store.prepare_ingest(conn)
+    for _ in range(2):
+        ingest_store.insert_batch(conn, rows)
+        conn.commit()
+    return [row.notification.id for row in rows]
+
+
+def assert_counts_exact(conn: psycopg.Connection) -> None:
+    assert store.counts_by_status(conn) == ingest_store.counts_by_status(conn)
+
+
+def test_counts_follow_inserts_updates_retries_cancels_and_deletes(settings):
+    with psycopg.connect(settings.database_dsn) as conn:
+        high = ingest(conn, 30, "high")
+        low = ingest(conn, 20, "low")
+        assert_counts_exact(conn)
+        # a claim and its outcomes, each one statement over many rows
+        conn.execute("UPDATE notification SET status = 'processing' WHERE id = ANY(%s)", (high,))
+        conn.execute("UPDATE notification SET status = 'sent' WHERE id = ANY(%s)", (high[:20],))
+        conn.execute("UPDATE notification SET status = 'errored' WHERE id = ANY(%s)", (high[20:],))
+        conn.execute("UPDATE notification SET claimed_by = 'x'")  # no status change at all
+        conn.commit()
+        assert_counts_exact(conn)
+        assert operations.retry(conn, ids=high[20:25])
+        assert operations.cancel(conn, low[:5])
+        conn.execute("DELETE FROM notification WHERE id = ANY(%s)", (low[5:10],))
+        conn.commit()
+        assert_counts_exact(conn)
+        assert store.fold_counts(conn) > 6
+        conn.commit()
+        assert_counts_exact(conn)
+        rows = conn.execute("SELECT count(*) FROM notification_count_delta").fetchone()[0]
+        assert rows == len(ingest_store.counts_by_status(conn))  # one row per pair after folding
+        conn.execute("TRUNCATE notification CASCADE")
+        conn.commit()
+        assert store.counts_by_status(conn) == []
