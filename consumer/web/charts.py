@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-WIDTH, HEIGHT = 720, 180
+WIDTH, HEIGHT = 1200, 220
 PAD_LEFT, PAD_BOTTOM, PAD_TOP = 36, 22, 8
 
 
