@@ -151,6 +151,7 @@ def test_an_operator_logs_in_finds_a_sent_message_and_retries_an_errored_one(set
             page.screenshot(path=str(ARTIFACTS / "notification.png"), full_page=True)
 
             page.click("nav >> text=Errors")
+            page.screenshot(path=str(ARTIFACTS / "errors.png"), full_page=True)
             page.check(f"input[name=id][value='{errored}']")
             page.click("button:has-text('Retry selected')")
             expect(page.locator(".flash")).to_contain_text("1 notification back to pending")

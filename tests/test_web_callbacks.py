@@ -9,7 +9,9 @@ import pytest
 from starlette.testclient import TestClient
 from twilio.request_validator import RequestValidator
 
+from consumer.web import receipts
 from consumer.web.app import create_app
+from tests.support import wait_until
 from tests.web_support import AUTH_TOKEN, PUBLIC_URL, insert_notification, web_settings
 
 SID = "SM" + "a" * 32
@@ -124,6 +126,33 @@ def test_an_unknown_sid_is_logged_and_answered_200(web, caplog):
     assert any(getattr(r, "action", None) == "status_callback" and r.twilio_sid == unknown
                for r in caplog.records)
     assert conn.execute("SELECT count(*) FROM notification_event").fetchone()[0] == 0
+
+
+def test_a_callback_that_beats_the_dispatchers_commit_is_applied_once_the_sid_is_known(web):
+    client, conn = web
+    notification_id = insert_notification(conn, status="processing")
+    assert callback(client, params("sent")) == 200
+    assert callback(client, params("undelivered", ErrorCode="30003")) == 200
+    conn.execute("UPDATE notification SET status = 'sent' WHERE id = %s", (notification_id,))
+    conn.execute("UPDATE sms_notification SET twilio_sid = %s WHERE notification_id = %s",
+                 (SID, notification_id))
+    with psycopg.connect(conn.info.dsn) as other:
+        assert receipts.apply_early_receipts(other) == 2
+    assert delivery(conn) == ("undelivered", 30003)
+    assert conn.execute("SELECT count(*) FROM delivery_receipt_early").fetchone()[0] == 0
+    events = conn.execute("SELECT new_value FROM notification_event WHERE notification_id = %s "
+                          "AND field = 'delivery_status' ORDER BY id", (notification_id,)).fetchall()
+    assert events == [("sent",), ("undelivered",)]
+
+
+def test_serve_applies_early_callbacks_by_itself(web):
+    client, conn = web
+    notification_id = insert_notification(conn, status="processing")
+    assert callback(client, params("delivered")) == 200
+    conn.execute("UPDATE sms_notification SET twilio_sid = %s WHERE notification_id = %s",
+                 (SID, notification_id))
+    wait_until(lambda: delivery(conn)[0] == "delivered", timeout=10,
+               message="the parked receipt to be applied")
 
 
 def test_a_status_smsq_does_not_track_is_acknowledged_and_ignored(web):

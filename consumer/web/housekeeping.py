@@ -1,4 +1,5 @@
-"""What `smsq serve` does besides answering: delete expired media, fold the status counts.
+"""What `smsq serve` does besides answering: delete expired media, fold the status counts,
+apply status callbacks that arrived before their SID was recorded.
 
 Each job runs in a worker thread at its own interval; a failed run (Postgres away) is
 logged and tried again next time. Several `serve` copies may run them at once: both jobs
@@ -16,11 +17,12 @@ from starlette.concurrency import run_in_threadpool
 
 from consumer.metrics import MEDIA_DELETED
 from consumer.settings import Settings
-from consumer.web import store
+from consumer.web import receipts, store
 
 log = logging.getLogger(__name__)
 
 COUNT_FOLD_SECONDS = 60.0
+EARLY_RECEIPT_SECONDS = 2.0
 
 
 def delete_expired_media(pool: ConnectionPool, grace_seconds: float) -> int:
@@ -43,6 +45,11 @@ def fold_counts(pool: ConnectionPool) -> int:
         return store.fold_counts(conn)
 
 
+def apply_early_receipts(pool: ConnectionPool) -> int:
+    with pool.connection() as conn:
+        return receipts.apply_early_receipts(conn)
+
+
 async def every(seconds: float, job: Callable[..., object], *args: object) -> None:
     while True:
         await asyncio.sleep(seconds)
@@ -58,4 +65,5 @@ def start(pool: ConnectionPool, settings: Settings) -> list[asyncio.Task]:
         asyncio.create_task(every(settings.smsq_media_cleanup_seconds, delete_expired_media,
                                   pool, settings.smsq_media_grace_seconds)),
         asyncio.create_task(every(COUNT_FOLD_SECONDS, fold_counts, pool)),
+        asyncio.create_task(every(EARLY_RECEIPT_SECONDS, apply_early_receipts, pool)),
     ]

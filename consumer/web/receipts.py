@@ -16,6 +16,14 @@ from consumer.web import db, delivery, store
 log = logging.getLogger(__name__)
 
 CALLBACK_PATH = "/twilio/status"
+# A parked receipt whose SID has not shown up after this long never will.
+EARLY_RECEIPT_TTL = 86_400.0
+_CALLBACK_MESSAGES = {
+    "applied": "status callback applied",
+    "stale": "status callback older than what is recorded, ignored",
+    "ignored": "status callback with a status smsq does not track, ignored",
+    "unknown_sid": "status callback for an unknown SID, kept a day in case it is being recorded",
+}
 
 
 def signed_url(settings: Settings, request: Request) -> str:
@@ -36,18 +44,38 @@ def signature_is_valid(settings: Settings, request: Request, form: object) -> bo
     return validator.validate(signed_url(settings, request), form, signature)
 
 
-def record(conn: psycopg.Connection, twilio_sid: str, status: str,
-           error_code: int | None) -> tuple[str, object]:
-    """Apply one callback; (outcome, notification id). Locks the row: repeats serialise."""
+def record(conn: psycopg.Connection, twilio_sid: str, status: str, error_code: int | None,
+           park_unknown: bool = True) -> tuple[str, object]:
+    """Apply one callback; (outcome, notification id). Locks the row: repeats serialise.
+
+    A SID not recorded yet may be one the dispatcher is about to commit: the receipt is
+    parked, and `apply_early_receipts` applies it once the SID shows up.
+    """
     with conn.transaction():
         found = store.lock_delivery_status(conn, twilio_sid)
         if found is None:
+            if park_unknown:
+                store.park_early_receipt(conn, twilio_sid, status, error_code)
             return "unknown_sid", None
         notification_id, current = found
         if not delivery.moves_forward(current, status):
             return "stale", notification_id
         store.set_delivery_status(conn, notification_id, status, error_code)
         return "applied", notification_id
+
+
+def apply_early_receipts(conn: psycopg.Connection) -> int:
+    """Apply parked receipts whose SID is now known (in arrival order); how many applied."""
+    parked = store.early_receipts_now_known(conn)
+    for _, twilio_sid, status, error_code in parked:
+        outcome, notification_id = record(conn, twilio_sid, status, error_code,
+                                          park_unknown=False)
+        log.info("early status callback applied", extra={
+            "action": "status_callback_early", "outcome": outcome, "twilio_sid": twilio_sid,
+            "notification_id": notification_id})
+    with conn.transaction():
+        store.forget_early_receipts(conn, [row[0] for row in parked], EARLY_RECEIPT_TTL)
+    return len(parked)
 
 
 async def status_callback(request: Request) -> Response:
@@ -71,7 +99,7 @@ async def status_callback(request: Request) -> Response:
         outcome, notification_id = await db.run(request, record, twilio_sid, status, code)
     STATUS_CALLBACKS.labels(outcome).inc()
     level = logging.WARNING if outcome == "unknown_sid" else logging.INFO
-    log.log(level, "status callback %s", outcome.replace("_", " "),
+    log.log(level, _CALLBACK_MESSAGES[outcome],
             extra={"action": "status_callback", "outcome": outcome, "twilio_sid": twilio_sid,
                    "twilio_status": twilio_status, "notification_id": notification_id,
                    "error_code": form.get("ErrorCode") or None})

@@ -32,6 +32,31 @@ def set_delivery_status(conn: psycopg.Connection, notification_id: uuid.UUID, st
            WHERE notification_id = %s""", (status, error_code, notification_id))
 
 
+def park_early_receipt(conn: psycopg.Connection, twilio_sid: str, status: str,
+                       error_code: int | None) -> None:
+    conn.execute(
+        """INSERT INTO delivery_receipt_early (twilio_sid, delivery_status, error_code)
+           VALUES (%s, %s, %s)""", (twilio_sid, status, error_code))
+
+
+def early_receipts_now_known(conn: psycopg.Connection, limit: int = 500) -> list[tuple]:
+    """(id, sid, delivery status, error code) of parked receipts whose SID is now recorded."""
+    return conn.execute(
+        """SELECT r.id, r.twilio_sid, r.delivery_status, r.error_code
+           FROM delivery_receipt_early r
+           WHERE EXISTS (SELECT 1 FROM sms_notification s WHERE s.twilio_sid = r.twilio_sid)
+           ORDER BY r.id LIMIT %s""", (limit,)).fetchall()
+
+
+def forget_early_receipts(conn: psycopg.Connection, ids: list[int],
+                          older_than_seconds: float) -> int:
+    """Drop the applied ones, and those whose SID never showed up; how many were dropped."""
+    return conn.execute(
+        """DELETE FROM delivery_receipt_early
+           WHERE id = ANY(%s) OR received_datetime < now() - make_interval(secs => %s)""",
+        (ids, older_than_seconds)).rowcount
+
+
 # ---------------------------------------------------------------- hosted media
 
 # Media stays while a notification using it may still be sent, and for a grace period after

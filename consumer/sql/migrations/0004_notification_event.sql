@@ -121,3 +121,15 @@ CREATE TRIGGER notification_count_truncated AFTER TRUNCATE ON notification
 LOCK TABLE notification IN SHARE MODE;
 INSERT INTO notification_count_delta (status, priority, delta)
 SELECT status, priority, count(*) FROM notification GROUP BY 1, 2;
+
+-- A status callback can arrive before the dispatcher has recorded the message's SID (Twilio
+-- answers the send, then calls back at once). Such receipts wait here; `smsq serve` applies
+-- them once the SID is known and forgets the ones nobody claims within a day.
+CREATE TABLE delivery_receipt_early (
+    id                 bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    twilio_sid         text NOT NULL,
+    delivery_status    text NOT NULL,
+    error_code         integer,
+    received_datetime  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX delivery_receipt_early_sid_idx ON delivery_receipt_early (twilio_sid);
