@@ -162,4 +162,6 @@ def test_an_operator_logs_in_finds_a_sent_message_and_retries_an_errored_one(set
             page.click("nav >> text=Overview")
             expect(page.locator(".dead-list")).to_contain_text("not a valid phone number")
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+            page.set_viewport_size({"width": 400, "height": 860})  # a phone, on call
+            page.screenshot(path=str(ARTIFACTS / "dashboard-phone.png"), full_page=True)
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000

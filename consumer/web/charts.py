@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 WIDTH, HEIGHT = 1200, 220
-PAD_LEFT, PAD_BOTTOM, PAD_TOP = 36, 22, 8
+PAD_LEFT, PAD_RIGHT, PAD_BOTTOM, PAD_TOP = 40, 24, 24, 10
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class BarChart:
     height: int = HEIGHT
     baseline: float = HEIGHT - PAD_BOTTOM
     left: float = PAD_LEFT
+    right: float = WIDTH - PAD_RIGHT
 
 
 def per_minute(rows: list[tuple[datetime, int]], last_minute: datetime,
@@ -73,7 +74,7 @@ def bar_chart(series: list[tuple[datetime, int]]) -> BarChart:
     peak = max((count for _, count in series), default=0)
     top = nice_ceiling(peak)
     plot_height = HEIGHT - PAD_BOTTOM - PAD_TOP
-    slot = (WIDTH - PAD_LEFT) / max(len(series), 1)
+    slot = (WIDTH - PAD_LEFT - PAD_RIGHT) / max(len(series), 1)
     bars = []
     for i, (minute, count) in enumerate(series):
         height = plot_height * count / top
