@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import psycopg
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -19,8 +20,11 @@ async def healthz(request: Request) -> Response:
     return PlainTextResponse("ok\n")
 
 
-def _postgres(request: Request) -> None:
-    with request.app.state.pool.connection(timeout=CHECK_TIMEOUT) as conn:
+def _postgres(settings: Settings) -> None:
+    # A new connection, not the pool's: it fails at once when Postgres refuses, where the
+    # pool would wait for one of its own, and it proves that new connections work.
+    with psycopg.connect(settings.database_dsn, connect_timeout=int(CHECK_TIMEOUT),
+                         application_name="smsq serve readyz") as conn:
         conn.execute("SELECT 1")
 
 
@@ -38,7 +42,7 @@ async def _check(fn, *args) -> str:
 
 async def readyz(request: Request) -> Response:
     settings: Settings = request.app.state.settings
-    postgres, rabbitmq = await asyncio.gather(_check(_postgres, request),
+    postgres, rabbitmq = await asyncio.gather(_check(_postgres, settings),
                                               _check(_rabbitmq, settings))
     checks = {"postgres": postgres, "rabbitmq": rabbitmq}
     ready = all(result == "ok" for result in checks.values())

@@ -22,7 +22,7 @@ from consumer.web import receipts, store
 log = logging.getLogger(__name__)
 
 COUNT_FOLD_SECONDS = 60.0
-EARLY_RECEIPT_SECONDS = 2.0
+EARLY_RECEIPT_SECONDS = 1.0
 
 
 def delete_expired_media(pool: ConnectionPool, grace_seconds: float) -> int:
