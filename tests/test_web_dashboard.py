@@ -17,13 +17,7 @@ from starlette.testclient import TestClient
 from consumer import amqp
 from consumer.web.app import create_app
 from tests.support import publish_raw, queue_depth, start_smsq, stop, wait_until
-from tests.web_support import insert_notification, log_in, web_settings
-
-
-@pytest.fixture
-def conn(settings) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(settings.database_dsn, autocommit=True) as connection:
-        yield connection
+from tests.web_support import conn, insert_notification, log_in, web_settings  # noqa: F401 - conn is a fixture
 
 
 @pytest.fixture
@@ -98,6 +92,17 @@ def test_retry_from_the_errors_page_and_cancel_from_a_notification(client, conn)
                                                     "next": f"/notifications/{pending}"})
     assert "1 notification canceled" in canceled.text
     assert status_of(conn, pending) == "canceled"
+
+
+def test_retry_every_errored_notification_of_one_twilio_code(client, conn):
+    ids = {code: insert_notification(conn, status="processing", error_code=code)
+           for code in (30007, 21211)}
+    conn.execute("UPDATE notification SET status = 'errored'")
+    response = client.post("/actions/retry", data={"csrf_token": client.csrf, "code": "30007",
+                                                   "next": "/errors?code=30007"})
+    assert "1 notification back to pending" in response.text
+    assert status_of(conn, ids[30007]) == "pending"
+    assert status_of(conn, ids[21211]) == "errored"
 
 
 def test_dead_letters_are_listed_with_their_reason_and_requeued(client, settings):

@@ -13,16 +13,10 @@ from starlette.testclient import TestClient
 from consumer.web import store
 from consumer.web.app import create_app
 from tests.support import wait_until
-from tests.web_support import insert_media, insert_notification, web_settings
+from tests.web_support import conn, insert_media, insert_notification, web_settings  # noqa: F401 - conn is a fixture
 
 GRACE = 3600.0
 PNG = b"\x89PNG\r\n\x1a\n" + os.urandom(2048)  # any bytes, including NULs and non-UTF-8
-
-
-@pytest.fixture
-def conn(settings) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(settings.database_dsn, autocommit=True) as connection:
-        yield connection
 
 
 @pytest.fixture

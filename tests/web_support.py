@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 import secrets
 import uuid
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
 import psycopg
+import pytest
 from starlette.testclient import TestClient
 
 from consumer.settings import Settings
@@ -22,6 +24,13 @@ def web_settings(settings: Settings, **overrides: object) -> Settings:
     values = {"smsq_dashboard_user": USER, "smsq_dashboard_password": PASSWORD,
               "twilio_auth_token": AUTH_TOKEN, "smsq_public_url": PUBLIC_URL, **overrides}
     return Settings(_env_file=None, **{**settings.model_dump(), **values})
+
+
+@pytest.fixture
+def conn(settings: Settings) -> Iterator[psycopg.Connection]:
+    """An autocommit connection to the test's database (import it into a test module)."""
+    with psycopg.connect(settings.database_dsn, autocommit=True) as connection:
+        yield connection
 
 
 def now() -> datetime:

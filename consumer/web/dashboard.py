@@ -166,23 +166,25 @@ def _back(form: FormData) -> RedirectResponse:
     return RedirectResponse(auth.safe_next(form.get("next")), status_code=303)
 
 
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" + ("" if count == 1 else "s")
+def _report(request: Request, action: str, done: list, noun: str, outcome: str,
+            hint_when_none: str) -> None:
+    """Log an operator action and tell the operator what it did, in one flash message."""
+    log.info("operator action", extra={"action": f"dashboard_{action}", "count": len(done)})
+    text = f"{len(done)} {noun}{'' if len(done) == 1 else 's'} {outcome}."
+    auth.flash(request, "success" if done else "warning",
+               text if done else f"{text} {hint_when_none}")
 
 
 @auth.form_action
 async def retry_action(request: Request, form: FormData) -> Response:
     ids = _ids(form)
-    code, without_code = _code_filter(form.get("code"))
+    code, _ = _code_filter(form.get("code"))
     if not ids and code is None:
         auth.flash(request, "warning", "Nothing selected to retry.")
         return _back(form)
     retried = await db.run(request, operations.retry, ids=ids or None, error_code=code)
-    log.info("operator retried notifications", extra={"action": "dashboard_retry",
-                                                       "count": len(retried), "error_code": code})
-    auth.flash(request, "success" if retried else "warning",
-               f"{_plural(len(retried), 'notification')} back to pending."
-               + ("" if retried else " Only errored or failed ones can be retried."))
+    _report(request, "retry", retried, "notification", "back to pending",
+            "Only errored or failed ones can be retried.")
     return _back(form)
 
 
@@ -190,11 +192,8 @@ async def retry_action(request: Request, form: FormData) -> Response:
 async def cancel_action(request: Request, form: FormData) -> Response:
     ids = _ids(form)
     canceled = await db.run(request, operations.cancel, ids) if ids else []
-    log.info("operator canceled notifications", extra={"action": "dashboard_cancel",
-                                                        "count": len(canceled)})
-    auth.flash(request, "success" if canceled else "warning",
-               f"{_plural(len(canceled), 'notification')} canceled."
-               + ("" if canceled else " Only pending ones can be canceled."))
+    _report(request, "cancel", canceled, "notification", "canceled",
+            "Only pending ones can be canceled.")
     return _back(form)
 
 
@@ -207,8 +206,6 @@ async def requeue_action(request: Request, form: FormData) -> Response:
         return _back(form)
     settings: Settings = request.app.state.settings
     sent_back = await run_in_threadpool(dead_letters.requeue, settings, keys)
-    log.info("operator requeued dead letters", extra={"action": "dashboard_requeue",
-                                                       "count": len(sent_back)})
-    auth.flash(request, "success", f"{_plural(len(sent_back), 'dead letter')} sent back to "
-                                   f"{settings.smsq_queue}.")
+    _report(request, "requeue", sent_back, "dead letter", f"sent back to {settings.smsq_queue}",
+            "They were no longer in the queue.")
     return _back(form)

@@ -68,32 +68,26 @@ CREATE TABLE notification_count_delta (
     delta     bigint NOT NULL
 );
 
-CREATE FUNCTION notification_count_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
+-- One function for the three row-changing triggers; each trigger names only the transition
+-- tables its operation has, and PL/pgSQL reads only the branch it runs.
+CREATE FUNCTION notification_count_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO notification_count_delta (status, priority, delta)
-    SELECT status, priority, count(*) FROM new_rows GROUP BY 1, 2;
-    RETURN NULL;
-END
-$$;
-
-CREATE FUNCTION notification_count_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO notification_count_delta (status, priority, delta)
-    SELECT status, priority, -count(*) FROM old_rows GROUP BY 1, 2;
-    RETURN NULL;
-END
-$$;
-
-CREATE FUNCTION notification_count_updated() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO notification_count_delta (status, priority, delta)
-    SELECT status, priority, sum(delta) FROM (
-        SELECT o.status, o.priority, -1 AS delta
-        FROM old_rows o JOIN new_rows n USING (id) WHERE o.status <> n.status
-        UNION ALL
-        SELECT n.status, n.priority, 1
-        FROM old_rows o JOIN new_rows n USING (id) WHERE o.status <> n.status
-    ) changes GROUP BY 1, 2 HAVING sum(delta) <> 0;
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO notification_count_delta (status, priority, delta)
+        SELECT status, priority, count(*) FROM new_rows GROUP BY 1, 2;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO notification_count_delta (status, priority, delta)
+        SELECT status, priority, -count(*) FROM old_rows GROUP BY 1, 2;
+    ELSE
+        INSERT INTO notification_count_delta (status, priority, delta)
+        SELECT status, priority, sum(delta) FROM (
+            SELECT o.status, o.priority, -1 AS delta
+            FROM old_rows o JOIN new_rows n USING (id) WHERE o.status <> n.status
+            UNION ALL
+            SELECT n.status, n.priority, 1
+            FROM old_rows o JOIN new_rows n USING (id) WHERE o.status <> n.status
+        ) changes GROUP BY 1, 2 HAVING sum(delta) <> 0;
+    END IF;
     RETURN NULL;
 END
 $$;
@@ -107,13 +101,13 @@ $$;
 
 CREATE TRIGGER notification_count_inserted AFTER INSERT ON notification
     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT
-    EXECUTE FUNCTION notification_count_inserted();
+    EXECUTE FUNCTION notification_count_changed();
 CREATE TRIGGER notification_count_deleted AFTER DELETE ON notification
     REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT
-    EXECUTE FUNCTION notification_count_deleted();
+    EXECUTE FUNCTION notification_count_changed();
 CREATE TRIGGER notification_count_updated AFTER UPDATE ON notification
     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT
-    EXECUTE FUNCTION notification_count_updated();
+    EXECUTE FUNCTION notification_count_changed();
 CREATE TRIGGER notification_count_truncated AFTER TRUNCATE ON notification
     FOR EACH STATEMENT EXECUTE FUNCTION notification_count_truncated();
 
