@@ -1,14 +1,16 @@
 """The dashboard in a real browser: headless Chromium (Debian's, installed by scripts/test.sh)
 driven by Playwright against `smsq serve`'s app under uvicorn on an ephemeral port.
 
-The sent notification is stored directly in the database as the dispatcher leaves it after
-Twilio accepted it, and its delivery receipt arrives as a signed status callback over HTTP,
-as Twilio (or `smsq fake-twilio`) sends it.
+The messages go through the sandbox (`smsq fake-twilio`): the test sends them to the fake's
+Messages API with our status-callback URL, as the dispatcher does, and records each outcome
+in the database as the dispatcher would (the dispatcher itself is not on main yet). The
+fake then calls back, signed with its auth token, and `serve` records the delivery.
 """
 
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -20,45 +22,69 @@ import psycopg
 import pytest
 import uvicorn
 from playwright.sync_api import Page, expect, sync_playwright
-from twilio.request_validator import RequestValidator
 
 from consumer import amqp
+from consumer.fake_twilio import FakeTwilioControl
 from consumer.settings import Settings
 from consumer.web.app import create_app
 from tests.support import publish_raw, wait_until
-from tests.web_support import (AUTH_TOKEN, PASSWORD, PUBLIC_URL, USER, insert_notification,
-                               web_settings)
+from tests.web_support import PASSWORD, USER, insert_notification, web_settings
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
-SANDBOX_SID = "SM" + "5a" * 16
 SANDBOX_TO = "+14155550142"
+INVALID_TO = "+15005550001"  # Twilio's test number for "not a valid phone number" (21211)
 
 
 @contextlib.contextmanager
-def serving(settings: Settings) -> Iterator[str]:
-    """The app under uvicorn in a thread, on a port the OS picks; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0,
-                                           log_config=None, lifespan="on"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+def serving(settings: Settings, sock: socket.socket) -> Iterator[None]:
+    """The app under uvicorn in a thread, on a socket already bound (its URL is known)."""
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_config=None, lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn",
+                              daemon=True)
     thread.start()
     try:
         wait_until(lambda: server.started, timeout=20, message="uvicorn to start")
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"http://127.0.0.1:{port}"
+        yield
     finally:
         server.should_exit = True
         thread.join(timeout=10)
 
 
-def send_receipt(base_url: str, params: dict[str, str]) -> None:
-    """A status callback signed, as Twilio does, for the public URL it was given (behind a
-    proxy that is not the address it reaches)."""
-    signature = RequestValidator(AUTH_TOKEN).compute_signature(
-        PUBLIC_URL + "/twilio/status", params)
-    response = httpx.post(base_url + "/twilio/status", data=params,
-                          headers={"X-Twilio-Signature": signature})
-    assert response.status_code == 200
+def bound_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def send_through_sandbox(fake: FakeTwilioControl, base_url: str, to: str, body: str) -> dict:
+    """What the dispatcher sends to Twilio's Messages API; Twilio's answer as JSON."""
+    response = httpx.post(
+        f"{fake.url}/2010-04-01/Accounts/{fake.account_sid}/Messages.json",
+        data={"To": to, "From": "+14155550100", "Body": body,
+              "StatusCallback": f"{base_url}/twilio/status"},
+        auth=(fake.account_sid, fake.auth_token))
+    return response.json()
+
+
+def record_sent(conn: psycopg.Connection, notification_id, answer: dict) -> None:
+    conn.execute("UPDATE notification SET status = 'sent', sent_datetime = now() WHERE id = %s",
+                 (notification_id,))
+    conn.execute("UPDATE sms_notification SET twilio_sid = %s, segments = %s "
+                 "WHERE notification_id = %s",
+                 (answer["sid"], int(answer["num_segments"]), notification_id))
+
+
+def record_rejected(conn: psycopg.Connection, notification_id, answer: dict) -> None:
+    conn.execute("UPDATE sms_notification SET error_code = %s, attempts = 1 "
+                 "WHERE notification_id = %s", (answer["code"], notification_id))
+    conn.execute("UPDATE notification SET status = 'errored', status_message = %s WHERE id = %s",
+                 (answer["message"], notification_id))
+
+
+def delivery_status(conn: psycopg.Connection, notification_id) -> str | None:
+    return conn.execute("SELECT delivery_status FROM sms_notification WHERE notification_id = %s",
+                        (notification_id,)).fetchone()[0]
 
 
 def seed_an_hour_of_traffic(conn: psycopg.Connection) -> None:
@@ -120,48 +146,55 @@ def page() -> Iterator[Page]:
             browser.close()
 
 
-def test_an_operator_logs_in_finds_a_sent_message_and_retries_an_errored_one(settings, page):
-    with psycopg.connect(settings.database_dsn, autocommit=True) as conn:
+def test_an_operator_logs_in_finds_a_sent_message_and_retries_an_errored_one(
+        settings, fake_twilio, page):
+    sock = bound_socket()
+    base = "http://127.0.0.1:%d" % sock.getsockname()[1]
+    web = web_settings(settings, smsq_public_url=base, twilio_auth_token=fake_twilio.auth_token)
+    with psycopg.connect(settings.database_dsn, autocommit=True) as conn, serving(web, sock):
         seed_an_hour_of_traffic(conn)
-        sent = insert_notification(conn, status="sent", to=SANDBOX_TO, twilio_sid=SANDBOX_SID,
-                                   sent_ago=timedelta(seconds=20), body="Your code is 482910")
-        errored = insert_notification(conn, status="processing", to="+14155550177")
-        conn.execute("UPDATE sms_notification SET error_code = 21211 WHERE notification_id = %s",
-                     (errored,))
-        conn.execute("UPDATE notification SET status = 'errored', status_message = "
-                     "'The ''To'' number is not a valid phone number.' WHERE id = %s", (errored,))
         dead_letter(settings)
-        with serving(web_settings(settings)) as base:
-            for status in ("sent", "delivered"):
-                send_receipt(base, {"MessageSid": SANDBOX_SID, "MessageStatus": status})
+        sent = insert_notification(conn, status="processing", to=SANDBOX_TO,
+                                   body="Your code is 482910")
+        record_sent(conn, sent, send_through_sandbox(fake_twilio, base, SANDBOX_TO,
+                                                     "Your code is 482910"))
+        errored = insert_notification(conn, status="processing", to=INVALID_TO)
+        answer = send_through_sandbox(fake_twilio, base, INVALID_TO, "Your code is 112358")
+        assert answer["code"] == 21211
+        record_rejected(conn, errored, answer)
+        # the fake's signed callbacks ("sent", then "delivered") reach serve over HTTP
+        wait_until(lambda: delivery_status(conn, sent) == "delivered", timeout=20,
+                   message="the sandbox's delivery receipt")
+        sid = conn.execute("SELECT twilio_sid FROM sms_notification WHERE notification_id = %s",
+                           (sent,)).fetchone()[0]
 
-            page.goto(base + "/")
-            expect(page.locator("h1")).to_contain_text("smsq")  # the login form
-            page.fill("input[name=user]", USER)
-            page.fill("input[name=password]", PASSWORD)
-            page.click("button:has-text('Log in')")
-            expect(page.locator("h1")).to_have_text("Overview")
+        page.goto(base + "/")
+        expect(page.locator("h1")).to_contain_text("smsq")  # the login form
+        page.fill("input[name=user]", USER)
+        page.fill("input[name=password]", PASSWORD)
+        page.click("button:has-text('Log in')")
+        expect(page.locator("h1")).to_have_text("Overview")
 
-            page.fill("input[name=q]", "+1 (415) 555-0142")
-            page.keyboard.press("Enter")
-            page.click(f"a[href='/notifications/{sent}']")
-            expect(page.locator(".card", has_text="Twilio")).to_contain_text(SANDBOX_SID)
-            expect(page.locator(".timeline")).to_contain_text("delivered")
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "notification.png"), full_page=True)
+        page.fill("input[name=q]", "+1 (415) 555-0142")
+        page.keyboard.press("Enter")
+        page.click(f"a[href='/notifications/{sent}']")
+        expect(page.locator(".card", has_text="Twilio")).to_contain_text(sid)
+        expect(page.locator(".timeline")).to_contain_text("delivered")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "notification.png"), full_page=True)
 
-            page.click("nav >> text=Errors")
-            page.screenshot(path=str(ARTIFACTS / "errors.png"), full_page=True)
-            page.check(f"input[name=id][value='{errored}']")
-            page.click("button:has-text('Retry selected')")
-            expect(page.locator(".flash")).to_contain_text("1 notification back to pending")
-            status = conn.execute("SELECT status FROM notification WHERE id = %s",
-                                  (errored,)).fetchone()[0]
-            assert status == "pending"
+        page.click("nav >> text=Errors")
+        page.screenshot(path=str(ARTIFACTS / "errors.png"), full_page=True)
+        page.check(f"input[name=id][value='{errored}']")
+        page.click("button:has-text('Retry selected')")
+        expect(page.locator(".flash")).to_contain_text("1 notification back to pending")
+        status = conn.execute("SELECT status FROM notification WHERE id = %s",
+                              (errored,)).fetchone()[0]
+        assert status == "pending"
 
-            page.click("nav >> text=Overview")
-            expect(page.locator(".dead-list")).to_contain_text("not a valid phone number")
-            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
-            page.set_viewport_size({"width": 400, "height": 860})  # a phone, on call
-            page.screenshot(path=str(ARTIFACTS / "dashboard-phone.png"), full_page=True)
+        page.click("nav >> text=Overview")
+        expect(page.locator(".dead-list")).to_contain_text("not a valid phone number")
+        page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+        page.set_viewport_size({"width": 400, "height": 860})  # a phone, on call
+        page.screenshot(path=str(ARTIFACTS / "dashboard-phone.png"), full_page=True)
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
