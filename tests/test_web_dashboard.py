@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 from collections.abc import Iterator
@@ -177,3 +176,14 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_the_overview_still_shows_postgres_figures_when_rabbitmq_is_away(settings, conn):
+    insert_notification(conn, status="pending", priority="high")
+    broken = web_settings(settings, amqp_url=f"amqp://guest:guest@127.0.0.1:{closed_port()}/%2F")
+    with TestClient(create_app(broken)) as client:
+        log_in(client)
+        response = client.get("/")
+    assert response.status_code == 200
+    assert "RabbitMQ unreachable" in response.text
+    assert "1 high priority" in response.text
