@@ -28,7 +28,7 @@ from consumer.migrate import migrate  # noqa: E402
 from consumer.settings import Settings  # noqa: E402
 from consumer.web import dashboard, store  # noqa: E402
 from consumer.web.app import create_app  # noqa: E402
-from tests.web_support import log_in, web_settings  # noqa: E402
+from tests.web_support import RecordingCursor, log_in, web_settings  # noqa: E402
 
 SERVER = "postgresql://postgres@127.0.0.1:5432"
 
@@ -135,14 +135,6 @@ def time_pages(url: str, repeat: int) -> dict[str, float]:
                 assert response.status_code == 200, (path, response.status_code)
             timings[name] = statistics.median(samples[1:])  # the first warms the caches
     return timings
-
-
-class RecordingCursor(psycopg.Cursor):
-    statements: list[tuple[str, object]] = []
-
-    def execute(self, query, params=None, **kwargs):
-        RecordingCursor.statements.append((query, params))
-        return super().execute(query, params, **kwargs)
 
 
 def explain_queries(url: str) -> list[tuple[str, float, str]]:

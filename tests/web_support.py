@@ -89,3 +89,13 @@ def log_in(client: TestClient) -> str:
                            follow_redirects=False)
     assert response.status_code == 303, response.text
     return csrf_of(client.get("/").text)
+
+
+class RecordingCursor(psycopg.Cursor):
+    """Remembers every statement run through it, to EXPLAIN them afterwards."""
+
+    statements: list[tuple[str, object]] = []
+
+    def execute(self, query, params=None, **kwargs):
+        RecordingCursor.statements.append((query, params))
+        return super().execute(query, params, **kwargs)
