@@ -76,12 +76,14 @@ def test_without_configured_credentials_everything_of_the_dashboard_refuses(sett
             assert "SMSQ_DASHBOARD_PASSWORD" in response.text
 
 
-def test_logging_in_opens_every_page(app, client):
+def test_logging_in_opens_every_page_and_no_page_can_be_framed(app, client):
     log_in(client)
     for path, method, url in endpoints(app):
         if method == "GET" and not auth.is_public(url):
             response = client.get(url, follow_redirects=False)
             assert response.status_code in (200, 404), url  # 404: the made-up notification id
+            assert "frame-ancestors 'none'" in response.headers["content-security-policy"], url
+            assert response.headers["x-frame-options"] == "DENY", url
 
 
 def test_a_wrong_password_is_refused_and_opens_nothing(client):
