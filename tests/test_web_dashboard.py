@@ -42,8 +42,12 @@ def test_the_overview_shows_counts_sends_senders_age_and_errors(client, conn):
                  (failed,))
     conn.execute("INSERT INTO dispatch_sender (sender, address, holder, tokens, rate, capacity) "
                  "VALUES ('', '+14155550199', 'host-a:4242', 0.5, 1, 1)")
+    stuck = insert_notification(conn, status="processing")
+    conn.execute("UPDATE notification SET lease_expire_datetime = now() - interval '1 minute' "
+                 "WHERE id = %s", (stuck,))
     page = client.get("/").text
     assert "3 accepted by Twilio" in page            # the chart's hour
+    assert "1 past their lease" in page
     assert "+14155550199" in page and "host-a:4242" in page
     assert "7 min" in page                            # oldest due message
     assert "21610" in page and "unsubscribed" in page  # errors by code

@@ -41,6 +41,7 @@ def _overview_data(conn: psycopg.Connection) -> dict:
         "chart": charts.bar_chart(charts.per_minute(sent_rows, this_minute)),
         "buckets": store.sender_buckets(conn),
         "oldest_due_age": store.oldest_due_age_seconds(conn),
+        "past_lease": store.processing_past_lease(conn),
         "errors": store.errors_by_code(conn, ERROR_WINDOW_HOURS),
     }
 

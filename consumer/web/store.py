@@ -166,6 +166,13 @@ def oldest_due_age_seconds(conn: psycopg.Connection) -> float | None:
     return float(age) if age is not None else None
 
 
+def processing_past_lease(conn: psycopg.Connection) -> int:
+    """Rows a dispatcher claimed and has not finished in time (reconciliation pending)."""
+    return conn.execute(
+        """SELECT count(*) FROM notification
+           WHERE status = 'processing' AND lease_expire_datetime < now()""").fetchone()[0]
+
+
 _ERROR_VALUES = "('errored', 'failed', 'undelivered')"  # as in notification_event_error_idx
 _ERROR_CODE = "coalesce(e.error_code, s.error_code)"
 
