@@ -7,6 +7,7 @@ import uuid
 import psycopg
 
 from consumer import operations
+from consumer.migrate import available_migrations, migrate
 from consumer import store as ingest_store
 from consumer.web import store
 from schemas.message import Notification
@@ -53,3 +54,24 @@ def test_counts_follow_inserts_updates_retries_cancels_and_deletes(settings):
         conn.execute("TRUNCATE notification CASCADE")
         conn.commit()
         assert store.counts_by_status(conn) == []
+
+
+def test_migration_0004_counts_the_rows_already_there(database_url):
+    """A database that lived before 0004: its existing notifications are counted once."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA public CASCADE")
+        conn.execute("CREATE SCHEMA public")
+        conn.execute("CREATE TABLE smsq_migration (version integer PRIMARY KEY, name text NOT NULL, "
+                     "applied_datetime timestamptz NOT NULL DEFAULT now())")
+        for migration in available_migrations():
+            if migration.version < 4:
+                conn.execute(migration.sql)
+                conn.execute("INSERT INTO smsq_migration (version, name) VALUES (%s, %s)",
+                             (migration.version, migration.name))
+    with psycopg.connect(database_url) as conn:
+        ingest(conn, 7, "high")
+        ingest(conn, 3, "low")
+    assert [m.version for m in migrate(database_url)][0] == 4
+    with psycopg.connect(database_url) as conn:
+        assert store.counts_by_status(conn) == [("pending", "high", 7), ("pending", "low", 3)]
+        assert_counts_exact(conn)
