@@ -16,7 +16,8 @@ from starlette.testclient import TestClient
 from consumer import amqp
 from consumer.web.app import create_app
 from tests.support import publish_raw, queue_depth, start_smsq, stop, wait_until
-from tests.web_support import conn, insert_notification, log_in, web_settings  # noqa: F401 - conn is a fixture
+from tests.web_support import (  # noqa: F401 - conn is a fixture
+    PASSWORD, USER, conn, csrf_of, insert_notification, log_in, web_settings)
 
 
 @pytest.fixture
@@ -191,3 +192,14 @@ def test_the_overview_still_shows_postgres_figures_when_rabbitmq_is_away(setting
     assert response.status_code == 200
     assert "RabbitMQ unreachable" in response.text
     assert "1 high priority" in response.text
+
+
+def test_pages_say_when_postgres_is_unreachable(settings):
+    broken = web_settings(settings, database_url=f"postgresql://postgres@127.0.0.1:{closed_port()}/smsq")
+    with TestClient(create_app(broken)) as client:
+        token = csrf_of(client.get("/login").text)  # the login form needs no database
+        client.post("/login", data={"user": USER, "password": PASSWORD, "csrf_token": token},
+                    follow_redirects=False)
+        response = client.get("/")
+    assert response.status_code == 503
+    assert "Postgres is unreachable" in response.text

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
-from psycopg_pool import ConnectionPool
+import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -18,7 +22,11 @@ from consumer.settings import Settings
 from consumer.web import auth, dashboard, health, housekeeping, login, media, receipts
 from consumer.web.render import HERE
 
+log = logging.getLogger(__name__)
+
 POOL_SIZE = 8
+# A request waits this long for a database connection before it is answered 503.
+POOL_TIMEOUT = 3.0
 
 
 def routes() -> list[Route | Mount]:
@@ -43,12 +51,20 @@ def routes() -> list[Route | Mount]:
     ]
 
 
+async def postgres_unreachable(request: Request, exc: Exception) -> Response:
+    """Postgres away: say so (Twilio retries nothing, but a person can wait and reload)."""
+    log.warning("request failed: Postgres unreachable", extra={
+        "action": "postgres_unreachable", "path": request.url.path, "error": str(exc)})
+    return PlainTextResponse("Postgres is unreachable; try again in a moment.\n",
+                             status_code=503, headers={"Retry-After": "5"})
+
+
 def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # open(wait=False): serve starts (and /readyz says why) even while Postgres is away.
         pool = ConnectionPool(settings.database_dsn, min_size=1, max_size=POOL_SIZE, open=False,
-                              timeout=10, kwargs={"application_name": "smsq serve"})
+                              timeout=POOL_TIMEOUT, kwargs={"application_name": "smsq serve"})
         pool.open(wait=False)
         app.state.pool = pool
         jobs = housekeeping.start(pool, settings)
@@ -69,6 +85,8 @@ def create_app(settings: Settings) -> Starlette:
             Middleware(auth.RequireLogin),
         ],
         lifespan=lifespan,
+        exception_handlers={psycopg.OperationalError: postgres_unreachable,
+                            PoolTimeout: postgres_unreachable},
     )
     app.state.settings = settings
     return app
