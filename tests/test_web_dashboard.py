@@ -195,7 +195,8 @@ def test_the_overview_still_shows_postgres_figures_when_rabbitmq_is_away(setting
 
 
 def test_pages_say_when_postgres_is_unreachable(settings):
-    broken = web_settings(settings, database_url=f"postgresql://postgres@127.0.0.1:{closed_port()}/smsq")
+    nowhere = f"postgresql://postgres@127.0.0.1:{closed_port()}/smsq"
+    broken = web_settings(settings, database_url=nowhere)
     with TestClient(create_app(broken)) as client:
         token = csrf_of(client.get("/login").text)  # the login form needs no database
         client.post("/login", data={"user": USER, "password": PASSWORD, "csrf_token": token},

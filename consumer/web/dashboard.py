@@ -120,7 +120,8 @@ def _detail(conn: psycopg.Connection, notification_id: uuid.UUID) -> dict | None
     found = store.notification(conn, notification_id)
     if found is None:
         return None
-    media = store.media_of(conn, found["temporary_media_id"]) if found["temporary_media_id"] else None
+    media_id = found["temporary_media_id"]
+    media = store.media_of(conn, media_id) if media_id else None
     return {"n": found, "events": store.history(conn, notification_id), "media": media}
 
 

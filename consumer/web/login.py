@@ -27,8 +27,8 @@ async def login(request: Request, form: FormData) -> Response:
     target = auth.safe_next(form.get("next"))
     if not auth.credentials_match(settings, str(form.get("user", "")),
                                   str(form.get("password", ""))):
-        log.warning("dashboard login refused", extra={"action": "login_refused",
-                                                      "client": request.client.host if request.client else None})
+        client = request.client.host if request.client else None
+        log.warning("dashboard login refused", extra={"action": "login_refused", "client": client})
         return render.page(request, "login.html", status_code=401, next=target,
                            error="Wrong user name or password.")
     # A fresh session (and CSRF token) at login: a token planted before it is worth nothing.

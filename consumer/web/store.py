@@ -16,7 +16,8 @@ from psycopg.rows import dict_row
 # ---------------------------------------------------------------- status callbacks
 
 
-def lock_delivery_status(conn: psycopg.Connection, twilio_sid: str) -> tuple[uuid.UUID, str | None] | None:
+def lock_delivery_status(conn: psycopg.Connection,
+                         twilio_sid: str) -> tuple[uuid.UUID, str | None] | None:
     """(notification id, delivery_status) of the message with this SID, locked; None if unknown."""
     return conn.execute(
         """SELECT notification_id, delivery_status FROM sms_notification
@@ -120,7 +121,8 @@ def fold_counts(conn: psycopg.Connection) -> int:
            SELECT count(*) FROM folded""").fetchone()[0]
 
 
-def sends_per_minute(conn: psycopg.Connection, minutes: int = 60) -> tuple[datetime, list[tuple[datetime, int]]]:
+def sends_per_minute(conn: psycopg.Connection,
+                     minutes: int = 60) -> tuple[datetime, list[tuple[datetime, int]]]:
     """(this minute, [(minute, messages sent)]) over the last `minutes` minutes, this one included."""
     this_minute = conn.execute("SELECT date_trunc('minute', now())").fetchone()[0]
     # A constant bound (not an expression of now()) lets the planner see how few rows it
@@ -227,8 +229,9 @@ def notification(conn: psycopg.Connection, notification_id: uuid.UUID) -> dict |
 
 
 def notifications_by_sid(conn: psycopg.Connection, twilio_sid: str) -> list[dict]:
-    return _dicts(conn, f"SELECT {_NOTIFICATION_COLUMNS} {_FROM_NOTIFICATION} WHERE s.twilio_sid = %s",
-                  (twilio_sid,))
+    return _dicts(
+        conn, f"SELECT {_NOTIFICATION_COLUMNS} {_FROM_NOTIFICATION} WHERE s.twilio_sid = %s",
+        (twilio_sid,))
 
 
 def notifications_to(conn: psycopg.Connection, phone_number: str, limit: int = 100) -> list[dict]:
