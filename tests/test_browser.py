@@ -170,6 +170,8 @@ def test_an_operator_logs_in_finds_a_sent_message_and_retries_an_errored_one(
 
         page.goto(base + "/")
         expect(page.locator("h1")).to_contain_text("smsq")  # the login form
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "login.png"))
         page.fill("input[name=user]", USER)
         page.fill("input[name=password]", PASSWORD)
         page.click("button:has-text('Log in')")
@@ -180,7 +182,6 @@ def test_an_operator_logs_in_finds_a_sent_message_and_retries_an_errored_one(
         page.click(f"a[href='/notifications/{sent}']")
         expect(page.locator(".card", has_text="Twilio")).to_contain_text(sid)
         expect(page.locator(".timeline")).to_contain_text("delivered")
-        ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "notification.png"), full_page=True)
 
         page.click("nav >> text=Errors")
