@@ -1,10 +1,10 @@
 """The dashboard in a real browser: headless Chromium (Debian's, installed by scripts/test.sh)
 driven by Playwright against `smsq serve`'s app under uvicorn on an ephemeral port.
 
-The messages go through the sandbox (`smsq fake-twilio`): the test sends them to the fake's
-Messages API with our status-callback URL, as the dispatcher does, and records each outcome
-in the database as the dispatcher would (the dispatcher itself is not on main yet). The
-fake then calls back, signed with its auth token, and `serve` records the delivery.
+The messages go through the sandbox: stored as `smsq consume` stores them, sent by the real
+dispatcher to `smsq fake-twilio` with our status-callback URL; the fake calls back, signed
+with its auth token, and `serve` records the delivery. One is refused by Twilio (21211) and
+is retried from the dashboard.
 """
 
 from __future__ import annotations
@@ -16,17 +16,17 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
-import httpx
 import pika
 import psycopg
 import pytest
 import uvicorn
+from pydantic import AnyHttpUrl
 from playwright.sync_api import Page, expect, sync_playwright
 
 from consumer import amqp
-from consumer.fake_twilio import FakeTwilioControl
 from consumer.settings import Settings
 from consumer.web.app import create_app
+from tests.dispatch_support import add_notifications, dispatch_settings, running_dispatcher
 from tests.support import publish_raw, wait_until
 from tests.web_support import PASSWORD, USER, insert_notification, web_settings
 
@@ -57,34 +57,12 @@ def bound_socket() -> socket.socket:
     return sock
 
 
-def send_through_sandbox(fake: FakeTwilioControl, base_url: str, to: str, body: str) -> dict:
-    """What the dispatcher sends to Twilio's Messages API; Twilio's answer as JSON."""
-    response = httpx.post(
-        f"{fake.url}/2010-04-01/Accounts/{fake.account_sid}/Messages.json",
-        data={"To": to, "From": "+14155550100", "Body": body,
-              "StatusCallback": f"{base_url}/twilio/status"},
-        auth=(fake.account_sid, fake.auth_token))
-    return response.json()
-
-
-def record_sent(conn: psycopg.Connection, notification_id, answer: dict) -> None:
-    conn.execute("UPDATE notification SET status = 'sent', sent_datetime = now() WHERE id = %s",
-                 (notification_id,))
-    conn.execute("UPDATE sms_notification SET twilio_sid = %s, segments = %s "
-                 "WHERE notification_id = %s",
-                 (answer["sid"], int(answer["num_segments"]), notification_id))
-
-
-def record_rejected(conn: psycopg.Connection, notification_id, answer: dict) -> None:
-    conn.execute("UPDATE sms_notification SET error_code = %s, attempts = 1 "
-                 "WHERE notification_id = %s", (answer["code"], notification_id))
-    conn.execute("UPDATE notification SET status = 'errored', status_message = %s WHERE id = %s",
-                 (answer["message"], notification_id))
-
-
-def delivery_status(conn: psycopg.Connection, notification_id) -> str | None:
-    return conn.execute("SELECT delivery_status FROM sms_notification WHERE notification_id = %s",
-                        (notification_id,)).fetchone()[0]
+def outcome(conn: psycopg.Connection, notification_id) -> tuple[str, str | None]:
+    """(status, delivery_status) of a notification."""
+    return conn.execute(
+        """SELECT n.status, s.delivery_status FROM notification n
+           JOIN sms_notification s ON s.notification_id = n.id WHERE n.id = %s""",
+        (notification_id,)).fetchone()
 
 
 def seed_an_hour_of_traffic(conn: psycopg.Connection) -> None:
@@ -119,9 +97,9 @@ def seed_an_hour_of_traffic(conn: psycopg.Connection) -> None:
                              "WHERE id = %s", (nid,))
                 conn.execute("UPDATE sms_notification SET delivery_status = 'undelivered', "
                              "error_code = %s WHERE notification_id = %s", (code, nid))
+    # the default sender's bucket is the real dispatcher's; a second number beside it
     conn.execute("""INSERT INTO dispatch_sender (sender, address, holder, tokens, rate, capacity)
-                    VALUES ('', '+14155550100', 'dispatch-1:2817', 0.62, 1, 1),
-                           ('+14155550101', '+14155550101', 'dispatch-2:3120', 1, 1, 1)""")
+                    VALUES ('+14155550101', '+14155550101', 'dispatch-2:3120', 1, 1, 1)""")
 
 
 def dead_letter(settings: Settings) -> None:
@@ -150,21 +128,19 @@ def test_an_operator_logs_in_finds_a_sent_message_and_retries_an_errored_one(
         settings, fake_twilio, page):
     sock = bound_socket()
     base = "http://127.0.0.1:%d" % sock.getsockname()[1]
-    web = web_settings(settings, smsq_public_url=base, twilio_auth_token=fake_twilio.auth_token)
+    sending = dispatch_settings(settings, fake_twilio, smsq_public_url=AnyHttpUrl(base))
+    web = web_settings(sending, smsq_public_url=base, twilio_auth_token=fake_twilio.auth_token)
     with psycopg.connect(settings.database_dsn, autocommit=True) as conn, serving(web, sock):
-        seed_an_hour_of_traffic(conn)
+        sent, errored = add_notifications(
+            sending, {"body": "Your code is 482910", "sms": {"to_phone_number": SANDBOX_TO}},
+            {"body": "Your code is 112358", "sms": {"to_phone_number": INVALID_TO}})
+        with running_dispatcher(sending):
+            # the fake's signed callbacks ("sent", then "delivered") reach serve over HTTP
+            wait_until(lambda: outcome(conn, sent) == ("sent", "delivered")
+                       and outcome(conn, errored)[0] == "errored", timeout=30,
+                       message="the sandbox to send, refuse and deliver")
+        seed_an_hour_of_traffic(conn)  # after the dispatcher: its backlog stays pending
         dead_letter(settings)
-        sent = insert_notification(conn, status="processing", to=SANDBOX_TO,
-                                   body="Your code is 482910")
-        record_sent(conn, sent, send_through_sandbox(fake_twilio, base, SANDBOX_TO,
-                                                     "Your code is 482910"))
-        errored = insert_notification(conn, status="processing", to=INVALID_TO)
-        answer = send_through_sandbox(fake_twilio, base, INVALID_TO, "Your code is 112358")
-        assert answer["code"] == 21211
-        record_rejected(conn, errored, answer)
-        # the fake's signed callbacks ("sent", then "delivered") reach serve over HTTP
-        wait_until(lambda: delivery_status(conn, sent) == "delivered", timeout=20,
-                   message="the sandbox's delivery receipt")
         sid = conn.execute("SELECT twilio_sid FROM sms_notification WHERE notification_id = %s",
                            (sent,)).fetchone()[0]
 
