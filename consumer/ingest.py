@@ -1,17 +1,35 @@
 """`smsq consume`: RabbitMQ -> validate -> Postgres, in batches, acknowledged after commit.
 
-The loop owns one AMQP connection and one database connection, both used from this thread
-only. Deliveries are validated as they arrive and buffered; the buffer is flushed when it
-holds `SMSQ_INGEST_BATCH_SIZE` messages, when it is `SMSQ_INGEST_BATCH_MS` old, or at once
-when the queue runs dry. A flush stores the valid ones in one transaction, dead-letters the
-invalid ones (confirmed by the broker), and only then acknowledges the whole buffer with one
-`basic_ack(multiple=True)`. Nothing is acknowledged that is not committed or dead-lettered.
+Two threads, each owning one connection:
+
+- the pika thread (the caller's) owns the AMQP connection. It consumes with a bounded
+  prefetch, validates each delivery as it arrives, gathers deliveries into a batch and hands
+  the batch to the writer. When the writer reports a batch committed, this thread publishes
+  the batch's dead letters (confirmed by the broker) and then acknowledges the whole batch
+  with one `basic_ack(multiple=True)`.
+- the writer thread owns the database connection and stores batches one at a time, in the
+  order they were handed over, retrying through a Postgres outage.
+
+So pika keeps reading while Postgres commits (psycopg releases the GIL while it waits),
+which is most of ingest's speed, and pika is only ever touched from its own thread: the
+writer merely wakes it with `add_callback_threadsafe`. Nothing is acknowledged before it is
+committed or dead-lettered, and nothing is acknowledged on a channel other than the one it
+came from: after a reconnect the broker redelivers, and the ids make a second store a no-op.
+
+A batch is handed over when it holds SMSQ_INGEST_BATCH_SIZE messages, when it is
+SMSQ_INGEST_BATCH_MS old, or at once when the queue has run dry and the writer is idle, so
+a lone message is not delayed.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
+import queue
+import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -31,36 +49,189 @@ from schemas.message import derive_id
 log = logging.getLogger(__name__)
 
 MAX_ERROR_HEADER = 1000  # characters of x-error; the reason comes first, so little is lost
+IDLE_WAKE_SECONDS = 1.0  # how long an idle loop blocks before looking at the stop flag
+# Postgres plans the foreign-key check of sms_notification once per session. Planned while
+# `notification` is nearly empty, that plan is a sequential scan, kept until the next ANALYZE
+# (never, where autovacuum is off), and every insert then reads the whole table: ingest
+# slows to a crawl as the table grows. Re-planning now and then keeps it an index lookup.
+REPLAN_EVERY_ROWS = 5_000
+
+
+# What a reconnect cures: the connection, its socket, or the channel under it went away.
+AMQP_CONNECTION_LOST = (pika.exceptions.AMQPConnectionError,
+                        pika.exceptions.ChannelWrongStateError, ConnectionError)
 
 
 class FatalBrokerError(Exception):
     """The broker refused us for a reason a reconnect will not fix (credentials, arguments)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Delivery:
     tag: int
     body: bytes
     properties: pika.BasicProperties
     row: store.IngestRow | None = None
-    error: str | None = None
+    error: str | None = None  # why it goes to the dead-letter queue instead
 
 
-@dataclass
+class Outcome(enum.Enum):
+    WAITING = "waiting"
+    STORED = "stored"
+    ABANDONED = "abandoned"  # stopping while Postgres is away: left for the broker to redeliver
+    FAILED = "failed"  # an error no retry fixes; the consumer stops
+
+
+@dataclass(eq=False)
 class Batch:
+    # The connection whose channel delivered these tags; they mean nothing on another one.
+    connection: pika.BlockingConnection
     deliveries: list[Delivery] = field(default_factory=list)
-    started: float = 0.0
-
-    def add(self, delivery: Delivery) -> None:
-        if not self.deliveries:
-            self.started = time.monotonic()
-        self.deliveries.append(delivery)
+    started: float = field(default_factory=time.monotonic)
+    outcome: Outcome = Outcome.WAITING
+    failure: BaseException | None = None
 
     def __len__(self) -> int:
         return len(self.deliveries)
 
-    def age_ms(self) -> float:
-        return (time.monotonic() - self.started) * 1000
+    def age_seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def rows(self) -> list[store.IngestRow]:
+        return [d.row for d in self.deliveries if d.row is not None]
+
+
+class BatchWriter:
+    """Stores batches in a thread and a database connection of its own, one at a time, in order.
+
+    `on_done(batch)` is called from the writer thread once the batch's outcome is set.
+    """
+
+    def __init__(self, settings: Settings, stop: StopSignal,
+                 on_done: Callable[[Batch], None]) -> None:
+        self.settings = settings
+        self.stop = stop
+        self.on_done = on_done
+        self.pending: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
+        self.db: psycopg.Connection | None = None
+        self.rows_since_replan = 0
+        self.gave_up = False
+        self.thread = threading.Thread(target=self._run, name="smsq-ingest-writer", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, batch: Batch) -> None:
+        self.pending.put(batch)
+
+    def close(self) -> None:
+        """Store what was submitted (or give it up if stopping during an outage), then end."""
+        self.pending.put(None)
+        self.thread.join()
+        self._close_db()
+
+    def _run(self) -> None:
+        while (batch := self.pending.get()) is not None:
+            self._store(batch)
+            self.on_done(batch)
+
+    def _store(self, batch: Batch) -> None:
+        # Once one batch is given up, every later one is too: acknowledging a later batch
+        # (multiple=True) would acknowledge the one given up with it.
+        if self.gave_up:
+            batch.outcome = Outcome.ABANDONED
+            return
+        try:
+            self._store_with_retry(batch)
+            batch.outcome = Outcome.STORED
+        except psycopg.OperationalError:  # raised only once a stop has ended the retries
+            self.gave_up = True
+            batch.outcome = Outcome.ABANDONED
+        except Exception as exc:  # noqa: BLE001 - handed to the pika thread, which raises it
+            batch.failure = exc
+            batch.outcome = Outcome.FAILED
+
+    def _store_with_retry(self, batch: Batch) -> None:
+        """Commit the batch's valid rows, retrying while Postgres is away, until stopped."""
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(psycopg.OperationalError),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=5),
+            stop=lambda _state: self.stop.requested,
+            sleep=self.stop.wait,
+            before_sleep=_log_retry("postgres"),
+            reraise=True,
+        )
+        for attempt in retrying:
+            with attempt:
+                self._store_once(batch)
+
+    def _store_once(self, batch: Batch) -> None:
+        started = time.perf_counter()
+        try:
+            db = self._connection()
+            inserted = self._insert(db, batch)
+            db.commit()
+        except psycopg.OperationalError:
+            self._close_db()
+            metrics.DEPENDENCY_UP.labels("postgres").set(0)
+            raise
+        stored = len(batch.rows())
+        self._replan_now_and_then(db, inserted)
+        metrics.MESSAGES_INGESTED.inc(inserted)
+        metrics.MESSAGES_DUPLICATE.inc(stored - inserted)
+        metrics.INGEST_BATCH_SECONDS.observe(time.perf_counter() - started)
+        metrics.INGEST_BATCH_SIZE.observe(len(batch))
+        log.debug("batch stored", extra={"action": "batch_stored", "stored": inserted,
+                                         "duplicates": stored - inserted})
+
+    def _insert(self, db: psycopg.Connection, batch: Batch) -> int:
+        try:
+            return store.insert_batch(db, batch.rows())
+        except (psycopg.DataError, psycopg.IntegrityError):
+            db.rollback()
+            return self._insert_one_by_one(db, batch)
+
+    def _insert_one_by_one(self, db: psycopg.Connection, batch: Batch) -> int:
+        """A row that Postgres refuses spoiled the batch: store the others, dead-letter it.
+
+        Validation should leave nothing for Postgres to refuse; this keeps one message that
+        slipped through (a NUL character, say) from blocking the queue forever.
+        """
+        inserted = 0
+        with db.transaction():
+            for delivery in batch.deliveries:
+                if delivery.row is None:
+                    continue
+                try:
+                    with db.transaction():  # a savepoint: a refused row spoils only itself
+                        inserted += store.insert_batch(db, [delivery.row])
+                except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                    delivery.row = None
+                    delivery.error = f"message: refused by the database ({exc})"
+        return inserted
+
+    def _replan_now_and_then(self, db: psycopg.Connection, inserted: int) -> None:
+        self.rows_since_replan += inserted
+        if self.rows_since_replan >= REPLAN_EVERY_ROWS:
+            db.execute("DISCARD PLANS")
+            db.commit()
+            self.rows_since_replan = 0
+
+    def _connection(self) -> psycopg.Connection:
+        if self.db is None or self.db.closed:
+            self.db = psycopg.connect(self.settings.database_dsn, autocommit=False,
+                                      connect_timeout=5, application_name="smsq consume")
+            store.prepare_ingest(self.db)
+            metrics.DEPENDENCY_UP.labels("postgres").set(1)
+        return self.db
+
+    def _close_db(self) -> None:
+        if self.db is not None:
+            try:
+                self.db.close()
+            except psycopg.Error:
+                pass
+            self.db = None
 
 
 class Ingester:
@@ -68,52 +239,85 @@ class Ingester:
         self.settings = settings
         self.stop = stop
         self.senders = settings.extra_senders
-        self.batch = Batch()
+        self.batch_seconds = settings.smsq_ingest_batch_ms / 1000
+        self.writer = BatchWriter(settings, stop, on_done=self._wake_for)
+        self.batch: Batch | None = None
+        self.in_flight: deque[Batch] = deque()  # handed to the writer, not yet acknowledged
         self.arrived = 0  # deliveries since the loop last looked; 0 means the queue ran dry
-        self.flushing = False
         self.amqp_connection: pika.BlockingConnection | None = None
         self.channel: BlockingChannel | None = None
         self.dead_channel: BlockingChannel | None = None
-        self.db: psycopg.Connection | None = None
         self.consumer_tag = ""
 
     # -- the outer loop: connect, consume, reconnect -----------------------------------------
 
     def run(self) -> None:
-        for attempt in _forever_with_backoff(self.stop, "rabbitmq"):
-            with attempt:
+        self.writer.start()
+        try:
+            while not self.stop.requested:
                 try:
-                    self._consume()
+                    if self._connect():
+                        self._consume()
+                except AMQP_CONNECTION_LOST as exc:
+                    log.warning("rabbitmq connection lost", extra={
+                        "action": "rabbitmq_lost", "error": f"{type(exc).__name__}: {exc}"})
                 finally:
                     self._close_amqp()
-        self._close_db()
+        finally:
+            self.writer.close()
         log.info("consumer stopped", extra={"action": "consume_stopped"})
 
+    def _connect(self) -> bool:
+        """Connect, retrying with a growing backoff (from the start each time); False if stopped."""
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(AMQP_CONNECTION_LOST),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=30),
+            stop=lambda _state: self.stop.requested,
+            sleep=self.stop.wait,
+            before_sleep=_log_retry("rabbitmq"),
+            retry_error_callback=lambda _state: False,
+        )
+        return retrying(self._open_amqp)
+
     def _consume(self) -> None:
-        self._open_amqp()
-        self._ensure_db()
         log.info("consuming", extra={"action": "consume_started",
                                      "queue": self.settings.smsq_queue})
         while not self.stop.requested:
             self.arrived = 0
-            # Block (up to 1 s, to notice a stop) only when nothing waits to be flushed.
-            self.amqp_connection.process_data_events(time_limit=0 if len(self.batch) else 1)
-            if len(self.batch) and (self.arrived == 0 or self._batch_is_due()):
-                self._flush()
-        self._flush()
-        self.channel.basic_cancel(self.consumer_tag)
+            self.amqp_connection.process_data_events(time_limit=self._wait_seconds())
+            if self.batch is not None and self._batch_is_due():
+                self._hand_over()
+        self._finish()
+
+    def _wait_seconds(self) -> float:
+        if self.batch is None:
+            return IDLE_WAKE_SECONDS
+        if not self.in_flight:
+            return 0  # look once: if nothing came, the queue ran dry and the writer is free
+        return max(0.0, self.batch_seconds - self.batch.age_seconds())
 
     def _batch_is_due(self) -> bool:
-        return (len(self.batch) >= self.settings.smsq_ingest_batch_size
-                or self.batch.age_ms() >= self.settings.smsq_ingest_batch_ms)
+        ran_dry = self.arrived == 0 and not self.in_flight
+        return ran_dry or self.batch.age_seconds() >= self.batch_seconds
+
+    def _finish(self) -> None:
+        """Stopping: take no more, store what we hold, acknowledge what got committed."""
+        # Deliveries not yet dispatched to us are handed back to the broker by the cancel.
+        self.channel.basic_cancel(self.consumer_tag)
+        if self.batch is not None:
+            self._hand_over()
+        while self.in_flight:
+            self.amqp_connection.process_data_events(time_limit=IDLE_WAKE_SECONDS)
 
     # -- one delivery -----------------------------------------------------------------------
 
     def _on_message(self, _channel: BlockingChannel, method, properties, body: bytes) -> None:
         self.arrived += 1
-        self.batch.add(self._validate(method.delivery_tag, properties, body))
-        if not self.flushing and len(self.batch) >= self.settings.smsq_ingest_batch_size:
-            self._flush()
+        if self.batch is None:
+            self.batch = Batch(self.amqp_connection)
+        self.batch.deliveries.append(self._validate(method.delivery_tag, properties, body))
+        if len(self.batch) >= self.settings.smsq_ingest_batch_size:
+            self._hand_over()
 
     def _validate(self, tag: int, properties: pika.BasicProperties, body: bytes) -> Delivery:
         delivery = Delivery(tag, body, properties)
@@ -122,67 +326,39 @@ class Ingester:
         except InvalidMessage as exc:
             delivery.error = str(exc)
             return delivery
-        fallback_id = derive_id(properties.message_id, body) if notification.id is None else None
-        notification = notification.with_defaults(fallback_id, now=datetime.now(timezone.utc))
+        except Exception:  # noqa: BLE001 - one poisonous message must not stop ingest
+            log.exception("validation failed unexpectedly", extra={"action": "validation_bug"})
+            delivery.error = "message: smsq could not validate it (a bug; see its log)"
+            return delivery
+        notification_id = notification.id or derive_id(properties.message_id, body)
         sender = sender_for(notification.sms.to_phone_number, self.senders)
-        delivery.row = store.IngestRow(notification, sender)
+        delivery.row = store.IngestRow(notification, notification_id, sender)
         return delivery
 
-    # -- flush: store, dead-letter, then acknowledge ----------------------------------------
+    # -- hand over, then acknowledge what the writer stored ---------------------------------
 
-    def _flush(self) -> None:
-        if not len(self.batch) or self.channel is None:
-            return
-        # Take the batch: deliveries that arrive while we wait on Postgres or on the broker's
-        # confirms start the next one, so the ack below covers only what this flush stored.
-        batch, self.batch = self.batch, Batch()
-        self.flushing = True
+    def _hand_over(self) -> None:
+        batch, self.batch = self.batch, None
+        self.in_flight.append(batch)
+        self.writer.submit(batch)
+
+    def _wake_for(self, batch: Batch) -> None:
+        """Writer thread: ask the batch's pika thread to acknowledge what is done."""
         try:
-            started = time.perf_counter()
-            self._store_valid(batch)
-            for delivery in batch.deliveries:
-                if delivery.error is not None:
-                    self._publish_dead(delivery)
-            self.channel.basic_ack(batch.deliveries[-1].tag, multiple=True)
-            metrics.INGEST_BATCH_SECONDS.observe(time.perf_counter() - started)
-            metrics.INGEST_BATCH_SIZE.observe(len(batch))
-        finally:
-            self.flushing = False
+            batch.connection.add_callback_threadsafe(self._acknowledge_done)
+        except pika.exceptions.ConnectionWrongStateError:
+            pass  # that connection is gone: the broker redelivers the batch, a no-op to store
 
-    def _store_valid(self, batch: Batch) -> None:
-        """Commit the batch's valid rows, retrying through a database outage.
-
-        While Postgres is away the AMQP connection keeps its heartbeats (we sleep through
-        pika) and nothing is acknowledged; the prefetch bounds what waits meanwhile.
-        """
-        rows = [d.row for d in batch.deliveries if d.row is not None]
-        if not rows:
-            return
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(psycopg.OperationalError),
-            wait=tenacity.wait_exponential_jitter(multiplier=0.2, max=10),
-            stop=lambda _state: self.stop.requested,
-            sleep=self._sleep_keeping_amqp_alive,
-            before_sleep=_log_retry("postgres"),
-            reraise=True,
-        )
-        for attempt in retrying:
-            with attempt:
-                self._ensure_db()
-                self._insert_and_commit(rows)
-
-    def _insert_and_commit(self, rows: list[store.IngestRow]) -> None:
-        try:
-            inserted = store.insert_batch(self.db, rows)
-            self.db.commit()
-        except psycopg.OperationalError:
-            self._close_db()
-            metrics.DEPENDENCY_UP.labels("postgres").set(0)
-            raise
-        metrics.MESSAGES_INGESTED.inc(inserted)
-        metrics.MESSAGES_DUPLICATE.inc(len(rows) - inserted)
-        log.debug("batch stored", extra={"action": "batch_stored", "stored": inserted,
-                                         "duplicates": len(rows) - inserted})
+    def _acknowledge_done(self) -> None:
+        while self.in_flight and self.in_flight[0].outcome is not Outcome.WAITING:
+            batch = self.in_flight.popleft()
+            if batch.outcome is Outcome.FAILED:
+                raise batch.failure
+            if batch.outcome is Outcome.STORED:
+                for delivery in batch.deliveries:
+                    if delivery.error is not None:
+                        self._publish_dead(delivery)
+                self.channel.basic_ack(batch.deliveries[-1].tag, multiple=True)
 
     def _publish_dead(self, delivery: Delivery) -> None:
         original = delivery.properties
@@ -208,23 +384,31 @@ class Ingester:
             "action": "message_dead_lettered", "message_id": original.message_id,
             "reason": delivery.error})
 
-    # -- connections ------------------------------------------------------------------------
+    # -- the AMQP connection ----------------------------------------------------------------
 
-    def _open_amqp(self) -> None:
-        self.batch = Batch()  # delivery tags never outlive their channel
+    def _open_amqp(self) -> bool:
+        # Delivery tags never outlive their channel: what was held before is redelivered.
+        self.batch = None
+        self.in_flight.clear()
         try:
             self.amqp_connection = amqp.connect(self.settings, "consume")
         except pika.exceptions.ProbableAuthenticationError as exc:
             raise FatalBrokerError(f"AMQP_URL: RabbitMQ refused the credentials ({exc})") from None
         except pika.exceptions.ProbableAccessDeniedError as exc:
             raise FatalBrokerError(f"AMQP_URL: RabbitMQ refused the virtual host ({exc})") from None
-        self.channel = self.amqp_connection.channel()
-        amqp.declare_topology(self.channel, self.settings)
-        self.channel.basic_qos(prefetch_count=self.settings.smsq_prefetch)
-        self.dead_channel = self.amqp_connection.channel()
-        self.dead_channel.confirm_delivery()
-        self.consumer_tag = self.channel.basic_consume(self.settings.smsq_queue, self._on_message)
+        try:
+            self.channel = self.amqp_connection.channel()
+            amqp.declare_topology(self.channel, self.settings)
+            self.channel.basic_qos(prefetch_count=self.settings.smsq_prefetch)
+            self.dead_channel = self.amqp_connection.channel()
+            self.dead_channel.confirm_delivery()
+            self.consumer_tag = self.channel.basic_consume(self.settings.smsq_queue,
+                                                           self._on_message)
+        except BaseException:
+            self._close_amqp()
+            raise
         metrics.DEPENDENCY_UP.labels("rabbitmq").set(1)
+        return True
 
     def _close_amqp(self) -> None:
         metrics.DEPENDENCY_UP.labels("rabbitmq").set(0)
@@ -234,42 +418,6 @@ class Ingester:
             except pika.exceptions.AMQPError:
                 pass
         self.amqp_connection = self.channel = self.dead_channel = None
-
-    def _ensure_db(self) -> None:
-        if self.db is None or self.db.closed:
-            self.db = psycopg.connect(self.settings.database_dsn, autocommit=False,
-                                      application_name="smsq consume")
-            store.prepare_ingest(self.db)
-            metrics.DEPENDENCY_UP.labels("postgres").set(1)
-
-    def _close_db(self) -> None:
-        if self.db is not None:
-            try:
-                self.db.close()
-            except psycopg.Error:
-                pass
-            self.db = None
-
-    def _sleep_keeping_amqp_alive(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while not self.stop.requested and (left := deadline - time.monotonic()) > 0:
-            self.amqp_connection.sleep(min(left, 0.5))
-
-
-def _forever_with_backoff(stop: StopSignal, dependency: str) -> tenacity.Retrying:
-    """Reconnect to RabbitMQ on connection loss, with a growing backoff, until stopped."""
-    return tenacity.Retrying(
-        retry=tenacity.retry_if_exception_type(
-            (pika.exceptions.AMQPConnectionError, pika.exceptions.ChannelWrongStateError,
-             pika.exceptions.StreamLostError, psycopg.OperationalError, ConnectionError)
-        ),
-        wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=30),
-        stop=lambda _state: stop.requested,
-        sleep=stop.wait,
-        before_sleep=_log_retry(dependency),
-        reraise=False,
-        retry_error_callback=lambda _state: None,
-    )
 
 
 def _log_retry(dependency: str):

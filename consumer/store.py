@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import psycopg
 
@@ -31,16 +31,22 @@ _STAGE_COLUMNS = (
     "id, user_id, title, body, url, priority, publish_datetime, expire_datetime, "
     "content_type, object_id, sender, to_phone_number, media_url, temporary_media_id"
 )
+# Binary COPY: a third of the client's CPU of text COPY for these rows.
+_STAGE_TYPES = (
+    "uuid", "text", "text", "text", "text", "text", "timestamptz", "timestamptz", "text",
+    "text", "text", "text", "text[]", "uuid",
+)
 
 # One statement moves the batch from the stage into both tables; ids already stored are
-# skipped (ON CONFLICT), which is what makes a redelivered message harmless.
+# skipped (ON CONFLICT), which is what makes a redelivered message harmless. A message
+# without publish_datetime is due from the moment it is stored.
 _INSERT_FROM_STAGE = """
 WITH stage AS (
     SELECT DISTINCT ON (id) * FROM ingest_stage
 ), inserted AS (
     INSERT INTO notification (id, type, user_id, title, body, url, priority, publish_datetime,
                               expire_datetime, content_type, object_id, sender)
-    SELECT id, 'sms', user_id, title, body, url, priority, publish_datetime,
+    SELECT id, 'sms', user_id, title, body, url, priority, coalesce(publish_datetime, now()),
            expire_datetime, content_type, object_id, sender
     FROM stage
     ON CONFLICT (id) DO NOTHING
@@ -65,11 +71,12 @@ ON CONFLICT (id) DO NOTHING
 """
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class IngestRow:
     """A validated message ready to be stored."""
 
-    notification: Notification  # with id and publish_datetime filled in
+    notification: Notification
+    id: uuid.UUID  # the message's own id, or the one derived for it
     sender: str = ""
 
 
@@ -83,9 +90,10 @@ def insert_batch(conn: psycopg.Connection, rows: list[IngestRow]) -> int:
     """Store a batch in one transaction; return how many were new. Caller commits."""
     media_ids = _insert_media(conn, rows)
     with conn.cursor() as cur:
-        with cur.copy(f"COPY ingest_stage ({_STAGE_COLUMNS}) FROM STDIN") as copy:
+        with cur.copy(f"COPY ingest_stage ({_STAGE_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(_STAGE_TYPES)
             for row in rows:
-                copy.write_row(_stage_tuple(row, media_ids.get(row.notification.id)))
+                copy.write_row(_stage_tuple(row, media_ids.get(row.id)))
         cur.execute(_INSERT_FROM_STAGE)
         inserted, _ = cur.fetchone()
     return inserted
@@ -94,7 +102,7 @@ def insert_batch(conn: psycopg.Connection, rows: list[IngestRow]) -> int:
 def _stage_tuple(row: IngestRow, media_id: uuid.UUID | None) -> tuple:
     n = row.notification
     return (
-        n.id, n.user_id, n.title, n.body, n.url, n.priority, n.publish_datetime,
+        row.id, n.user_id, n.title, n.body, n.url, n.priority, n.publish_datetime,
         n.expire_datetime, n.content_type, n.object_id, row.sender,
         n.sms.to_phone_number, n.sms.media_url, media_id,
     )
@@ -107,20 +115,22 @@ def _insert_media(conn: psycopg.Connection, rows: list[IngestRow]) -> dict[uuid.
         media = row.notification.sms.temporary_media
         if media is None:
             continue
-        media_id = uuid.uuid5(MEDIA_ID_NAMESPACE, str(row.notification.id))
-        expires = _media_expiry(row.notification)
+        media_id = uuid.uuid5(MEDIA_ID_NAMESPACE, str(row.id))
         conn.execute(
             _INSERT_MEDIA,
             (media_id, secrets.token_urlsafe(24), media.name, media.content_type,
-             media.content, expires),
+             media.content, _media_expiry(row.notification)),
         )
-        media_ids[row.notification.id] = media_id
+        media_ids[row.id] = media_id
     return media_ids
 
 
 def _media_expiry(n: Notification) -> datetime:
-    last_useful = n.expire_datetime or n.publish_datetime
-    return last_useful + MEDIA_TTL
+    last_useful = n.expire_datetime or n.publish_datetime or datetime.now(timezone.utc)
+    try:
+        return last_useful + MEDIA_TTL
+    except OverflowError:  # a date near year 9999: kept as long as Python can count
+        return datetime.max.replace(tzinfo=timezone.utc)
 
 
 def counts_by_status(conn: psycopg.Connection) -> list[tuple[str, str, int]]:
