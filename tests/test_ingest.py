@@ -7,14 +7,19 @@ import json
 import threading
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta, timezone
 
 import pika
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as settings_of_hypothesis
+from hypothesis import strategies as st
 
 from consumer.ingest import Ingester
 from consumer.settings import Settings
 from consumer.signals import StopSignal
+from schemas.message import derive_id
 from tests.support import count_rows, get_all, publish_raw, queue_depth, wait_until
 
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 64).decode()
@@ -120,22 +125,30 @@ def test_bad_input_is_dead_lettered_unchanged_with_the_reason(settings, consumer
     assert queue_depth(settings, settings.smsq_queue) == 0
 
 
+def store_and_wait(settings: Settings, bodies: list[bytes], **publish) -> None:
+    """Publish, then a marker; batches commit in queue order, so the marker comes last."""
+    marker = simple()
+    publish_raw(settings, bodies, **publish)
+    publish_raw(settings, [json.dumps(marker).encode()])
+    wait_until(lambda: count_rows(settings, f"id = '{marker['id']}'") == 1, message="marker")
+
+
 def test_a_duplicate_id_is_acknowledged_and_stored_once(settings, consumer):
-    message = json.dumps(simple()).encode()
-    publish_raw(settings, [message, message])
+    message = simple()
+    store_and_wait(settings, [json.dumps(message).encode()] * 2)
+    store_and_wait(settings, [json.dumps(message).encode()])
+    assert count_rows(settings, f"id = '{message['id']}'") == 1
+    assert count_rows(settings) == 3  # and the two markers
     wait_until(lambda: queue_depth(settings, settings.smsq_queue) == 0, message="queue drained")
-    publish_raw(settings, [message])
-    wait_until(lambda: queue_depth(settings, settings.smsq_queue) == 0, message="queue drained")
-    assert count_rows(settings) == 1
 
 
 def test_message_without_id_or_properties_takes_its_id_from_the_body(settings, consumer):
     """As published by hand from RabbitMQ's management UI: no content type, no message id."""
     body = json.dumps({"body": "from the UI", "sms": {"to_phone_number": "+14155550123"}}).encode()
-    publish_raw(settings, [body, body], pika.BasicProperties(),
-                exchange="", routing_key=settings.smsq_queue)
-    wait_until(lambda: queue_depth(settings, settings.smsq_queue) == 0, message="queue drained")
-    assert count_rows(settings) == 1
+    store_and_wait(settings, [body, body], properties=pika.BasicProperties(),
+                   exchange="", routing_key=settings.smsq_queue)
+    assert count_rows(settings, f"id = '{derive_id(None, body)}'") == 1
+    assert count_rows(settings) == 2  # and the marker
 
 
 def test_message_id_property_is_the_id_when_the_body_has_none(settings, consumer):
@@ -143,3 +156,101 @@ def test_message_id_property_is_the_id_when_the_body_has_none(settings, consumer
     body = json.dumps({"body": "hi", "sms": {"to_phone_number": "+14155550123"}}).encode()
     publish_raw(settings, [body], pika.BasicProperties(message_id=str(given)))
     wait_until(lambda: count_rows(settings, f"id = '{given}'") == 1, message="stored by message_id")
+
+
+# -- arbitrary input --------------------------------------------------------------------------
+
+_JSON_LEAVES = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
+_JSON = st.recursive(_JSON_LEAVES, lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=6)
+_ZONES = st.sampled_from([None, timezone.utc, timezone(timedelta(hours=-5, minutes=-30))])
+_DATETIMES = st.builds(lambda d, z: d.replace(tzinfo=z).isoformat(), st.datetimes(), _ZONES)
+_PHONES = st.sampled_from(["+14155550123", "+1 (415) 555-0123", "+1123", "+11234567890",
+                           "4155550123", "+442071838750", ""]) | st.text(max_size=16)
+_SMS = st.fixed_dictionaries({}, optional={
+    "to_phone_number": _PHONES | _JSON,
+    "media_url": st.sampled_from(["https://e.com/a.png", "ftp://e.com/a", ["http://e.com/b"]])
+    | _JSON,
+    "temporary_media": st.fixed_dictionaries({}, optional={
+        "name": st.text(max_size=8), "content_type": st.sampled_from(["image/png", "text/x"]),
+        "content_base64": st.sampled_from([PNG, "not base64!", ""])}) | _JSON,
+    "extra": _JSON,
+})
+# Near the message format (no "id": each message takes its id from its unique message_id).
+_MESSAGES = st.fixed_dictionaries({}, optional={
+    "type": st.sampled_from(["sms", "email", "fax"]) | _JSON,
+    "user_id": st.text(max_size=8) | _JSON,
+    "title": st.text(max_size=130),
+    "body": st.text(max_size=30) | st.text(min_size=1595, max_size=1605) | _JSON,
+    "url": st.text(max_size=10) | _JSON,
+    "priority": st.sampled_from(["low", "medium", "high", "urgent"]) | _JSON,
+    "publish_datetime": _DATETIMES | _JSON,
+    "expire_datetime": _DATETIMES,
+    "content_type": st.text(max_size=8),
+    "sms": _SMS | _JSON,
+    "colour": _JSON,
+})
+_AWARE = st.builds(lambda d, z: d.replace(tzinfo=z).isoformat(), st.datetimes(),
+                   _ZONES.filter(lambda zone: zone is not None))
+_VALID_ENOUGH = st.fixed_dictionaries({
+    "body": st.text(min_size=1, max_size=40),
+    "sms": st.fixed_dictionaries({"to_phone_number": st.sampled_from(
+        ["+14155550123", "+1 (415) 555-0123", "+442071838750"])}),
+}, optional={"title": st.text(max_size=124), "priority": st.sampled_from(["low", "high"]),
+             "publish_datetime": _AWARE, "user_id": st.text(max_size=8)})
+_DOCUMENTS = (_MESSAGES | _VALID_ENOUGH).map(lambda m: json.dumps(m).encode())
+_BODIES = st.one_of(
+    st.binary(max_size=300),
+    _DOCUMENTS,
+    _DOCUMENTS.flatmap(lambda doc: st.integers(0, len(doc)).map(lambda cut: doc[:cut])),
+    _DOCUMENTS.map(lambda doc: doc.decode().encode("utf-16")),
+)
+
+
+@settings_of_hypothesis(max_examples=40, deadline=None,
+                        suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                               HealthCheck.too_slow])
+@given(bodies=st.lists(_BODIES, min_size=1, max_size=5))
+def test_arbitrary_bytes_end_stored_or_dead_lettered(settings, consumer, outcomes, bodies):
+    mine = {uuid.uuid4(): body for body in bodies}
+    for message_id, body in mine.items():
+        publish_raw(settings, [body], pika.BasicProperties(message_id=str(message_id)))
+
+    def accounted() -> bool:
+        outcomes["dead"].update(uuid.UUID(props.message_id)
+                                for props, _ in get_all(settings, settings.dead_queue))
+        with psycopg.connect(settings.database_dsn) as conn:
+            outcomes["stored"].update(row[0] for row in conn.execute(
+                "SELECT id FROM notification WHERE id = ANY(%s)", (list(mine),)))
+        return set(mine) <= outcomes["stored"] | outcomes["dead"]
+
+    wait_until(accounted, message="every message stored or dead-lettered")
+    assert not outcomes["stored"] & outcomes["dead"]
+    assert consumer.consumer_tag  # still consuming
+
+
+@pytest.fixture(scope="module")
+def outcomes() -> Iterator[dict[str, set[uuid.UUID]]]:
+    """Ids stored and ids dead-lettered over all the examples; both paths must be taken."""
+    tally: dict[str, set[uuid.UUID]] = {"stored": set(), "dead": set()}
+    yield tally
+    assert tally["stored"] and tally["dead"], {k: len(v) for k, v in tally.items()}
+
+
+def test_a_message_postgres_refuses_is_dead_lettered_and_spoils_nothing(settings, consumer):
+    """A NUL character passes validation, but Postgres text cannot hold it."""
+    good = [simple(), simple()]
+    refused = json.dumps(simple(body="nul \u0000 inside")).encode()
+    store_and_wait(settings, [json.dumps(good[0]).encode(), refused, json.dumps(good[1]).encode()])
+    assert count_rows(settings, f"id in ('{good[0]['id']}', '{good[1]['id']}')") == 2
+    [(props, body)] = get_all(settings, settings.dead_queue)
+    assert body == refused
+    assert props.headers["x-error"].startswith("message: refused by the database")
+
+
+def test_media_expiring_at_the_end_of_time_is_stored(settings, consumer):
+    message = simple(expire_datetime="9999-12-31T23:59:59-14:00", sms={
+        "to_phone_number": "+14155550123",
+        "temporary_media": {"name": "a.png", "content_type": "image/png", "content_base64": PNG}})
+    store_and_wait(settings, [json.dumps(message).encode()])
+    assert count_rows(settings, f"id = '{message['id']}'") == 1
