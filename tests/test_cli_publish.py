@@ -1,0 +1,120 @@
+"""`smsq publish` and `smsq status`, run as an operator runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+
+import psycopg
+import pytest
+
+from consumer import amqp
+from consumer.settings import Settings
+from tests.support import ROOT, env_of, get_all, publish_raw, queue_depth
+
+
+def smsq(settings: Settings, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "consumer.cli", *args], input=stdin,
+                          env=env_of(settings), cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.fixture
+def queues(settings: Settings) -> Settings:
+    with amqp.connect(settings, "test") as connection:
+        amqp.declare_topology(connection.channel(), settings)
+    return settings
+
+
+def test_publish_from_flags(queues):
+    done = smsq(queues, "publish", "--to", "+1 (415) 555-0123", "--body", "Your code is 1",
+                "--priority", "high", "--at", "2026-11-24T12:00:00Z", "--title", "Code",
+                "--media-url", "https://e.com/a.png", "--media-url", "https://e.com/b.png")
+    assert done.returncode == 0, done.stderr
+    published_id = uuid.UUID(done.stdout.strip())
+    [(props, body)] = get_all(queues, queues.smsq_queue)
+    assert json.loads(body) == {
+        "id": str(published_id), "type": "sms", "title": "Code", "body": "Your code is 1",
+        "priority": "high", "publish_datetime": "2026-11-24T12:00:00Z",
+        "sms": {"to_phone_number": "+14155550123",
+                "media_url": ["https://e.com/a.png", "https://e.com/b.png"]}}
+    assert (props.message_id, props.delivery_mode, props.content_type) == (
+        str(published_id), 2, "application/json")
+
+
+def test_publish_without_recipient_is_a_usage_error(queues):
+    done = smsq(queues, "publish", "--body", "hi")
+    assert done.returncode == 2
+    assert "--to and --body are required" in done.stderr
+
+
+def test_publish_a_json_lines_file(queues, tmp_path):
+    lines = [{"body": f"message {n}", "sms": {"to_phone_number": "+14155550123"}}
+             for n in range(3)]
+    path = tmp_path / "messages.jsonl"
+    path.write_text(json.dumps(lines[0]) + "\n\n" + "\n".join(json.dumps(m) for m in lines[1:]))
+    done = smsq(queues, "publish", "--file", str(path))
+    assert done.returncode == 0, done.stderr
+    ids = done.stdout.split()
+    bodies = [json.loads(body) for _, body in get_all(queues, queues.smsq_queue)]
+    assert [b["body"] for b in bodies] == ["message 0", "message 1", "message 2"]
+    assert [b["id"] for b in bodies] == ids
+    assert "published 3 message(s)" in done.stderr
+
+
+def test_publish_from_stdin(queues):
+    done = smsq(queues, "publish", "--file", "-",
+                stdin=json.dumps({"body": "hi", "sms": {"to_phone_number": "+14155550123"}}))
+    assert done.returncode == 0, done.stderr
+    assert queue_depth(queues, queues.smsq_queue) == 1
+
+
+@pytest.mark.parametrize("bad_line, expected", [
+    ('{"body": "' + "x" * 1601 + '", "sms": {"to_phone_number": "+14155550123"}}',
+     "line 3: body: at most 1600 characters, got 1601"),
+    ('{"body": "hi", "sms": {"to_phone_number": "+1123"}}',
+     "line 3: sms.to_phone_number: not a valid phone number: '+1123'"),
+    ('{"body": "hi", "sms": {"to_phone_number": "+14155550123"}, "colour": "red"}',
+     "line 3: colour: unknown field"),
+    ('{"body": "hi", "sms": ', "line 3: not valid JSON"),
+])
+def test_a_bad_line_names_line_and_field_and_publishes_nothing(queues, tmp_path, bad_line,
+                                                               expected):
+    good = json.dumps({"body": "fine", "sms": {"to_phone_number": "+14155550123"}})
+    path = tmp_path / "messages.jsonl"
+    path.write_text("\n".join([good, good, bad_line, good]) + "\n")
+    done = smsq(queues, "publish", "--file", str(path))
+    assert done.returncode == 2
+    assert expected in done.stderr
+    assert done.stdout == ""
+    assert queue_depth(queues, queues.smsq_queue) == 0
+
+
+def test_status_counts_by_status_and_priority_and_queue_depths(queues):
+    with psycopg.connect(queues.database_dsn) as conn:
+        conn.execute("""
+            INSERT INTO notification (id, body, priority, status)
+            SELECT gen_random_uuid(), 'x', p, s
+            FROM (VALUES ('high', 'pending'), ('high', 'pending'), ('low', 'pending'),
+                         ('medium', 'sent'), ('low', 'errored')) AS v(p, s)""")
+    publish_raw(queues, [b"waiting"] * 4)
+    publish_raw(queues, [b"dead"], exchange="", routing_key=queues.dead_queue)
+
+    done = smsq(queues, "status", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["notifications"]["pending"] == {"high": 2, "medium": 0, "low": 1}
+    assert report["notifications"]["sent"] == {"high": 0, "medium": 1, "low": 0}
+    assert report["notifications"]["errored"] == {"high": 0, "medium": 0, "low": 1}
+    assert report["queues"] == {queues.smsq_queue: 4, queues.dead_queue: 1}
+    assert report["oldest_due_age_seconds"] >= 0
+
+    text = smsq(queues, "status")
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[0].split() == ["status", "high", "medium", "low", "total"]
+    assert "pending 2 0 1 3" in [" ".join(line.split()) for line in lines]
+    assert f"queue {queues.smsq_queue}: 4 message(s) ready" in lines
+    assert f"queue {queues.dead_queue}: 1 message(s) ready" in lines
