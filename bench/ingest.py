@@ -30,6 +30,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pika
@@ -188,9 +189,9 @@ def store_backlog(dsn: str, rows: int) -> None:
         conn.execute("""
             INSERT INTO notification (id, user_id, body, priority, status, publish_datetime,
                                       sent_datetime)
-            SELECT gen_random_uuid(), (i % 100000)::text, 'Backlog message ' || i,
-                   (ARRAY['low', 'medium', 'high'])[1 + i % 3],
-                   CASE WHEN i % 10 = 0 THEN 'pending' ELSE 'sent' END,
+            SELECT gen_random_uuid(), (i %% 100000)::text, 'Backlog message ' || i,
+                   (ARRAY['low', 'medium', 'high'])[1 + i %% 3],
+                   CASE WHEN i %% 10 = 0 THEN 'pending' ELSE 'sent' END,
                    now() - make_interval(secs => i), now() - make_interval(secs => i)
             FROM generate_series(1, %s) AS i""", (rows,))
         conn.execute("""
@@ -209,41 +210,93 @@ def stored(dsn: str, ids: list[uuid.UUID]) -> int:
                             (ids,)).fetchone()[0]
 
 
+# -- CPU accounting ---------------------------------------------------------------------------
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU of a process on this machine (0 when it cannot be read)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rabbitmq_pid() -> int | None:
+    """The local broker's Erlang VM, if it runs here (its CPU includes everyone's traffic)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"beam.smp" in (entry / "cmdline").read_bytes():
+                return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+def backend_pid(dsn: str, application_name: str) -> int | None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s"
+            " AND datname = current_database()", (application_name,)).fetchone()
+    return row[0] if row else None
+
+
+@dataclass
+class Measurement:
+    messages: int
+    seconds: float
+    cpu: dict[str, float] = field(default_factory=dict)  # process -> CPU seconds
+    peak_rss: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+    def cpu_micros_per_message(self, process: str) -> float:
+        return self.cpu.get(process, 0.0) / self.messages * 1e6
+
+
 # -- the three consumers ----------------------------------------------------------------------
 
-def measure_ceiling(settings: Settings, count: int) -> float:
-    """Seconds for a bare pika consumer to take `count` messages and ack them in batches."""
+def consume_in_process(settings: Settings, count: int, on_message) -> Measurement:
+    """Run a pika consumer here until `on_message` has stopped it; time and CPU of it."""
     connection = connect_amqp(settings)
     channel = connection.channel()
     channel.basic_qos(prefetch_count=settings.smsq_prefetch)
-    batch = settings.smsq_ingest_batch_size
-    seen = 0
-
-    def on_message(ch, method, _properties, _body) -> None:
-        nonlocal seen
-        seen += 1
-        if seen % batch == 0 or seen == count:
-            ch.basic_ack(method.delivery_tag, multiple=True)
-        if seen == count:
-            ch.stop_consuming()
-
     channel.basic_consume(settings.smsq_queue, on_message)
+    broker = rabbitmq_pid()
+    broker_cpu, own_cpu = cpu_seconds(broker), time.process_time()
     started = time.perf_counter()
     channel.start_consuming()
     elapsed = time.perf_counter() - started
+    cpu = {"python": time.process_time() - own_cpu, "rabbitmq": cpu_seconds(broker) - broker_cpu}
     connection.close()
-    return elapsed
+    return Measurement(count, elapsed, cpu)
 
 
-def measure_naive(settings: Settings, count: int) -> float:
-    """Seconds for validate + insert + commit + ack, one message at a time."""
-    connection = connect_amqp(settings)
-    channel = connection.channel()
-    channel.basic_qos(prefetch_count=settings.smsq_prefetch)
-    db = psycopg.connect(settings.database_dsn)
+def measure_ceiling(settings: Settings, count: int) -> Measurement:
+    """A bare pika consumer: take `count` messages and ack them in batches, nothing else."""
+    batch = settings.smsq_ingest_batch_size
     seen = 0
 
-    def on_message(ch, method, properties, body) -> None:
+    def on_message(channel, method, _properties, _body) -> None:
+        nonlocal seen
+        seen += 1
+        if seen % batch == 0 or seen == count:
+            channel.basic_ack(method.delivery_tag, multiple=True)
+        if seen == count:
+            channel.stop_consuming()
+
+    return consume_in_process(settings, count, on_message)
+
+
+def measure_naive(settings: Settings, count: int) -> Measurement:
+    """Validate, insert, commit and ack, one message at a time."""
+    db = psycopg.connect(settings.database_dsn, application_name="smsq bench naive")
+    seen = 0
+
+    def on_message(channel, method, _properties, body) -> None:
         nonlocal seen
         n = parse_notification(body)
         db.execute(
@@ -252,22 +305,22 @@ def measure_naive(settings: Settings, count: int) -> float:
         db.execute("INSERT INTO sms_notification (notification_id, to_phone_number)"
                    " VALUES (%s, %s) ON CONFLICT DO NOTHING", (n.id, n.sms.to_phone_number))
         db.commit()
-        ch.basic_ack(method.delivery_tag)
+        channel.basic_ack(method.delivery_tag)
         seen += 1
         if seen == count:
-            ch.stop_consuming()
+            channel.stop_consuming()
 
-    channel.basic_consume(settings.smsq_queue, on_message)
-    started = time.perf_counter()
-    channel.start_consuming()
-    elapsed = time.perf_counter() - started
-    connection.close()
-    db.close()
-    return elapsed
+    try:
+        measurement = consume_in_process(settings, count, on_message)
+        measurement.cpu["postgres"] = cpu_seconds(
+            backend_pid(settings.database_dsn, "smsq bench naive"))
+    finally:
+        db.close()
+    return measurement
 
 
-def measure_smsq(settings: Settings, last_id: uuid.UUID) -> tuple[float, int]:
-    """(seconds from consuming to the last commit, peak RSS in bytes) of `smsq consume`."""
+def measure_smsq(settings: Settings, count: int, last_id: uuid.UUID) -> Measurement:
+    """`smsq consume` in its own process: from consuming to the commit of the last message."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SMSQ_", "TWILIO_"))}
     env.update(DATABASE_URL=settings.database_dsn, AMQP_URL=settings.amqp_url,
                SMSQ_EXCHANGE=settings.smsq_exchange, SMSQ_QUEUE=settings.smsq_queue,
@@ -277,16 +330,22 @@ def measure_smsq(settings: Settings, last_id: uuid.UUID) -> tuple[float, int]:
                SMSQ_PREFETCH=str(settings.smsq_prefetch))
     process = subprocess.Popen([sys.executable, "-m", "consumer.cli", "consume"], env=env,
                                cwd=ROOT)
+    broker = rabbitmq_pid()
     try:
         started = wait_for_consumer(settings, process)
+        consumer_cpu, broker_cpu = cpu_seconds(process.pid), cpu_seconds(broker)
         committed = wait_for_commit(settings.database_dsn, last_id, process)
+        # The backend was born with the consumer's first batch: all its CPU is the run's.
+        cpu = {"python": cpu_seconds(process.pid) - consumer_cpu,
+               "postgres": cpu_seconds(backend_pid(settings.database_dsn, "smsq consume")),
+               "rabbitmq": cpu_seconds(broker) - broker_cpu}
         peak_rss = peak_rss_of(process.pid)
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=30)
     if code != 0:
         raise RuntimeError(f"smsq consume exited with {code}")
-    return committed - started, peak_rss
+    return Measurement(count, committed - started, cpu, peak_rss)
 
 
 def wait_for_consumer(settings: Settings, process: subprocess.Popen) -> float:
@@ -326,47 +385,62 @@ def run(args: argparse.Namespace, settings: Settings) -> None:
           f"{args.rounds} rounds, ceiling and smsq taking turns", flush=True)
     bodies, ids = message_bodies(args.messages, args.recipients)
 
-    ceilings, rates, rss = [], [], 0
+    ceilings, smsqs = [], []
     for _ in range(args.rounds):
         fill_queue(settings, bodies)
-        ceilings.append(args.messages / measure_ceiling(settings, args.messages))
-        clear_tables(settings.database_dsn)
-        rate, peak = smsq_rate(settings, bodies, ids)
-        rates.append(rate)
-        rss = max(rss, peak)
-        print(f"  round {len(rates)}: ceiling {ceilings[-1]:,.0f} msg/s, "
-              f"smsq consume {rate:,.0f} msg/s", flush=True)
-    ceiling, rate = max(ceilings), max(rates)
+        ceilings.append(measure_ceiling(settings, args.messages))
+        smsqs.append(smsq_run(settings, bodies, ids))
+        print(f"  round {len(smsqs)}: ceiling {ceilings[-1].rate:,.0f} msg/s, "
+              f"smsq consume {smsqs[-1].rate:,.0f} msg/s", flush=True)
+    ceiling = max(ceilings, key=lambda m: m.rate)
+    smsq = max(smsqs, key=lambda m: m.rate)
 
     clear_tables(settings.database_dsn)
-    naive_bodies = bodies[: args.naive_messages]
-    fill_queue(settings, naive_bodies)
-    naive = args.naive_messages / measure_naive(settings, args.naive_messages)
+    fill_queue(settings, bodies[: args.naive_messages])
+    naive = measure_naive(settings, args.naive_messages)
 
-    print(f"raw pika ceiling      {ceiling:10,.0f} msg/s")
-    print(f"naive loop            {naive:10,.0f} msg/s  ({args.naive_messages:,} messages)")
-    print(f"smsq consume          {rate:10,.0f} msg/s")
-    print(f"smsq / ceiling        {rate / ceiling:10.2f} x   (target >= 0.75)")
-    print(f"smsq / naive          {rate / naive:10.1f} x   (target >= 15)")
-    print(f"peak RSS              {rss / 2**20:10.1f} MB  (target < 100)", flush=True)
+    print(f"raw pika ceiling      {ceiling.rate:10,.0f} msg/s")
+    print(f"naive loop            {naive.rate:10,.0f} msg/s  ({args.naive_messages:,} messages)")
+    print(f"smsq consume          {smsq.rate:10,.0f} msg/s  (published to committed)")
+    print(f"smsq / ceiling        {smsq.rate / ceiling.rate:10.2f} x   (target >= 0.75)")
+    print(f"smsq / naive          {smsq.rate / naive.rate:10.1f} x   (target >= 15)")
+    peak_rss = max(m.peak_rss for m in smsqs)
+    print(f"peak RSS              {peak_rss / 2**20:10.1f} MB  (target < 100)")
+    print_cpu({"raw pika ceiling": ceiling, "naive loop": naive, "smsq consume": smsq},
+              os.cpu_count() or 1)
 
     if args.backlog:
-        clear_tables(settings.database_dsn)
-        started = time.perf_counter()
-        store_backlog(settings.database_dsn, args.backlog)
-        print(f"backlog of {args.backlog:,} rows stored in "
-              f"{time.perf_counter() - started:.0f} s", flush=True)
-        backlog_rates = []
-        for _ in range(args.rounds):
-            backlog_rate, peak = smsq_rate(settings, bodies, ids)
-            backlog_rates.append(backlog_rate)
-            delete_messages(settings.database_dsn, ids)
-            print(f"  round {len(backlog_rates)}: smsq consume {backlog_rate:,.0f} msg/s "
-                  f"with the backlog", flush=True)
-        backlog_rate = max(backlog_rates)
-        print(f"smsq consume, backlog {backlog_rate:10,.0f} msg/s  (peak RSS "
-              f"{peak / 2**20:.1f} MB)")
-        print(f"backlog / empty       {backlog_rate / rate:10.2f} x   (target >= 0.80)")
+        backlog = measure_backlog(args, settings, bodies, ids)
+        print(f"smsq consume, backlog {backlog.rate:10,.0f} msg/s  ({args.backlog:,} rows "
+              f"stored before; peak RSS {backlog.peak_rss / 2**20:.1f} MB)")
+        print(f"backlog / empty       {backlog.rate / smsq.rate:10.2f} x   (target >= 0.80)")
+
+
+def print_cpu(measurements: dict[str, Measurement], cpus: int) -> None:
+    """Where the CPU goes, per message: what bounds each rate on a machine this size."""
+    print(f"CPU per message, us   {'python':>8}{'postgres':>10}{'rabbitmq':>10}{'total':>8}"
+          f"   bound on {cpus} CPUs")
+    for name, m in measurements.items():
+        parts = [m.cpu_micros_per_message(p) for p in ("python", "postgres", "rabbitmq")]
+        print(f"  {name:<19}" + "".join(f"{v:>{w}.1f}" for v, w in zip(parts, (8, 10, 10)))
+              + f"{sum(parts):>8.1f}   {cpus * 1e6 / sum(parts):,.0f} msg/s")
+    print("  (rabbitmq: the whole broker, shared with anything else running on it)")
+
+
+def measure_backlog(args: argparse.Namespace, settings: Settings, bodies: list[bytes],
+                    ids: list[uuid.UUID]) -> Measurement:
+    clear_tables(settings.database_dsn)
+    started = time.perf_counter()
+    store_backlog(settings.database_dsn, args.backlog)
+    print(f"backlog of {args.backlog:,} rows stored in {time.perf_counter() - started:.0f} s",
+          flush=True)
+    runs = []
+    for _ in range(args.rounds):
+        runs.append(smsq_run(settings, bodies, ids, clear=False))
+        delete_messages(settings.database_dsn, ids)
+        print(f"  round {len(runs)}: smsq consume {runs[-1].rate:,.0f} msg/s with the backlog",
+              flush=True)
+    return max(runs, key=lambda m: m.rate)
 
 
 def delete_messages(dsn: str, ids: list[uuid.UUID]) -> None:
@@ -379,13 +453,16 @@ def delete_messages(dsn: str, ids: list[uuid.UUID]) -> None:
         conn.execute("CHECKPOINT")
 
 
-def smsq_rate(settings: Settings, bodies: list[bytes], ids: list[uuid.UUID]) -> tuple[float, int]:
+def smsq_run(settings: Settings, bodies: list[bytes], ids: list[uuid.UUID],
+             clear: bool = True) -> Measurement:
+    if clear:
+        clear_tables(settings.database_dsn)
     fill_queue(settings, bodies)
-    seconds, rss = measure_smsq(settings, ids[-1])
+    measurement = measure_smsq(settings, len(ids), ids[-1])
     found = stored(settings.database_dsn, ids)
     if found != len(ids):
         raise RuntimeError(f"smsq consume stored {found} of {len(ids)} messages")
-    return len(ids) / seconds, rss
+    return measurement
 
 
 def main(argv: list[str]) -> int:

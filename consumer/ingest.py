@@ -264,6 +264,7 @@ class Ingester:
                 finally:
                     self._close_amqp()
         finally:
+            self.stop.request()  # however the loop ended, the writer must not retry forever
             self.writer.close()
         log.info("consumer stopped", extra={"action": "consume_stopped"})
 
