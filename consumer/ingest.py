@@ -331,9 +331,9 @@ class Ingester:
             log.exception("validation failed unexpectedly", extra={"action": "validation_bug"})
             delivery.error = "message: smsq could not validate it (a bug; see its log)"
             return delivery
-        notification_id = notification.id or derive_id(properties.message_id, body)
+        fallback_id = derive_id(properties.message_id, body) if notification.id is None else None
         sender = sender_for(notification.sms.to_phone_number, self.senders)
-        delivery.row = store.IngestRow(notification, notification_id, sender)
+        delivery.row = store.IngestRow(notification, sender, fallback_id)
         return delivery
 
     # -- hand over, then acknowledge what the writer stored ---------------------------------

@@ -76,8 +76,12 @@ class IngestRow:
     """A validated message ready to be stored."""
 
     notification: Notification
-    id: uuid.UUID  # the message's own id, or the one derived for it
     sender: str = ""
+    fallback_id: uuid.UUID | None = None  # the id of a message that carries none
+
+    @property
+    def id(self) -> uuid.UUID:
+        return self.notification.id or self.fallback_id
 
 
 def prepare_ingest(conn: psycopg.Connection) -> None:

@@ -12,6 +12,7 @@ import binascii
 import functools
 import hashlib
 import uuid
+from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -162,6 +163,15 @@ class Notification(_Strict):
             if self.expire_datetime <= self.publish_datetime:
                 raise ValueError("expire_datetime must be after publish_datetime")
         return self
+
+    def with_defaults(self, fallback_id: uuid.UUID, now: datetime | None = None) -> Notification:
+        """The message as stored: with its id and publish time filled in."""
+        return self.model_copy(
+            update={
+                "id": self.id or fallback_id,
+                "publish_datetime": self.publish_datetime or now or datetime.now(timezone.utc),
+            }
+        )
 
 
 def derive_id(message_id: str | None, body: bytes) -> uuid.UUID:

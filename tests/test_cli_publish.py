@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import uuid
 
 import psycopg
@@ -12,12 +13,13 @@ import pytest
 
 from consumer import amqp
 from consumer.settings import Settings
-from tests.support import ROOT, env_of, get_all, publish_raw, queue_depth
+from tests.support import env_of, get_all, publish_raw, queue_depth
 
 
 def smsq(settings: Settings, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "consumer.cli", *args], input=stdin,
-                          env=env_of(settings), cwd=ROOT, capture_output=True, text=True,
+                          env=env_of(settings), cwd=tempfile.gettempdir(),
+                          capture_output=True, text=True,
                           timeout=60)
 
 
