@@ -39,8 +39,10 @@ ID_NAMESPACE = uuid.UUID("6f1c2a4e-8b0d-5c3e-9a71-5d2f0e8b4c19")
 
 
 class _Strict(BaseModel):
-    # Unknown fields are rejected: a typo must not silently drop data.
-    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, frozen=True)
+    # Unknown fields are rejected: a typo must not silently drop data. Only keys are worth
+    # caching while parsing: values (bodies, ids, numbers) rarely repeat.
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, frozen=True,
+                              cache_strings="keys")
 
 
 def _one_or_many(value: Any) -> Any:

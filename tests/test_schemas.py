@@ -55,6 +55,7 @@ def test_one_media_url_becomes_a_list():
     (b"not json", "message: not valid JSON"),
     (b"[1, 2]", "message: must be a JSON object, got an array"),
     (b"\xff\xfe{}", "message: not UTF-8 text"),
+    (b'{"body": "a\xffb", "sms": {"to_phone_number": "+14155550123"}}', "message: not UTF-8 text"),
     (message(body=None), "body: must be a string"),
     (json.dumps({"sms": VALID["sms"]}).encode(), "body: required field is missing"),
     (message(body=""), "body: must not be empty"),
