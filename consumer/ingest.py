@@ -11,8 +11,8 @@ Two threads, each owning one connection:
   order they were handed over, retrying through a Postgres outage.
 
 So pika keeps reading while Postgres commits (psycopg releases the GIL while it waits),
-which is most of ingest's speed, and pika is only ever touched from its own thread: the
-writer merely wakes it with `add_callback_threadsafe`. Nothing is acknowledged before it is
+and pika is only ever touched from its own thread: the writer merely wakes it with
+`add_callback_threadsafe`. Nothing is acknowledged before it is
 committed or dead-lettered, and nothing is acknowledged on a channel other than the one it
 came from: after a reconnect the broker redelivers, and the ids make a second store a no-op.
 
