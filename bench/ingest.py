@@ -180,7 +180,7 @@ def durability(dsn: str) -> str:
 def clear_tables(dsn: str) -> None:
     """Empty, as after a fresh migration (TRUNCATE also forgets the statistics)."""
     with psycopg.connect(dsn) as conn:
-        conn.execute("TRUNCATE notification, sms_notification, sms_temporary_media")
+        conn.execute("TRUNCATE notification, sms_notification, sms_temporary_media CASCADE")
 
 
 def store_backlog(dsn: str, rows: int) -> None:
