@@ -170,14 +170,15 @@ class BatchWriter:
         started = time.perf_counter()
         try:
             db = self._connection()
+            self._replan_now_and_then(db)
             inserted = self._insert(db, batch)
             db.commit()
         except psycopg.OperationalError:
             self._close_db()
             metrics.DEPENDENCY_UP.labels("postgres").set(0)
             raise
+        self.rows_since_replan += inserted
         stored = len(batch.rows())
-        self._replan_now_and_then(db, inserted)
         metrics.MESSAGES_INGESTED.inc(inserted)
         metrics.MESSAGES_DUPLICATE.inc(stored - inserted)
         metrics.INGEST_BATCH_SECONDS.observe(time.perf_counter() - started)
@@ -188,15 +189,17 @@ class BatchWriter:
     def _insert(self, db: psycopg.Connection, batch: Batch) -> int:
         try:
             return store.insert_batch(db, batch.rows())
-        except (psycopg.DataError, psycopg.IntegrityError):
+        except psycopg.DataError:
             db.rollback()
             return self._insert_one_by_one(db, batch)
 
     def _insert_one_by_one(self, db: psycopg.Connection, batch: Batch) -> int:
-        """A row that Postgres refuses spoiled the batch: store the others, dead-letter it.
+        """A value that Postgres refuses spoiled the batch: store the others, dead-letter it.
 
         Validation should leave nothing for Postgres to refuse; this keeps one message that
-        slipped through (a NUL character, say) from blocking the queue forever.
+        slipped through (a NUL character, say) from blocking the queue forever. Only data
+        errors: a broken constraint means a bug or a schema out of step, and dead-lettering
+        every message for it would be worse than stopping.
         """
         inserted = 0
         with db.transaction():
@@ -206,16 +209,14 @@ class BatchWriter:
                 try:
                     with db.transaction():  # a savepoint: a refused row spoils only itself
                         inserted += store.insert_batch(db, [delivery.row])
-                except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                except psycopg.DataError as exc:
                     delivery.row = None
                     delivery.error = f"message: refused by the database ({exc})"
         return inserted
 
-    def _replan_now_and_then(self, db: psycopg.Connection, inserted: int) -> None:
-        self.rows_since_replan += inserted
+    def _replan_now_and_then(self, db: psycopg.Connection) -> None:
         if self.rows_since_replan >= REPLAN_EVERY_ROWS:
             db.execute("DISCARD PLANS")
-            db.commit()
             self.rows_since_replan = 0
 
     def _connection(self) -> psycopg.Connection:
