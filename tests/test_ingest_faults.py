@@ -269,7 +269,7 @@ def test_rabbitmq_connection_closed_reconnects_and_loses_nothing(settings, tmp_p
 
 def test_sigterm_exits_0_and_loses_nothing(settings, tmp_path):
     log_path = tmp_path / "consume.log"
-    bodies, published = messages(10_000)
+    bodies, published = messages(20_000)
     declare_queues(settings)
     publish_in_transactions(settings, bodies)
     consumer = start_smsq(settings, "consume", log_path=log_path)
