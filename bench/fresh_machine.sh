@@ -133,6 +133,7 @@ start_network() {
 }
 
 cleanup() {
+    set +e
     [ -n "${SESSION:-}" ] && kill "$SESSION" 2>/dev/null  # unshare --kill-child ends the rest
     [ -n "${TUNNEL:-}" ] && kill "$TUNNEL" 2>/dev/null
     ip netns del "$NETNS" 2>/dev/null
