@@ -91,11 +91,13 @@ stored() {
         2>/dev/null
 }
 published=
+# Up: run.sh returned 0 (smsq runs in the background), or it still runs (smsq in the
+# foreground) a minute after smsq status first answered.
+answered=
 for _ in $(seq 300); do
-    # Up: run.sh returned 0 (smsq runs in the background), or still runs (in the foreground)
-    # and smsq status answers.
     if ! kill -0 "$run_pid" 2>/dev/null; then wait "$run_pid" && up=1 || up=; break; fi
-    [ -n "$(stored)" ] && { up=1; break; }
+    [ -z "$answered" ] && [ -n "$(stored)" ] && answered=$SECONDS
+    [ -n "$answered" ] && [ $((SECONDS - answered)) -ge 60 ] && { up=1; break; }
     sleep 1
 done
 if [ -n "${up:-}" ]; then
