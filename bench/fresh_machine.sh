@@ -117,6 +117,14 @@ if [ -x scripts/stop.sh ]; then
 fi
 kill -TERM "$run_pid" 2>/dev/null && wait "$run_pid"
 
+# As after a reboot where nothing starts them: the services are installed but stopped.
+say "services stopped: ./scripts/test.sh -x -q -k schemas"
+rabbitmqctl stop >/dev/null 2>&1
+for cluster in /etc/postgresql/*/main; do
+    version="${cluster%/main}"; pg_ctlcluster "${version##*/}" main stop
+done
+./scripts/test.sh -x -q -k schemas || failed+=("test.sh with the services stopped (exit $?)")
+
 if [ ${#failed[@]} = 0 ]; then say "FRESH MACHINE: everything worked"; exit 0; fi
 say "FRESH MACHINE: failed: ${failed[*]}"
 exit 1
