@@ -23,7 +23,7 @@ apt_install() {
 ensure_venv() {
     if [ ! -x "$PY" ]; then
         say "creating the virtualenv in .venv"
-        python3 -m venv "$VENV" 2>/dev/null || { rm -rf "$VENV"; apt_install python3-venv; python3 -m venv "$VENV"; }
+        python3 -m venv "$VENV" >/dev/null 2>&1 || { rm -rf "$VENV"; apt_install python3-venv; python3 -m venv "$VENV"; }
     fi
     local stamp="$VENV/.smsq-installed"
     if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
