@@ -34,6 +34,19 @@ ensure_venv() {
     fi
 }
 
+# Programs the tests run besides Python, which a fresh Debian lacks: git (the quick-start test
+# clones this checkout), ss from iproute2 (fault tests find a process's connections) and
+# libatomic1 (Playwright's driver, the node binary in its wheel, is linked to it).
+ensure_test_programs() {
+    local missing=()
+    command -v git >/dev/null || missing+=(git)
+    command -v ss >/dev/null || missing+=(iproute2)
+    deb_installed libatomic1 || missing+=(libatomic1)
+    [ ${#missing[@]} = 0 ] || apt_install "${missing[@]}"
+}
+
+deb_installed() { [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]; }
+
 # RabbitMQ and Postgres at AMQP_URL / DATABASE_URL: used if they answer, else started,
 # else installed from Debian's packages, or run with Docker where an engine is there.
 ensure_services() {

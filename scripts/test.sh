@@ -4,6 +4,7 @@
 #   ./scripts/test.sh -k ingest    # extra arguments go to pytest
 source "$(dirname "$0")/lib.sh"
 ensure_venv
+ensure_test_programs
 ensure_services
 ensure_browser
 cd "$ROOT"
