@@ -6,6 +6,7 @@
 #   sudo bench/fresh_machine.sh -x -q -k 'schemas or migrate'   # arguments go to test.sh
 #   FRESH_REF=main sudo bench/fresh_machine.sh       # which commit to clone (default HEAD)
 #   FRESH_REBUILD=1 ...                              # build the Debian root again
+#   FRESH_REUSE=1 ...        # the last run's machine again, as it was left (to dig into a failure)
 #
 # The "machine" is a Debian bookworm root built with debootstrap (minbase + python3 only) and
 # copied anew for every run, with a clone of this repository in /srv/smsq, run in its own
@@ -173,7 +174,12 @@ run_session() {
 }
 
 build_base
-new_machine
+if [ -n "${FRESH_REUSE:-}" ] && [ -d "$ROOTFS/srv/smsq" ]; then
+    say "the last run's machine again: $ROOTFS"
+    write_session > "$ROOTFS/srv/fresh-session.sh"
+else
+    new_machine
+fi
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 start_network
