@@ -7,6 +7,7 @@
 #   FRESH_REF=main sudo bench/fresh_machine.sh       # which commit to clone (default HEAD)
 #   FRESH_REBUILD=1 ...                              # build the Debian root again
 #   FRESH_REUSE=1 ...        # the last run's machine again, as it was left (to dig into a failure)
+#   FRESH_USER=1 ...         # as a user with sudo (the machine gets sudo and that user first)
 #
 # The "machine" is a Debian bookworm root built with debootstrap (minbase + python3 only) and
 # copied anew for every run, with a clone of this repository in /srv/smsq, run in its own
@@ -70,6 +71,7 @@ SOURCES
     git clone -q "$REPO" "$ROOTFS/srv/smsq"
     git -C "$ROOTFS/srv/smsq" checkout -q "$REV"
     write_session > "$ROOTFS/srv/fresh-session.sh"
+    write_login > "$ROOTFS/srv/fresh-login.sh"
 }
 
 # What a person does on the new machine, as root: the README's two commands, then a message.
@@ -79,12 +81,13 @@ write_session() {
 cd /srv/smsq
 failed=()
 say() { printf '\033[1m### %s\033[0m\n' "$*"; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 say "./scripts/test.sh $*"
 ./scripts/test.sh "$@" || failed+=("test.sh (exit $?)")
 
 say "./scripts/run.sh"
-./scripts/run.sh > /srv/run.log 2>&1 &
+./scripts/run.sh > /tmp/run.log 2>&1 &
 run_pid=$!
 stored() {
     .venv/bin/smsq status --json 2>/dev/null | .venv/bin/python -c \
@@ -111,7 +114,7 @@ if [ -n "${up:-}" ]; then
 else
     failed+=("run.sh: smsq did not come up")
 fi
-cat /srv/run.log
+cat /tmp/run.log
 if [ -x scripts/stop.sh ]; then
     say "./scripts/stop.sh"
     ./scripts/stop.sh || failed+=("stop.sh (exit $?)")
@@ -120,9 +123,9 @@ kill -TERM "$run_pid" 2>/dev/null && wait "$run_pid"
 
 # As after a reboot where nothing starts them: the services are installed but stopped.
 say "services stopped: ./scripts/test.sh -x -q -k schemas"
-rabbitmqctl stop >/dev/null 2>&1
+as_root rabbitmqctl stop >/dev/null 2>&1
 for cluster in /etc/postgresql/*/main; do
-    version="${cluster%/main}"; pg_ctlcluster "${version##*/}" main stop
+    version="${cluster%/main}"; as_root pg_ctlcluster "${version##*/}" main stop
 done
 ./scripts/test.sh -x -q -k schemas || failed+=("test.sh with the services stopped (exit $?)")
 
@@ -130,6 +133,23 @@ if [ ${#failed[@]} = 0 ]; then say "FRESH MACHINE: everything worked"; exit 0; f
 say "FRESH MACHINE: failed: ${failed[*]}"
 exit 1
 SESSION
+}
+
+# Who runs the session: root, or with FRESH_USER a user `dev` who may sudo, with the PATH a
+# Debian login gives a user (no sbin).
+write_login() {
+    if [ -z "${FRESH_USER:-}" ]; then echo 'exec /bin/bash /srv/fresh-session.sh "$@"'; return; fi
+    cat <<'LOGIN'
+set -e
+if ! id dev >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sudo >/dev/null
+    useradd --create-home --shell /bin/bash dev
+    echo 'dev ALL=(ALL) NOPASSWD: ALL' > /etc/sudoers.d/dev
+    chown -R dev: /srv/smsq
+fi
+exec runuser -u dev -- env -i HOME=/home/dev TERM=dumb LANG=C.UTF-8 \
+    PATH=/usr/local/bin:/usr/bin:/bin:/usr/games /bin/bash /srv/fresh-session.sh "$@"
+LOGIN
 }
 
 start_network() {
@@ -169,7 +189,7 @@ run_session() {
             hostname fresh
             exec chroot "$root" /usr/bin/env -i HOME=/root TERM=dumb LANG=C.UTF-8 \
                 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-                /bin/bash /srv/fresh-session.sh "$@"
+                /bin/bash /srv/fresh-login.sh "$@"
         ' fresh-machine "$ROOTFS" "$@"
 }
 
@@ -177,6 +197,7 @@ build_base
 if [ -n "${FRESH_REUSE:-}" ] && [ -d "$ROOTFS/srv/smsq" ]; then
     say "the last run's machine again: $ROOTFS"
     write_session > "$ROOTFS/srv/fresh-session.sh"
+    write_login > "$ROOTFS/srv/fresh-login.sh"
 else
     new_machine
 fi
