@@ -70,11 +70,14 @@ SOURCES
     printf '[global]\ncert = /etc/fresh-machine/ca-bundle.crt\n' > "$ROOTFS/etc/pip.conf"
     git clone -q "$REPO" "$ROOTFS/srv/smsq"
     git -C "$ROOTFS/srv/smsq" checkout -q "$REV"
+}
+
+write_scripts() {
     write_session > "$ROOTFS/srv/fresh-session.sh"
     write_login > "$ROOTFS/srv/fresh-login.sh"
 }
 
-# What a person does on the new machine, as root: the README's two commands, then a message.
+# What a person does on the new machine: the README's two commands, then a message.
 write_session() {
     cat <<'SESSION'
 #!/bin/bash
@@ -196,11 +199,10 @@ run_session() {
 build_base
 if [ -n "${FRESH_REUSE:-}" ] && [ -d "$ROOTFS/srv/smsq" ]; then
     say "the last run's machine again: $ROOTFS"
-    write_session > "$ROOTFS/srv/fresh-session.sh"
-    write_login > "$ROOTFS/srv/fresh-login.sh"
 else
     new_machine
 fi
+write_scripts
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 start_network
