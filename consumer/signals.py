@@ -35,9 +35,22 @@ class StopSignal:
     def _on_signal(self, signum: int, _frame: object) -> None:
         name = signal.Signals(signum).name
         if self.requested:
-            log.warning("second signal, exiting at once", extra={"action": "stop_forced",
-                                                                  "signal": name})
+            log_in_handler(logging.WARNING, "second signal, exiting at once",
+                           action="stop_forced", signal=name)
             os._exit(1)
-        log.info("stopping after the current batch", extra={"action": "stop_requested",
-                                                            "signal": name})
         self.request()
+        log_in_handler(logging.INFO, "stopping after the current batch",
+                       action="stop_requested", signal=name)
+
+
+def log_in_handler(level: int, message: str, **extra: object) -> None:
+    """Log from a signal handler, after it has acted.
+
+    The handler runs between two bytecodes of the main thread, possibly in the middle of a
+    write to stderr; a second write then raises RuntimeError ("reentrant call"). Losing that
+    one line is better than losing the stop request with it.
+    """
+    try:
+        log.log(level, message, extra=extra)
+    except RuntimeError:
+        pass

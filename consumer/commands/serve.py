@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from consumer.settings import Settings
+from consumer.signals import log_in_handler
 from consumer.web.app import create_app
 
 log = logging.getLogger(__name__)
@@ -36,13 +37,14 @@ class Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame: object) -> None:
+        name = signal.Signals(sig).name
         if self.should_exit:
-            log.warning("second signal, closing connections at once",
-                        extra={"action": "stop_forced", "signal": signal.Signals(sig).name})
             self.force_exit = True
+            log_in_handler(logging.WARNING, "second signal, closing connections at once",
+                           action="stop_forced", signal=name)
             return
-        log.info("stopping", extra={"action": "stop_requested", "signal": signal.Signals(sig).name})
         self.should_exit = True
+        log_in_handler(logging.INFO, "stopping", action="stop_requested", signal=name)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
