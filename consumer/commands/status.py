@@ -22,11 +22,12 @@ def collect(settings: Settings) -> dict:
     with psycopg.connect(settings.database_dsn) as conn:
         counts = store.counts_by_status(conn)
         oldest = store.oldest_due_age_seconds(conn)
+        senders = store.sender_buckets(conn)
     table = {status: {p: 0 for p in PRIORITIES} for status in STATUSES}
     for status, priority, count in counts:
         table[status][priority] = count
     return {"notifications": table, "oldest_due_age_seconds": oldest,
-            "queues": amqp.queue_depths(settings)}
+            "queues": amqp.queue_depths(settings), "senders": senders}
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
@@ -49,4 +50,16 @@ def render(report: dict) -> str:
     for queue, depth in report["queues"].items():
         lines.append(f"queue {queue}: " + ("not declared yet" if depth is None
                                             else f"{depth} message(s) ready"))
+    lines.append("")
+    lines.extend(render_senders(report["senders"]))
     return "\n".join(lines)
+
+
+def render_senders(senders: list[dict]) -> list[str]:
+    if not senders:
+        return ["senders: no dispatcher has paced one yet"]
+    lines = [f"{'sender':<36}{'tokens':>10}{'rate/s':>8}{'burst':>7}  {'paced by':<24}updated"]
+    for s in senders:
+        lines.append(f"{s['address'] or '(default)':<36}{s['tokens']:>10.2f}{s['rate']:>8g}"
+                     f"{s['capacity']:>7g}  {s['holder'] or '-':<24}{s['age_seconds']:.0f} s ago")
+    return lines
