@@ -8,6 +8,7 @@ import json
 import psycopg
 
 from consumer import amqp, store
+from consumer.commands.table import render_table
 from consumer.settings import Settings
 
 STATUSES = ("pending", "processing", "sent", "errored", "failed", "canceled")
@@ -22,7 +23,8 @@ def collect(settings: Settings) -> dict:
     with psycopg.connect(settings.database_dsn) as conn:
         counts = store.counts_by_status(conn)
         oldest = store.oldest_due_age_seconds(conn)
-        senders = store.sender_buckets(conn)
+        senders = [{**bucket, "tokens_now": tokens_now(bucket)}
+                   for bucket in store.sender_buckets(conn)]
     table = {status: {p: 0 for p in PRIORITIES} for status in STATUSES}
     for status, priority, count in counts:
         table[status][priority] = count
@@ -58,8 +60,12 @@ def render(report: dict) -> str:
 def render_senders(senders: list[dict]) -> list[str]:
     if not senders:
         return ["senders: no dispatcher has paced one yet"]
-    lines = [f"{'sender':<36}{'tokens':>10}{'rate/s':>8}{'burst':>7}  {'paced by':<24}updated"]
-    for s in senders:
-        lines.append(f"{s['address'] or '(default)':<36}{s['tokens']:>10.2f}{s['rate']:>8g}"
-                     f"{s['capacity']:>7g}  {s['holder'] or '-':<24}{s['age_seconds']:.0f} s ago")
-    return lines
+    rows = [(s["address"] or "(default)", round(s["tokens_now"], 2), s["rate"], s["capacity"],
+             s["holder"], f"{s['age_seconds']:.0f} s ago") for s in senders]
+    return [render_table(["sender", "tokens", "rate/s", "burst", "paced by", "updated"], rows)]
+
+
+def tokens_now(bucket: dict) -> float:
+    """The bucket as it stands now: what was written, refilled since, up to capacity."""
+    refilled = bucket["tokens"] + bucket["rate"] * max(bucket["age_seconds"], 0.0)
+    return min(bucket["capacity"], refilled)
