@@ -40,8 +40,9 @@ def is_sender_number(value: str) -> bool:
 def _sid(value: str | None, prefix: str, what: str) -> str | None:
     if value is None or value == "":
         return None
-    if not re.fullmatch(prefix + r"[0-9a-fA-F]{32}", value):
-        raise ValueError(f"must be {what}: {prefix} followed by 32 hexadecimal digits")
+    # Twilio's are hexadecimal; letters and digits are accepted so sandboxes may spell theirs.
+    if not re.fullmatch(prefix + r"[0-9A-Za-z]{32}", value):
+        raise ValueError(f"must be {what}: {prefix} followed by 32 letters and digits")
     return value
 
 

@@ -17,7 +17,7 @@ from tests.support import ROOT
 # Free-text settings need a hand-picked malformed value; typed ones get one from their type.
 MALFORMED_TEXT = {
     "amqp_url": "http://guest:guest@127.0.0.1:5672/",
-    "twilio_account_sid": "SK0123456789abcdef0123456789abcdef",
+    "twilio_account_sid": "SK0123456789abcdef0123456789abcdef",  # an API key, not an account
     "twilio_auth_token": "has spaces in it",
     "twilio_phone_number": "555-0123",
     "twilio_messaging_service_sid": "AC0123456789abcdef0123456789abcdef",
@@ -87,6 +87,7 @@ def test_settings_that_contradict_each_other_are_named(clean_env):
 @pytest.mark.parametrize("name, value", [
     ("twilio_phone_number", "+15005550006"),
     ("twilio_account_sid", "AC" + "0123456789abcdef" * 2),
+    ("twilio_account_sid", "ACfake" + "0" * 28),
     ("twilio_messaging_service_sid", "MG" + "0123456789abcdef" * 2),
     ("smsq_senders", "+15005550006, +14155550123"),
     ("smsq_http_host", "0.0.0.0"),
