@@ -79,9 +79,10 @@ trust_local_connections() {
 
 ctl() { "$VENV/bin/supervisorctl" -c "$ROOT/supervisord.conf" "$@"; }
 
-supervisord_running() {
+# The pid of this checkout's supervisord, if it runs (no virtualenv needed to find it).
+supervisord_pid() {
     local pid; pid="$(cat "$ROOT/run/supervisord.pid" 2>/dev/null)" || return 1
-    kill -0 "$pid" 2>/dev/null && ctl pid >/dev/null 2>&1
+    grep -q supervisord "/proc/$pid/cmdline" 2>/dev/null && echo "$pid"
 }
 
 port_answers() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
@@ -141,6 +142,11 @@ use_sandbox_unless_twilio_configured() {
     [ -n "$cfg_twilio_account_sid" ] && [ -n "$cfg_twilio_auth_token" ] && return 0
     SANDBOX=1
     export TWILIO_API_URL="http://127.0.0.1:$SMSQ_FAKE_TWILIO_PORT"
+    # One made-up account for the sandbox, dispatch and serve (which checks the signature
+    # of the sandbox's status callbacks with this token): they must agree.
+    export TWILIO_ACCOUNT_SID="AC$(printf '0%.0s' $(seq 32))"
+    TWILIO_AUTH_TOKEN="sandbox-$("$PY" -c 'import secrets; print(secrets.token_hex(8))')"
+    export TWILIO_AUTH_TOKEN
     [ -n "$cfg_twilio_phone_number$cfg_twilio_messaging_service_sid" ] \
         || export TWILIO_PHONE_NUMBER=+15005550006
     [ -n "$cfg_smsq_public_url" ] || export SMSQ_PUBLIC_URL="http://127.0.0.1:$cfg_smsq_http_port"
@@ -174,10 +180,11 @@ wait_for_programs() {
     return 1
 }
 
+# TERM to supervisord stops every program with its stopsignal and stopwaitsecs, then itself.
 stop_supervisord() {
-    local pid; pid="$(cat "$ROOT/run/supervisord.pid")"
+    local pid="$1"
     say "stopping smsq: each program finishes its batch, then exits"
-    ctl shutdown >/dev/null
+    kill -TERM "$pid"
     for _ in $(seq 600); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
     echo "supervisord ($pid) still runs after 60 s; see $ROOT/run/supervisord.log" >&2; return 1
 }

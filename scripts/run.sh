@@ -20,14 +20,16 @@ ensure_dashboard_login
 read_settings smsq_dashboard_user
 use_sandbox_unless_twilio_configured
 
-if supervisord_running; then
+if supervisord_pid >/dev/null; then
     say "smsq already runs under supervisord (./scripts/stop.sh first to apply new settings)"
 else
     start_supervisord
 fi
 wait_for_programs || { echo "smsq did not start; logs in run/log/" >&2; exit 1; }
 
-web="http://$cfg_smsq_http_host:$cfg_smsq_http_port"
+# A server listening on every address is reached locally at 127.0.0.1.
+web_host="$cfg_smsq_http_host"; case "$web_host" in 0.0.0.0|::|"[::]") web_host=127.0.0.1 ;; esac
+web="http://$web_host:$cfg_smsq_http_port"
 cat <<INFO
 
 smsq is running: consume, dispatch and serve under supervisord (logs in run/log/).
