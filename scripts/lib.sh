@@ -168,7 +168,7 @@ wait_for_programs() {
     [ -n "$SANDBOX" ] && wanted+=(sandbox:fake-twilio)
     for _ in $(seq 120); do
         state="$(ctl status "${wanted[@]}" 2>&1 || true)"
-        grep -qv ' RUNNING ' <<<"$state" || return 0
+        grep -qv ' RUNNING ' <<<"$state" || { wait_for_web; return; }
         grep -q ' FATAL ' <<<"$state" && break
         sleep 0.5
     done
@@ -181,6 +181,13 @@ wait_for_programs() {
 }
 
 # TERM to supervisord stops every program with its stopsignal and stopwaitsecs, then itself.
+# smsq serve accepting connections: the dashboard printed next can be opened at once.
+wait_for_web() {
+    for _ in $(seq 100); do port_answers 127.0.0.1 "$cfg_smsq_http_port" && return 0; sleep 0.1; done
+    echo "smsq serve does not answer on port $cfg_smsq_http_port; see run/log/serve.log" >&2
+    return 1
+}
+
 stop_supervisord() {
     local pid="$1"
     say "stopping smsq: each program finishes its batch, then exits"

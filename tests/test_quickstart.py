@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import urllib.request
 import uuid
 from pathlib import Path
@@ -24,6 +25,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from consumer import amqp
+from consumer.settings import Settings
 from tests.support import ROOT, wait_until
 
 PORTS = ("SMSQ_HTTP_PORT", "SMSQ_CONSUME_METRICS_PORT", "SMSQ_DISPATCH_METRICS_PORT",
@@ -93,22 +96,24 @@ def supervisord_pid(clone: Path) -> int | None:
 
 
 @pytest.fixture
-def brought_up(clone: Path, quickstart_env: dict[str, str]):
-    """./scripts/run.sh in the clone: (its output); stopped for sure afterwards."""
-    done = subprocess.run(["./scripts/run.sh"], cwd=clone, env=quickstart_env,
-                          capture_output=True, text=True, timeout=180)
-    try:
+def bring_up(clone: Path, quickstart_env: dict[str, str]):
+    """./scripts/run.sh in the clone, with extra environment: its output. Stopped for sure
+    afterwards, whatever the test did."""
+    def run(**extra_env: str) -> str:
+        quickstart_env.update(extra_env)
+        done = subprocess.run(["./scripts/run.sh"], cwd=clone, env=quickstart_env,
+                              capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stdout + done.stderr
-        yield done.stdout
-    finally:
-        pid = supervisord_pid(clone)
-        if pid:  # the test failed before its own stop: do not leave programs behind
-            os.kill(pid, signal.SIGTERM)
-            wait_until(lambda: supervisord_pid(clone) is None, timeout=60)
+        return done.stdout
+    yield run
+    pid = supervisord_pid(clone)
+    if pid:  # the test failed before its own stop: leave no programs behind
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: supervisord_pid(clone) is None, timeout=60)
 
 
-def test_run_sh_brings_it_all_up_and_stop_sh_stops_it(clone, quickstart_env, brought_up):
-    out, env = brought_up, quickstart_env
+def test_run_sh_brings_it_all_up_and_stop_sh_stops_it(clone, quickstart_env, bring_up):
+    out, env = bring_up(), quickstart_env
     web = f"http://127.0.0.1:{env['SMSQ_HTTP_PORT']}"
     assert "DELIVERS NOTHING" in out
     assert f"{web}/" in out and "http://127.0.0.1:15672" in out and "guest" in out
@@ -154,3 +159,81 @@ def check_metrics(env: dict[str, str]) -> None:
         assert 'smsq_backlog{priority="low",status="pending"} 0.0' in text
         assert "smsq_oldest_due_age_seconds 0.0" in text
     assert "smsq_" in serve
+
+
+def test_restarts_under_supervisord_during_traffic_lose_nothing_and_send_nothing_twice(
+        clone, quickstart_env, bring_up):
+    env = quickstart_env
+    bring_up(TWILIO_SMS_RATE="500", SMSQ_BURST="50")
+    publisher = StreamPublisher(env)
+    publisher.start()
+    try:
+        wait_until(lambda: len(publisher.published) >= 50, message="traffic to flow")
+        supervisorctl(clone, env, "restart", "consume", "dispatch", "serve")
+        supervisorctl(clone, env, "stop", "consume", "dispatch")
+        supervisorctl(clone, env, "start", "consume", "dispatch")
+    finally:
+        publisher.stop()
+    published = publisher.published
+    assert len(published) > 50
+
+    with psycopg.connect(env["DATABASE_URL"], autocommit=True) as conn:
+        def all_sent() -> bool:
+            return conn.execute("SELECT count(*) FROM notification WHERE status = 'sent'"
+                                ).fetchone()[0] == len(published)
+        wait_until(all_sent, timeout=90, message=f"{len(published)} messages to be sent")
+        stored = {str(row[0]) for row in conn.execute("SELECT id FROM notification")}
+    assert stored == set(published)
+    sandbox = f"http://127.0.0.1:{env['SMSQ_FAKE_TWILIO_PORT']}/_fake/messages"
+    bodies = [m["body"] for m in json.loads(get(sandbox))["messages"] if m["accepted"]]
+    assert sorted(bodies) == sorted(published.values())  # each one, exactly once
+    log = (clone / "run" / "supervisord.log").read_text()
+    assert log.count("stopped: dispatch (exit status 0)") == 2
+    assert log.count("stopped: consume (exit status 0)") == 2
+
+
+def supervisorctl(clone: Path, env: dict[str, str], *args: str) -> None:
+    subprocess.run([Path(sys.prefix) / "bin" / "supervisorctl", "-c", clone / "supervisord.conf",
+                    *args], env=env, check=True, capture_output=True, timeout=90)
+
+
+class StreamPublisher(threading.Thread):
+    """Publishes valid messages, confirmed, until stopped; `published` maps id -> body."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        super().__init__(daemon=True)
+        self.env = env
+        self.published: dict[str, str] = {}
+        self.stopping = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._publish_until_stopped()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test by stop()
+            self.error = exc
+
+    def _publish_until_stopped(self) -> None:
+        settings = Settings(_env_file=None, amqp_url=self.env["AMQP_URL"],
+                            smsq_exchange=self.env["SMSQ_EXCHANGE"],
+                            smsq_queue=self.env["SMSQ_QUEUE"])
+        connection = amqp.connect(settings, "test stream")
+        channel = connection.channel()
+        amqp.declare_topology(channel, settings)  # as `smsq publish` does, should consume lag
+        channel.confirm_delivery()
+        number = 0
+        while not self.stopping.wait(0.01):
+            notification_id, body = str(uuid.uuid4()), f"restart test {number}"
+            message = {"id": notification_id, "body": body,
+                       "sms": {"to_phone_number": "+14155550123"}}
+            channel.basic_publish(self.env["SMSQ_EXCHANGE"], "sms", json.dumps(message).encode(),
+                                  pika.BasicProperties(delivery_mode=2), mandatory=True)
+            self.published[notification_id] = body
+            number += 1
+        connection.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(timeout=30)
+        if self.error:
+            raise self.error
