@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import urllib.request
 import uuid
 from pathlib import Path
@@ -25,9 +24,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from consumer import amqp
 from consumer.settings import Settings
-from tests.support import ROOT, wait_until
+from tests.support import ROOT, StreamPublisher, wait_until
 
 PORTS = ("SMSQ_HTTP_PORT", "SMSQ_CONSUME_METRICS_PORT", "SMSQ_DISPATCH_METRICS_PORT",
          "SMSQ_FAKE_TWILIO_PORT")
@@ -165,7 +163,9 @@ def test_restarts_under_supervisord_during_traffic_lose_nothing_and_send_nothing
         clone, quickstart_env, bring_up):
     env = quickstart_env
     bring_up(TWILIO_SMS_RATE="500", SMSQ_BURST="50")
-    publisher = StreamPublisher(env)
+    publisher = StreamPublisher(Settings(_env_file=None, amqp_url=env["AMQP_URL"],
+                                         smsq_exchange=env["SMSQ_EXCHANGE"],
+                                         smsq_queue=env["SMSQ_QUEUE"]))
     publisher.start()
     try:
         wait_until(lambda: len(publisher.published) >= 50, message="traffic to flow")
@@ -195,45 +195,3 @@ def test_restarts_under_supervisord_during_traffic_lose_nothing_and_send_nothing
 def supervisorctl(clone: Path, env: dict[str, str], *args: str) -> None:
     subprocess.run([Path(sys.prefix) / "bin" / "supervisorctl", "-c", clone / "supervisord.conf",
                     *args], env=env, check=True, capture_output=True, timeout=90)
-
-
-class StreamPublisher(threading.Thread):
-    """Publishes valid messages, confirmed, until stopped; `published` maps id -> body."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        super().__init__(daemon=True)
-        self.env = env
-        self.published: dict[str, str] = {}
-        self.stopping = threading.Event()
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self._publish_until_stopped()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test by stop()
-            self.error = exc
-
-    def _publish_until_stopped(self) -> None:
-        settings = Settings(_env_file=None, amqp_url=self.env["AMQP_URL"],
-                            smsq_exchange=self.env["SMSQ_EXCHANGE"],
-                            smsq_queue=self.env["SMSQ_QUEUE"])
-        connection = amqp.connect(settings, "test stream")
-        channel = connection.channel()
-        amqp.declare_topology(channel, settings)  # as `smsq publish` does, should consume lag
-        channel.confirm_delivery()
-        number = 0
-        while not self.stopping.wait(0.01):
-            notification_id, body = str(uuid.uuid4()), f"restart test {number}"
-            message = {"id": notification_id, "body": body,
-                       "sms": {"to_phone_number": "+14155550123"}}
-            channel.basic_publish(self.env["SMSQ_EXCHANGE"], "sms", json.dumps(message).encode(),
-                                  pika.BasicProperties(delivery_mode=2), mandatory=True)
-            self.published[notification_id] = body
-            number += 1
-        connection.close()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.join(timeout=30)
-        if self.error:
-            raise self.error
