@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,13 @@ def start_smsq(settings: Settings, *args: str, log_path: Path | None = None,
 def stop(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
     process.send_signal(sig)
     return process.wait(timeout=timeout)
+
+
+def free_port() -> int:
+    """A port nothing listens on now (the OS picks it), for a program the test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 30, interval: float = 0.05,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -20,17 +19,12 @@ import pytest
 from consumer import amqp
 from consumer.fake_twilio import spawn
 from consumer.settings import Settings
-from tests.support import StreamPublisher, count_rows, publish_raw, start_smsq, wait_until
+from tests.support import (StreamPublisher, count_rows, free_port, publish_raw, start_smsq,
+                           wait_until)
 
 AUTH_TOKEN = "tok-S3CRET-4b1d"
 DASHBOARD_PASSWORD = "dash-S3CRET-9e2f"
 RECIPIENT = "+14155550123"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -12,29 +12,21 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
 import uuid
 from pathlib import Path
 
-import pika
 import psycopg
 import pytest
 from psycopg import sql
 
 from consumer.settings import Settings
-from tests.support import ROOT, StreamPublisher, wait_until
+from tests.support import ROOT, StreamPublisher, free_port, wait_until
 
 PORTS = ("SMSQ_HTTP_PORT", "SMSQ_CONSUME_METRICS_PORT", "SMSQ_DISPATCH_METRICS_PORT",
          "SMSQ_FAKE_TWILIO_PORT")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str) -> str:
@@ -51,7 +43,7 @@ def clone(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def quickstart_env(service_urls) -> dict[str, str]:
+def quickstart_env(service_urls, amqp_names) -> dict[str, str]:
     """An environment with no smsq or Twilio setting but its own names and free ports."""
     server_url, amqp_url = service_urls
     suffix = uuid.uuid4().hex[:10]
@@ -62,26 +54,18 @@ def quickstart_env(service_urls) -> dict[str, str]:
         SMSQ_VENV=sys.prefix,
         DATABASE_URL=f"postgresql://{info.get('user', 'postgres')}@{info.get('host', '127.0.0.1')}"
                      f":{info.get('port', 5432)}/smsq_quickstart_{suffix}",
-        AMQP_URL=amqp_url, SMSQ_EXCHANGE=f"quickstart.{suffix}", SMSQ_QUEUE=f"quickstart.{suffix}.sms",
-        **{name: str(free_port()) for name in PORTS},
+        AMQP_URL=amqp_url, SMSQ_EXCHANGE=amqp_names["smsq_exchange"],
+        SMSQ_QUEUE=amqp_names["smsq_queue"], **{name: str(free_port()) for name in PORTS},
     )
     yield env
-    _drop_database_and_queues(env)
+    _drop_database(env["DATABASE_URL"])
 
 
-def _drop_database_and_queues(env: dict[str, str]) -> None:
-    name = env["DATABASE_URL"].rsplit("/", 1)[1]
-    admin = env["DATABASE_URL"].rsplit("/", 1)[0] + "/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
+def _drop_database(url: str) -> None:
+    """The database run.sh created (amqp_names deletes the queues)."""
+    admin, name = url.rsplit("/", 1)
+    with psycopg.connect(f"{admin}/postgres", autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-    connection = pika.BlockingConnection(pika.URLParameters(env["AMQP_URL"]))
-    try:
-        channel = connection.channel()
-        for queue in (env["SMSQ_QUEUE"], env["SMSQ_QUEUE"] + ".dead"):
-            channel.queue_delete(queue)
-        channel.exchange_delete(env["SMSQ_EXCHANGE"])
-    finally:
-        connection.close()
 
 
 def supervisord_pid(clone: Path) -> int | None:
