@@ -123,7 +123,7 @@ ensure_dashboard_login() {
     [ -n "$cfg_smsq_dashboard_password" ] && return 0
     say "generating a dashboard password into .env"
     [ -n "$cfg_smsq_dashboard_user" ] || echo "SMSQ_DASHBOARD_USER=admin" >> "$ROOT/.env"
-    echo "SMSQ_DASHBOARD_PASSWORD=$("$PY" -c 'import secrets; print(secrets.token_urlsafe(12))')" \
+    echo "SMSQ_DASHBOARD_PASSWORD=$("$PY" -c 'import secrets; print(secrets.token_hex(12))')" \
         >> "$ROOT/.env"
     chmod 600 "$ROOT/.env"
 }

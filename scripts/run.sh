@@ -30,6 +30,7 @@ wait_for_programs || { echo "smsq did not start; logs in run/log/" >&2; exit 1; 
 # A server listening on every address is reached locally at 127.0.0.1.
 web_host="$cfg_smsq_http_host"; case "$web_host" in 0.0.0.0|::|"[::]") web_host=127.0.0.1 ;; esac
 web="http://$web_host:$cfg_smsq_http_port"
+bin="${VENV#"$ROOT"/}/bin"  # .venv/bin, as the README writes it, unless SMSQ_VENV is elsewhere
 cat <<INFO
 
 smsq is running: consume, dispatch and serve under supervisord (logs in run/log/).
@@ -39,12 +40,12 @@ smsq is running: consume, dispatch and serve under supervisord (logs in run/log/
                      http://127.0.0.1:$SMSQ_CONSUME_METRICS_PORT/metrics (consume)
                      http://127.0.0.1:$SMSQ_DISPATCH_METRICS_PORT/metrics (dispatch)
   RabbitMQ           http://127.0.0.1:15672   user guest, password guest
-  programs           $VENV/bin/supervisorctl -c supervisord.conf status
+  programs           $bin/supervisorctl -c supervisord.conf status
 
 Try it:
 
-  $VENV/bin/smsq publish --to +14155550123 --body "Hello from smsq"
-  $VENV/bin/smsq status
+  $bin/smsq publish --to +14155550123 --body "Hello from smsq"
+  $bin/smsq status
 
 Stop it all: ./scripts/stop.sh
 INFO
