@@ -11,6 +11,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from consumer import store
+from consumer.settings import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,13 @@ SENDERS_HELD = Gauge(
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
     """Expose /metrics on `port` in a background thread; 0 means no endpoint."""
-    if port:
+    if not port:
+        return
+    try:
         start_http_server(port, addr=host)
+    except OSError as exc:  # taken by another program: a setting to change, not a crash
+        raise ConfigError(f"SMSQ_METRICS_PORT: cannot listen on {host}:{port}: "
+                          f"{exc.strerror or exc}") from None
 
 STATUS_CALLBACKS = Counter(
     "smsq_status_callbacks_total",

@@ -3,6 +3,7 @@ and one line naming the variable, never a traceback."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import typing
@@ -115,3 +116,17 @@ def test_secrets_are_not_shown_by_repr():
     settings = Settings(_env_file=None, twilio_auth_token="s3cr3t-t0ken")
     assert "s3cr3t-t0ken" not in repr(settings)
     assert isinstance(settings.twilio_auth_token, SecretStr)
+
+
+def test_a_metrics_port_already_taken_stops_consume_with_exit_2(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "consumer.cli", "consume"], cwd=tmp_path, timeout=30,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "SMSQ_METRICS_PORT": str(port)},
+            capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr == (f"smsq consume: SMSQ_METRICS_PORT: cannot listen on 127.0.0.1:{port}: "
+                           "Address already in use\n")
