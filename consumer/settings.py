@@ -139,12 +139,20 @@ class Settings(BaseSettings):
     def _messaging_service_sid(cls, value: str | None) -> str | None:
         return _sid(value, "MG", "a Messaging Service SID")
 
-    @field_validator("twilio_auth_token", "smsq_dashboard_password")
+    @field_validator("twilio_auth_token")
     @classmethod
-    def _secret_without_blanks(cls, value: SecretStr | None) -> SecretStr | None:
+    def _token_without_blanks(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and (not value.get_secret_value()
                                   or _BLANK.search(value.get_secret_value())):
             raise ValueError("must not be empty or contain spaces")
+        return value
+
+    @field_validator("smsq_dashboard_password")
+    @classmethod
+    def _password_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        # A passphrase may hold spaces; only blanks alone mean a mistake.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("must not be blank")
         return value
 
     @field_validator("smsq_dashboard_user")

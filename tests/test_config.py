@@ -70,12 +70,11 @@ def test_malformed_setting_stops_with_exit_2_naming_it(name, clean_env, capsys):
     assert err.startswith(f"smsq: configuration error: {name.upper()}: "), err
 
 
-@pytest.mark.parametrize("name", ["twilio_auth_token", "smsq_dashboard_password"])
-def test_the_error_line_never_echoes_a_secret(name, clean_env, capsys):
-    clean_env.setenv(name.upper(), "s3cr3t t0ken")
+def test_the_error_line_never_echoes_a_secret(clean_env, capsys):
+    clean_env.setenv("TWILIO_AUTH_TOKEN", "s3cr3t t0ken")
     assert cli.main(["migrate", "--list"]) == 2
     err = capsys.readouterr().err
-    assert name.upper() in err and "s3cr3t" not in err
+    assert "TWILIO_AUTH_TOKEN" in err and "s3cr3t" not in err
 
 
 def test_settings_that_contradict_each_other_are_named(clean_env):
@@ -94,6 +93,7 @@ def test_settings_that_contradict_each_other_are_named(clean_env):
     ("smsq_http_host", "0.0.0.0"),
     ("smsq_http_host", "::1"),
     ("smsq_metrics_port", ""),
+    ("smsq_dashboard_password", "correct horse battery staple"),
 ])
 def test_well_formed_values_pass(name, value, clean_env):
     clean_env.setenv(name.upper(), value)
