@@ -28,6 +28,7 @@ TWILIO_DEFAULT_API_URL = "https://api.twilio.com"
 _BLANK = re.compile(r"\s")
 _HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}|\[?[0-9A-Fa-f:.]+\]?")
 _E164 = re.compile(r"\+[1-9]\d{6,14}")
+_MESSAGING_SERVICE = re.compile(r"MG[0-9A-Za-z]+")
 
 
 def is_sender_number(value: str) -> bool:
@@ -185,9 +186,9 @@ class Settings(BaseSettings):
     @classmethod
     def _sender_pool(cls, value: str) -> str:
         for entry in (s.strip() for s in value.split(",")):
-            if entry and not is_sender_number(entry):
-                raise ValueError("each comma-separated entry must be an E.164 phone number, "
-                                 f"e.g. +15005550006; got {entry!r}")
+            if entry and not (is_sender_number(entry) or _MESSAGING_SERVICE.fullmatch(entry)):
+                raise ValueError("each comma-separated entry must be an E.164 phone number "
+                                 f"(+15005550006) or a Messaging Service SID (MG...); got {entry!r}")
         return value
 
     @field_validator("amqp_url")

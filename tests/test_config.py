@@ -90,7 +90,7 @@ def test_settings_that_contradict_each_other_are_named(clean_env):
     ("twilio_account_sid", "ACfake" + "0" * 28),
     ("twilio_account_sid", "AC1"),
     ("twilio_messaging_service_sid", "MG" + "0123456789abcdef" * 2),
-    ("smsq_senders", "+15005550006, +14155550123"),
+    ("smsq_senders", "+15005550006, +14155550123, MG0123456789abcdef0123456789abcdef"),
     ("smsq_http_host", "0.0.0.0"),
     ("smsq_http_host", "::1"),
     ("smsq_metrics_port", ""),
