@@ -162,14 +162,15 @@ start_supervisord() {
     if [ -n "$SANDBOX" ]; then ctl start 'sandbox:*' >/dev/null; fi
 }
 
-# Every program RUNNING (up for its startsecs), or the end of the log of one that is not.
+# Every program RUNNING (up for its startsecs) and serve answering, or the end of the log
+# of one that is not.
 wait_for_programs() {
     local wanted=(consume dispatch serve) state name
     [ -n "$SANDBOX" ] && wanted+=(sandbox:fake-twilio)
     for _ in $(seq 120); do
         state="$(ctl status "${wanted[@]}" 2>&1 || true)"
         grep -qv ' RUNNING ' <<<"$state" || { wait_for_web; return; }
-        grep -q ' FATAL ' <<<"$state" && break
+        grep -qE ' (FATAL|EXITED) ' <<<"$state" && break
         sleep 0.5
     done
     echo "$state" >&2
@@ -180,14 +181,20 @@ wait_for_programs() {
     return 1
 }
 
-# TERM to supervisord stops every program with its stopsignal and stopwaitsecs, then itself.
-# smsq serve accepting connections: the dashboard printed next can be opened at once.
+# smsq serve answering its /healthz (not merely something on its port): the dashboard
+# printed next can be opened at once.
 wait_for_web() {
-    for _ in $(seq 100); do port_answers 127.0.0.1 "$cfg_smsq_http_port" && return 0; sleep 0.1; done
-    echo "smsq serve does not answer on port $cfg_smsq_http_port; see run/log/serve.log" >&2
+    local url="http://127.0.0.1:$cfg_smsq_http_port/healthz"
+    for _ in $(seq 50); do
+        "$PY" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' \
+            "$url" 2>/dev/null && return 0
+        sleep 0.2
+    done
+    echo "smsq serve does not answer at $url; see run/log/serve.log" >&2
     return 1
 }
 
+# TERM to supervisord stops every program with its stopsignal and stopwaitsecs, then itself.
 stop_supervisord() {
     local pid="$1"
     say "stopping smsq: each program finishes its batch, then exits"

@@ -9,11 +9,11 @@ source "$(dirname "$0")/lib.sh"
 : "${SMSQ_CONSUME_METRICS_PORT:=9101}" "${SMSQ_DISPATCH_METRICS_PORT:=9102}" "${SMSQ_FAKE_TWILIO_PORT:=8089}"
 
 ensure_venv
-ensure_services
 cd "$ROOT"
 read_settings amqp_url smsq_http_host smsq_http_port smsq_public_url smsq_dashboard_user \
     smsq_dashboard_password twilio_account_sid twilio_auth_token twilio_phone_number \
     twilio_messaging_service_sid
+ensure_services
 ensure_management_ui
 "$VENV/bin/smsq" migrate
 ensure_dashboard_login
@@ -25,7 +25,7 @@ if supervisord_pid >/dev/null; then
 else
     start_supervisord
 fi
-wait_for_programs || { echo "smsq did not start; logs in run/log/" >&2; exit 1; }
+wait_for_programs || { echo "smsq did not start: logs in run/log/; ./scripts/stop.sh to stop what did" >&2; exit 1; }
 
 # A server listening on every address is reached locally at 127.0.0.1.
 web_host="$cfg_smsq_http_host"; case "$web_host" in 0.0.0.0|::|"[::]") web_host=127.0.0.1 ;; esac
