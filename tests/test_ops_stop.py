@@ -37,7 +37,8 @@ def sandbox(settings):
         twilio_auth_token=AUTH_TOKEN, twilio_phone_number="+15005550006",
         twilio_sms_rate=40.0, smsq_burst=5.0, smsq_http_port=port,
         smsq_public_url=f"http://127.0.0.1:{port}", smsq_dashboard_user="admin",
-        smsq_dashboard_password=DASHBOARD_PASSWORD, smsq_log_format="json")})
+        smsq_dashboard_password=DASHBOARD_PASSWORD, smsq_log_format="json",
+        smsq_log_level="DEBUG")})
     yield sandboxed, control, process
     if process.poll() is None:
         process.kill()
