@@ -6,7 +6,9 @@ import logging
 from collections.abc import Iterator
 
 import psycopg
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -70,6 +72,7 @@ def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
         raise ConfigError(f"SMSQ_METRICS_PORT: cannot listen on {host}:{port}: "
                           f"{exc.strerror or exc}") from None
 
+
 STATUS_CALLBACKS = Counter(
     "smsq_status_callbacks_total",
     "Twilio status callbacks received by smsq serve, by what became of them",
@@ -81,6 +84,7 @@ MEDIA_REQUESTS = Counter(
 MEDIA_DELETED = Counter(
     "smsq_media_deleted_total", "Expired hosted media deleted by smsq serve's cleanup"
 )
+
 
 class BacklogCollector(Collector):
     """Backlog by status and priority, and the oldest due message's age, read at scrape time.
