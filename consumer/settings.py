@@ -188,7 +188,8 @@ class Settings(BaseSettings):
         for entry in (s.strip() for s in value.split(",")):
             if entry and not (is_sender_number(entry) or _MESSAGING_SERVICE.fullmatch(entry)):
                 raise ValueError("each comma-separated entry must be an E.164 phone number "
-                                 f"(+15005550006) or a Messaging Service SID (MG...); got {entry!r}")
+                                 "(+15005550006) or a Messaging Service SID (MG...); "
+                                 f"got {entry!r}")
         return value
 
     @field_validator("amqp_url")

@@ -65,7 +65,8 @@ def _drop_database(url: str) -> None:
     """The database run.sh created (amqp_names deletes the queues)."""
     admin, name = url.rsplit("/", 1)
     with psycopg.connect(f"{admin}/postgres", autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
 
 
 def supervisord_pid(clone: Path) -> int | None:

@@ -27,7 +27,8 @@ def since(text: str, now: datetime) -> datetime:
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
-        raise UsageError(f"--since: not a duration (30m, 2h, 1d) or an ISO time: {text!r}") from None
+        raise UsageError(
+            f"--since: not a duration (30m, 2h, 1d) or an ISO time: {text!r}") from None
     if moment.tzinfo is None:
         raise UsageError(f"--since: give the time zone, e.g. {text}Z or {text}+02:00")
     return moment

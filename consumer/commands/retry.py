@@ -20,7 +20,8 @@ from consumer.settings import Settings
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Return errored or failed notifications to pending, with a fresh set "
-                          "of attempts. A notification being sent or already sent is never touched.")
+                          "of attempts. A notification being sent or already sent is never "
+                          "touched.")
     parser.add_argument("ids", nargs="*", metavar="ID", help="notification ids")
     parser.add_argument("--status", choices=operations.RETRYABLE,
                         help="only this status (default: both)")
