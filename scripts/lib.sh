@@ -110,7 +110,7 @@ PY
 ensure_management_ui() {
     port_answers 127.0.0.1 15672 && return 0
     case "$cfg_amqp_url" in
-        *@127.0.0.1[:/]*|*@localhost[:/]*) ;;
+        *[@/]127.0.0.1[:/]*|*[@/]localhost[:/]*|*[@/]127.0.0.1|*[@/]localhost) ;;
         *) return 0 ;;  # a remote broker: its operator decides
     esac
     say "enabling RabbitMQ's management plugin"
