@@ -26,6 +26,9 @@ COMMANDS = {
     "fake-twilio": ("consumer.commands.fake_twilio", "a local stand-in for Twilio's Messages API"),
     "dispatch": ("consumer.commands.dispatch", "send due messages to Twilio, paced per sender"),
     "serve": ("consumer.commands.serve", "status callbacks, MMS media, dashboard, health, metrics"),
+    "retry": ("consumer.commands.retry", "errored or failed notifications back to pending"),
+    "cancel": ("consumer.commands.cancel", "cancel pending notifications"),
+    "dead": ("consumer.commands.dead", "list dead letters and why; send them back after a fix"),
 }
 
 

@@ -51,14 +51,25 @@ class TextFormatter(logging.Formatter):
         return mask_phone(line)
 
 
+def name_the_action(record: logging.LogRecord) -> bool:
+    """A line from a library (uvicorn, pika, ...) gets its logger's name as its action, so
+    every line can be filtered on one."""
+    if not getattr(record, "action", None):
+        record.action = record.name
+    return True
+
+
 def setup_logging(log_format: str = "text", level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.addFilter(name_the_action)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     # Library chatter (every pika frame, every HTTP request) is not an smsq event.
-    for noisy in ("pika", "twilio.http_client", "urllib3", "httpx", "uvicorn.access"):
+    # uvicorn's lifecycle lines repeat smsq serve's own serve_start / serve_stopped events.
+    for noisy in ("pika", "twilio.http_client", "urllib3", "httpx", "uvicorn.access",
+                  "uvicorn.error"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # A passive declare of a missing queue (smsq status) closes a channel: expected, not news.
     logging.getLogger("pika.channel").setLevel(logging.ERROR)

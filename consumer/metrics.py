@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+import logging
+from collections.abc import Iterator
+
+import psycopg
+from prometheus_client import (
+    REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from consumer import store
+from consumer.settings import ConfigError
+
+log = logging.getLogger(__name__)
 
 MESSAGES_INGESTED = Counter(
     "smsq_messages_ingested_total", "Messages stored in Postgres by smsq consume"
@@ -51,8 +64,14 @@ SENDERS_HELD = Gauge(
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
     """Expose /metrics on `port` in a background thread; 0 means no endpoint."""
-    if port:
+    if not port:
+        return
+    try:
         start_http_server(port, addr=host)
+    except OSError as exc:  # taken by another program: a setting to change, not a crash
+        raise ConfigError(f"SMSQ_METRICS_PORT: cannot listen on {host}:{port}: "
+                          f"{exc.strerror or exc}") from None
+
 
 STATUS_CALLBACKS = Counter(
     "smsq_status_callbacks_total",
@@ -65,3 +84,45 @@ MEDIA_REQUESTS = Counter(
 MEDIA_DELETED = Counter(
     "smsq_media_deleted_total", "Expired hosted media deleted by smsq serve's cleanup"
 )
+
+
+class BacklogCollector(Collector):
+    """Backlog by status and priority, and the oldest due message's age, read at scrape time.
+
+    Read from Postgres on each scrape (two indexed queries) rather than kept in gauges, so
+    every program shows the same truth whoever changed the rows. When Postgres does not
+    answer, the scrape still succeeds without these metrics (smsq_dependency_up says why).
+    """
+
+    def __init__(self, database_dsn: str) -> None:
+        self.database_dsn = database_dsn
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            with psycopg.connect(self.database_dsn, connect_timeout=2,
+                                 options="-c statement_timeout=2000") as conn:
+                backlog = store.backlog_counts(conn)
+                oldest = store.oldest_due_age_seconds(conn)
+        except psycopg.Error as exc:
+            log.warning("backlog not readable", extra={"action": "metrics_backlog_failed",
+                                                       "error": str(exc).splitlines()[0]})
+            return
+        yield backlog_family(backlog)
+        yield GaugeMetricFamily(
+            "smsq_oldest_due_age_seconds",
+            "Age of the oldest pending message that is due (0 when none waits)", value=oldest or 0)
+
+
+def backlog_family(rows: list[tuple[str, str, int]]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily("smsq_backlog", "Messages not done yet, by status and priority",
+                               labels=["status", "priority"])
+    found = {(status, priority): count for status, priority, count in rows}
+    for status in ("pending", "processing"):
+        for priority in ("high", "medium", "low"):
+            family.add_metric([status, priority], found.get((status, priority), 0))
+    return family
+
+
+def watch_backlog(database_dsn: str, registry: CollectorRegistry = REGISTRY) -> None:
+    """Add the backlog to this process's /metrics; called once by each program at start."""
+    registry.register(BacklogCollector(database_dsn))

@@ -6,6 +6,7 @@ error or the code sees the same name they set. Values also come from a `.env` fi
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import (
@@ -24,13 +25,39 @@ import phonenumbers
 TWILIO_DEFAULT_API_URL = "https://api.twilio.com"
 
 
+_BLANK = re.compile(r"\s")
+_HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}|\[?[0-9A-Fa-f:.]+\]?")
+_E164 = re.compile(r"\+[1-9]\d{6,14}")
+_MESSAGING_SERVICE = re.compile(r"MG[0-9A-Za-z]+")
+
+
+def is_sender_number(value: str) -> bool:
+    """E.164 and possible for its country: Twilio's test numbers (+1500555xxxx) pass."""
+    if not _E164.fullmatch(value):
+        return False
+    return phonenumbers.is_possible_number(phonenumbers.parse(value))
+
+
+def _sid(value: str | None, prefix: str, what: str) -> str | None:
+    if value is None or value == "":
+        return None
+    # Twilio's are 32 hex digits after the prefix; only the prefix and the alphabet are
+    # checked, so that sandboxes and tests may spell theirs.
+    if not re.fullmatch(prefix + r"[0-9A-Za-z]+", value):
+        raise ValueError(f"must be {what}: {prefix} followed by letters and digits "
+                         f"(e.g. {prefix}0123456789abcdef0123456789abcdef)")
+    return value
+
+
 class ConfigError(Exception):
     """A setting is missing or malformed; the message names the variable."""
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False,
+        # `SMSQ_METRICS_PORT=` in an env file means unset, as an operator would expect.
+        env_ignore_empty=True,
     )
 
     database_url: PostgresDsn = PostgresDsn("postgresql://postgres@127.0.0.1:5432/smsq")
@@ -95,6 +122,75 @@ class Settings(BaseSettings):
         if region not in phonenumbers.SUPPORTED_REGIONS:
             raise ValueError(f"not a region phonenumbers knows (e.g. US, GB, DE): {value!r}")
         return region
+
+    @field_validator("twilio_phone_number")
+    @classmethod
+    def _e164_sender(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not is_sender_number(value):
+            raise ValueError("must be a phone number in E.164 form, e.g. +15005550006")
+        return value
+
+    @field_validator("twilio_account_sid")
+    @classmethod
+    def _account_sid(cls, value: str | None) -> str | None:
+        return _sid(value, "AC", "an Account SID")
+
+    @field_validator("twilio_messaging_service_sid")
+    @classmethod
+    def _messaging_service_sid(cls, value: str | None) -> str | None:
+        return _sid(value, "MG", "a Messaging Service SID")
+
+    @field_validator("twilio_auth_token")
+    @classmethod
+    def _token_without_blanks(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and (not value.get_secret_value()
+                                  or _BLANK.search(value.get_secret_value())):
+            raise ValueError("must not be empty or contain spaces")
+        return value
+
+    @field_validator("smsq_dashboard_password")
+    @classmethod
+    def _password_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        # A passphrase may hold spaces; only blanks alone mean a mistake.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @field_validator("smsq_dashboard_user")
+    @classmethod
+    def _basic_auth_user(cls, value: str | None) -> str | None:
+        # HTTP Basic auth splits "user:password" at the first colon.
+        if value is not None and (not value or ":" in value or _BLANK.search(value)):
+            raise ValueError("must be a non-empty name without ':' or spaces")
+        return value
+
+    @field_validator("smsq_http_host")
+    @classmethod
+    def _host_name(cls, value: str) -> str:
+        if not _HOST.fullmatch(value):
+            raise ValueError("must be an IP address or a host name, e.g. 127.0.0.1 or 0.0.0.0")
+        return value
+
+    @field_validator("smsq_exchange", "smsq_queue", "smsq_routing_key")
+    @classmethod
+    def _amqp_name(cls, value: str) -> str:
+        if len(value.encode()) > 255 or _BLANK.search(value):
+            raise ValueError("must be at most 255 bytes, without spaces")
+        if value.startswith("amq."):
+            raise ValueError("names starting with 'amq.' are reserved by RabbitMQ")
+        return value
+
+    @field_validator("smsq_senders")
+    @classmethod
+    def _sender_pool(cls, value: str) -> str:
+        for entry in (s.strip() for s in value.split(",")):
+            if entry and not (is_sender_number(entry) or _MESSAGING_SERVICE.fullmatch(entry)):
+                raise ValueError("each comma-separated entry must be an E.164 phone number "
+                                 "(+15005550006) or a Messaging Service SID (MG...); "
+                                 f"got {entry!r}")
+        return value
 
     @field_validator("amqp_url")
     @classmethod

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 import psycopg
+from psycopg.rows import dict_row
 
 from schemas.message import Notification
 
@@ -150,3 +151,25 @@ def oldest_due_age_seconds(conn: psycopg.Connection) -> float | None:
            FROM notification WHERE status = 'pending' AND publish_datetime <= now()"""
     ).fetchone()
     return float(row[0]) if row and row[0] is not None else None
+
+
+# Counted through the partial indexes on pending and processing rows: cheap at every scrape.
+_BACKLOG = """
+SELECT status, priority, count(*) FROM notification
+WHERE status IN ('pending', 'processing') GROUP BY 1, 2
+"""
+
+
+def backlog_counts(conn: psycopg.Connection) -> list[tuple[str, str, int]]:
+    """(status, priority, count) of the messages not yet done: pending and processing."""
+    return conn.execute(_BACKLOG).fetchall()
+
+
+def sender_buckets(conn: psycopg.Connection) -> list[dict]:
+    """Each sender's token bucket as its dispatcher last wrote it (table dispatch_sender)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            """SELECT sender, address, holder, tokens, rate, capacity,
+                      extract(epoch FROM now() - updated_datetime)::float AS age_seconds
+               FROM dispatch_sender ORDER BY sender"""
+        ).fetchall()

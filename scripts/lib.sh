@@ -3,7 +3,9 @@
 
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="$ROOT/.venv"
+# SMSQ_VENV: use this (already installed) virtualenv instead of .venv, as is, never pip-installed
+# into; the quick-start test runs a fresh clone with the suite's own virtualenv this way.
+VENV="${SMSQ_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
@@ -21,6 +23,7 @@ apt_install() {
 
 # The virtualenv, with smsq and its test extras installed (re-installed when pyproject changes).
 ensure_venv() {
+    [ -n "${SMSQ_VENV:-}" ] && return 0
     if [ ! -x "$PY" ]; then
         say "creating the virtualenv in .venv"
         python3 -m venv "$VENV" >/dev/null 2>&1 || { rm -rf "$VENV"; apt_install python3-venv; python3 -m venv "$VENV"; }
@@ -83,6 +86,134 @@ start_postgres() {
 trust_local_connections() {
     local hba; hba="$(ls /etc/postgresql/*/main/pg_hba.conf | sort -V | tail -1)"
     as_root sed -i '1i host all postgres 127.0.0.1/32 trust\nhost all postgres ::1/128 trust' "$hba"
+}
+
+# -- smsq under supervisord: scripts/run.sh and scripts/stop.sh ------------------------------
+
+ctl() { "$VENV/bin/supervisorctl" -c "$ROOT/supervisord.conf" "$@"; }
+
+# The pid of this checkout's supervisord, if it runs (no virtualenv needed to find it).
+supervisord_pid() {
+    local pid; pid="$(cat "$ROOT/run/supervisord.pid" 2>/dev/null)" || return 1
+    grep -q supervisord "/proc/$pid/cmdline" 2>/dev/null && echo "$pid"
+}
+
+port_answers() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+# Settings as smsq sees them (environment, then .env) as shell variables cfg_<name>; secrets
+# come back masked, which is enough to know they are set. A bad setting stops here, exit 2.
+read_settings() {
+    local assignments
+    assignments="$(cd "$ROOT" && "$PY" - "$@" <<'PY'
+import shlex, sys
+from consumer.settings import ConfigError, load_settings
+try:
+    settings = load_settings()
+except ConfigError as exc:
+    sys.exit(f"smsq: configuration error: {exc}")
+for name in sys.argv[1:]:
+    value = getattr(settings, name)
+    print(f"cfg_{name}={shlex.quote('' if value is None else str(value))}")
+PY
+)" || exit 2
+    eval "$assignments"
+}
+
+# RabbitMQ's management UI (port 15672), when the broker runs on this machine.
+ensure_management_ui() {
+    port_answers 127.0.0.1 15672 && return 0
+    case "$cfg_amqp_url" in
+        *[@/]127.0.0.1[:/]*|*[@/]localhost[:/]*|*[@/]127.0.0.1|*[@/]localhost) ;;
+        *) return 0 ;;  # a remote broker: its operator decides
+    esac
+    say "enabling RabbitMQ's management plugin"
+    as_root env PATH="$PATH:/usr/sbin" rabbitmq-plugins enable rabbitmq_management >/dev/null \
+        || say "could not enable the management plugin; the UI at :15672 will be missing"
+}
+
+# A dashboard login: the one configured, else a generated one kept in the gitignored .env.
+ensure_dashboard_login() {
+    [ -n "$cfg_smsq_dashboard_password" ] && return 0
+    say "generating a dashboard password into .env"
+    [ -n "$cfg_smsq_dashboard_user" ] || echo "SMSQ_DASHBOARD_USER=admin" >> "$ROOT/.env"
+    echo "SMSQ_DASHBOARD_PASSWORD=$("$PY" -c 'import secrets; print(secrets.token_hex(12))')" \
+        >> "$ROOT/.env"
+    chmod 600 "$ROOT/.env"
+}
+
+# The generated password, to print; a password set elsewhere is the operator's to know.
+dashboard_password_hint() {
+    local line; line="$(grep '^SMSQ_DASHBOARD_PASSWORD=' "$ROOT/.env" 2>/dev/null | tail -1)"
+    if [ -n "$line" ] && [ -z "${SMSQ_DASHBOARD_PASSWORD:-}" ]; then echo "${line#*=} (in .env)"
+    else echo "the SMSQ_DASHBOARD_PASSWORD you set"; fi
+}
+
+# Without Twilio credentials everything goes to the local sandbox (smsq fake-twilio), which
+# delivers nothing. Exported for supervisord's programs only; nothing is written down.
+use_sandbox_unless_twilio_configured() {
+    SANDBOX=
+    [ -n "$cfg_twilio_account_sid" ] && [ -n "$cfg_twilio_auth_token" ] && return 0
+    SANDBOX=1
+    export TWILIO_API_URL="http://127.0.0.1:$SMSQ_FAKE_TWILIO_PORT"
+    # One made-up account for the sandbox, dispatch and serve (which checks the signature
+    # of the sandbox's status callbacks with this token): they must agree.
+    export TWILIO_ACCOUNT_SID="AC$(printf '0%.0s' $(seq 32))"
+    TWILIO_AUTH_TOKEN="sandbox-$("$PY" -c 'import secrets; print(secrets.token_hex(8))')"
+    export TWILIO_AUTH_TOKEN
+    [ -n "$cfg_twilio_phone_number$cfg_twilio_messaging_service_sid" ] \
+        || export TWILIO_PHONE_NUMBER=+15005550006
+    [ -n "$cfg_smsq_public_url" ] || export SMSQ_PUBLIC_URL="http://127.0.0.1:$cfg_smsq_http_port"
+}
+
+start_supervisord() {
+    export SMSQ_CONSUME_METRICS_PORT SMSQ_DISPATCH_METRICS_PORT SMSQ_FAKE_TWILIO_PORT
+    export SMSQ_VENV="$VENV"
+    mkdir -p "$ROOT/run/log"
+    say "starting consume, dispatch and serve under supervisord"
+    "$VENV/bin/supervisord" -c "$ROOT/supervisord.conf"
+    for _ in $(seq 100); do ctl pid >/dev/null 2>&1 && break; sleep 0.1; done
+    if [ -n "$SANDBOX" ]; then ctl start 'sandbox:*' >/dev/null; fi
+}
+
+# Every program RUNNING (up for its startsecs) and serve answering, or the end of the log
+# of one that is not.
+wait_for_programs() {
+    local wanted=(consume dispatch serve) state name
+    [ -n "$SANDBOX" ] && wanted+=(sandbox:fake-twilio)
+    for _ in $(seq 120); do
+        state="$(ctl status "${wanted[@]}" 2>&1 || true)"
+        grep -qv ' RUNNING ' <<<"$state" || { wait_for_web; return; }
+        grep -qE ' (FATAL|EXITED) ' <<<"$state" && break
+        sleep 0.5
+    done
+    echo "$state" >&2
+    for name in $(awk '$2 != "RUNNING" {print $1}' <<<"$state"); do
+        echo "--- the end of run/log/${name#*:}.log:" >&2
+        tail -n 5 "$ROOT/run/log/${name#*:}.log" >&2 || true
+    done
+    return 1
+}
+
+# smsq serve answering its /healthz (not merely something on its port): the dashboard
+# printed next can be opened at once.
+wait_for_web() {
+    local url="http://127.0.0.1:$cfg_smsq_http_port/healthz"
+    for _ in $(seq 50); do
+        "$PY" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' \
+            "$url" 2>/dev/null && return 0
+        sleep 0.2
+    done
+    echo "smsq serve does not answer at $url; see run/log/serve.log" >&2
+    return 1
+}
+
+# TERM to supervisord stops every program with its stopsignal and stopwaitsecs, then itself.
+stop_supervisord() {
+    local pid="$1"
+    say "stopping smsq: each program finishes its batch, then exits"
+    kill -TERM "$pid"
+    for _ in $(seq 600); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+    echo "supervisord ($pid) still runs after 60 s; see $ROOT/run/supervisord.log" >&2; return 1
 }
 
 # Headless Chromium for the browser test (Debian's packages; Playwright drives it through

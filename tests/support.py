@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,7 @@ from typing import Any
 import pika
 import psycopg
 
+from consumer import amqp
 from consumer.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +53,13 @@ def start_smsq(settings: Settings, *args: str, log_path: Path | None = None,
 def stop(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
     process.send_signal(sig)
     return process.wait(timeout=timeout)
+
+
+def free_port() -> int:
+    """A port nothing listens on now (the OS picks it), for a program the test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 30, interval: float = 0.05,
@@ -106,3 +118,44 @@ def get_all(settings: Settings, queue: str) -> list[tuple[pika.BasicProperties, 
 def count_rows(settings: Settings, where: str = "true") -> int:
     with psycopg.connect(settings.database_dsn) as conn:
         return conn.execute(f"SELECT count(*) FROM notification WHERE {where}").fetchone()[0]
+
+
+class StreamPublisher(threading.Thread):
+    """Publishes valid messages, confirmed, until stopped; `published` maps id -> body."""
+
+    def __init__(self, settings: Settings, interval: float = 0.01) -> None:
+        super().__init__(daemon=True)
+        self.settings = settings
+        self.interval = interval
+        self.published: dict[str, str] = {}
+        self.stopping = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._publish_until_stopped()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test by stop()
+            self.error = exc
+
+    def _publish_until_stopped(self) -> None:
+        connection = amqp.connect(self.settings, "test stream")
+        channel = connection.channel()
+        amqp.declare_topology(channel, self.settings)  # as `smsq publish` does
+        channel.confirm_delivery()
+        number = 0
+        while not self.stopping.wait(self.interval):
+            notification_id, body = str(uuid.uuid4()), f"stream message {number}"
+            message = {"id": notification_id, "body": body,
+                       "sms": {"to_phone_number": "+14155550123"}}
+            channel.basic_publish(self.settings.smsq_exchange, self.settings.smsq_routing_key,
+                                  json.dumps(message).encode(),
+                                  pika.BasicProperties(delivery_mode=2), mandatory=True)
+            self.published[notification_id] = body
+            number += 1
+        connection.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(timeout=30)
+        if self.error:
+            raise self.error

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import argparse
 
-from consumer import ingest
+from consumer import ingest, metrics
 from consumer.commands import UsageError
 from consumer.settings import Settings
 from consumer.signals import StopSignal
@@ -15,6 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
+    metrics.watch_backlog(settings.database_dsn)
     try:
         ingest.run(settings, StopSignal().install())
     except ingest.FatalBrokerError as exc:

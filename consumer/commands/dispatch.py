@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import argparse
 
-from consumer import dispatcher
+from consumer import dispatcher, metrics
 from consumer.settings import ConfigError, Settings
 from consumer.signals import StopSignal
 
@@ -16,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
     check_can_send(settings)
+    metrics.watch_backlog(settings.database_dsn)
     dispatcher.run(settings, StopSignal().install())
     return 0
 

@@ -8,6 +8,7 @@ import json
 import psycopg
 
 from consumer import amqp, store
+from consumer.commands.table import render_table
 from consumer.settings import Settings
 
 STATUSES = ("pending", "processing", "sent", "errored", "failed", "canceled")
@@ -22,11 +23,13 @@ def collect(settings: Settings) -> dict:
     with psycopg.connect(settings.database_dsn) as conn:
         counts = store.counts_by_status(conn)
         oldest = store.oldest_due_age_seconds(conn)
+        senders = [{**bucket, "tokens_now": tokens_now(bucket)}
+                   for bucket in store.sender_buckets(conn)]
     table = {status: {p: 0 for p in PRIORITIES} for status in STATUSES}
     for status, priority, count in counts:
         table[status][priority] = count
     return {"notifications": table, "oldest_due_age_seconds": oldest,
-            "queues": amqp.queue_depths(settings)}
+            "queues": amqp.queue_depths(settings), "senders": senders}
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
@@ -49,4 +52,20 @@ def render(report: dict) -> str:
     for queue, depth in report["queues"].items():
         lines.append(f"queue {queue}: " + ("not declared yet" if depth is None
                                             else f"{depth} message(s) ready"))
+    lines.append("")
+    lines.extend(render_senders(report["senders"]))
     return "\n".join(lines)
+
+
+def render_senders(senders: list[dict]) -> list[str]:
+    if not senders:
+        return ["senders: no dispatcher has paced one yet"]
+    rows = [(s["address"] or "(default)", round(s["tokens_now"], 2), s["rate"], s["capacity"],
+             s["holder"], f"{s['age_seconds']:.0f} s ago") for s in senders]
+    return [render_table(["sender", "tokens", "rate/s", "burst", "paced by", "updated"], rows)]
+
+
+def tokens_now(bucket: dict) -> float:
+    """The bucket as it stands now: what was written, refilled since, up to capacity."""
+    refilled = bucket["tokens"] + bucket["rate"] * max(bucket["age_seconds"], 0.0)
+    return min(bucket["capacity"], refilled)

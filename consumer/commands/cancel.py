@@ -1,0 +1,44 @@
+"""`smsq cancel`: cancel pending notifications (waiting or scheduled) by id.
+
+Only `pending` ones: a `processing` one may be at Twilio already, and a finished one is
+history. Exit status 1 when some of the ids given were not canceled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import psycopg
+
+from consumer import operations
+from consumer.commands import arguments
+from consumer.settings import Settings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Cancel pending notifications, so they are never sent. Notifications "
+                          "being sent or finished cannot be canceled (exit status 1).")
+    parser.add_argument("ids", nargs="+", metavar="ID", help="notification ids")
+    parser.add_argument("--reason", default="canceled by an operator",
+                        help="stored in status_message")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    wanted = list(dict.fromkeys(arguments.notification_id(i) for i in args.ids))
+    with psycopg.connect(settings.database_dsn, autocommit=True) as conn:
+        canceled = operations.cancel(conn, wanted, reason=args.reason)
+    refused = [i for i in wanted if i not in set(canceled)]
+    if args.json:
+        print(json.dumps({"canceled": [str(i) for i in canceled],
+                          "not_canceled": [str(i) for i in refused]}))
+    else:
+        print(f"{len(canceled)} notification(s) canceled")
+        for notification_id in canceled:
+            print(f"  {notification_id}")
+        if refused:
+            print(f"{len(refused)} not canceled (not pending: being sent, finished, or unknown)")
+            for notification_id in refused:
+                print(f"  {notification_id}")
+    return 1 if refused else 0

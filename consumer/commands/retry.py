@@ -1,0 +1,56 @@
+"""`smsq retry`: errored or failed notifications back to pending, by id or by filter.
+
+    smsq retry 0b9a3c1e-6f0d-4a51-9d57-2f0c6d3e9a11
+    smsq retry --status errored --error-code 21611 --since 2h
+    smsq retry --all
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import datetime, timezone
+
+import psycopg
+
+from consumer import operations
+from consumer.commands import UsageError, arguments
+from consumer.settings import Settings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Return errored or failed notifications to pending, with a fresh set "
+                          "of attempts. A notification being sent or already sent is never "
+                          "touched.")
+    parser.add_argument("ids", nargs="*", metavar="ID", help="notification ids")
+    parser.add_argument("--status", choices=operations.RETRYABLE,
+                        help="only this status (default: both)")
+    parser.add_argument("--error-code", type=int, metavar="CODE",
+                        help="only this Twilio error code, e.g. 21611")
+    parser.add_argument("--since", metavar="WHEN",
+                        help="only those created since: 30m, 2h, 1d or an ISO time")
+    parser.add_argument("--all", action="store_true",
+                        help="every errored and failed notification")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    selected = bool(args.ids or args.status or args.error_code is not None or args.since)
+    if not (selected or args.all):
+        raise UsageError("say which: notification ids, a filter (--status, --error-code, "
+                         "--since), or --all")
+    with psycopg.connect(settings.database_dsn, autocommit=True) as conn:
+        retried = operations.retry(
+            conn,
+            ids=[arguments.notification_id(i) for i in args.ids] or None,
+            statuses=[args.status] if args.status else operations.RETRYABLE,
+            error_code=args.error_code,
+            since=arguments.since(args.since, datetime.now(timezone.utc)) if args.since else None,
+        )
+    if args.json:
+        print(json.dumps({"retried": [str(i) for i in retried]}))
+    else:
+        print(f"{len(retried)} notification(s) back to pending")
+        for notification_id in retried:
+            print(f"  {notification_id}")
+    return 0

@@ -1,0 +1,133 @@
+"""Every setting is validated at start: a malformed one ends the program with exit status 2
+and one line naming the variable, never a traceback."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import typing
+
+import pytest
+from pydantic import AnyHttpUrl, PostgresDsn, SecretStr
+
+from consumer import cli
+from consumer.settings import ConfigError, Settings, load_settings
+from tests.support import ROOT
+
+# Free-text settings need a hand-picked malformed value; typed ones get one from their type.
+MALFORMED_TEXT = {
+    "amqp_url": "http://guest:guest@127.0.0.1:5672/",
+    "twilio_account_sid": "SK0123456789abcdef0123456789abcdef",  # an API key, not an account
+    "twilio_auth_token": "has spaces in it",
+    "twilio_phone_number": "555-0123",
+    "twilio_messaging_service_sid": "AC0123456789abcdef0123456789abcdef",
+    "smsq_default_region": "XX",
+    "smsq_http_host": "not a host",
+    "smsq_dashboard_user": "ad:min",
+    "smsq_dashboard_password": " ",
+    "smsq_exchange": "amq.reserved",
+    "smsq_queue": "with space",
+    "smsq_routing_key": "x" * 256,
+    "smsq_senders": "+15005550006,12345",
+}
+MALFORMED_BY_TYPE = {
+    int: "twelve", float: "fast", bool: "maybe", PostgresDsn: "mysql://db/smsq",
+    AnyHttpUrl: "ftp://example.com",
+}
+
+
+def malformed_value(name: str) -> str:
+    if name in MALFORMED_TEXT:
+        return MALFORMED_TEXT[name]
+    annotation = typing.get_type_hints(Settings)[name]
+    if typing.get_origin(annotation) is typing.Literal:
+        return "neither-of-them"
+    base = next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
+    if base in MALFORMED_BY_TYPE:
+        return MALFORMED_BY_TYPE[base]
+    raise AssertionError(f"add a malformed example of {name.upper()} to MALFORMED_TEXT")
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> pytest.MonkeyPatch:
+    """No smsq setting from the environment or from a .env file."""
+    monkeypatch.chdir(tmp_path)
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("name", sorted(Settings.model_fields))
+def test_malformed_setting_stops_with_exit_2_naming_it(name, clean_env, capsys):
+    clean_env.setenv(name.upper(), malformed_value(name))
+
+    status = cli.main(["migrate", "--list"])
+
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"smsq: configuration error: {name.upper()}: "), err
+
+
+def test_the_error_line_never_echoes_a_secret(clean_env, capsys):
+    clean_env.setenv("TWILIO_AUTH_TOKEN", "s3cr3t t0ken")
+    assert cli.main(["migrate", "--list"]) == 2
+    err = capsys.readouterr().err
+    assert "TWILIO_AUTH_TOKEN" in err and "s3cr3t" not in err
+
+
+def test_settings_that_contradict_each_other_are_named(clean_env):
+    clean_env.setenv("SMSQ_RETRY_BACKOFF", "60")
+    clean_env.setenv("SMSQ_RETRY_BACKOFF_MAX", "10")
+    with pytest.raises(ConfigError, match="SMSQ_RETRY_BACKOFF_MAX"):
+        load_settings()
+
+
+@pytest.mark.parametrize("name, value", [
+    ("twilio_phone_number", "+15005550006"),
+    ("twilio_account_sid", "AC" + "0123456789abcdef" * 2),
+    ("twilio_account_sid", "ACfake" + "0" * 28),
+    ("twilio_account_sid", "AC1"),
+    ("twilio_messaging_service_sid", "MG" + "0123456789abcdef" * 2),
+    ("smsq_senders", "+15005550006, +14155550123, MG0123456789abcdef0123456789abcdef"),
+    ("smsq_http_host", "0.0.0.0"),
+    ("smsq_http_host", "::1"),
+    ("smsq_metrics_port", ""),
+    ("smsq_dashboard_password", "correct horse battery staple"),
+])
+def test_well_formed_values_pass(name, value, clean_env):
+    clean_env.setenv(name.upper(), value)
+    load_settings()
+
+
+def test_a_real_process_prints_one_line_and_no_traceback(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "SMSQ_HTTP_PORT": "99999",
+           "TWILIO_AUTH_TOKEN": "s3cr3t-t0ken"}
+    done = subprocess.run([sys.executable, "-m", "consumer.cli", "consume"], cwd=tmp_path,
+                          env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr == ("smsq: configuration error: SMSQ_HTTP_PORT: "
+                           "Input should be less than or equal to 65535\n")
+
+
+def test_secrets_are_not_shown_by_repr():
+    settings = Settings(_env_file=None, twilio_auth_token="s3cr3t-t0ken")
+    assert "s3cr3t-t0ken" not in repr(settings)
+    assert isinstance(settings.twilio_auth_token, SecretStr)
+
+
+def test_a_metrics_port_already_taken_stops_consume_with_exit_2(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "consumer.cli", "consume"], cwd=tmp_path, timeout=30,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "SMSQ_METRICS_PORT": str(port)},
+            capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr == (f"smsq consume: SMSQ_METRICS_PORT: cannot listen on 127.0.0.1:{port}: "
+                           "Address already in use\n")
