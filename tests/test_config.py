@@ -13,7 +13,7 @@ from pydantic import AnyHttpUrl, PostgresDsn, SecretStr
 
 from consumer import cli
 from consumer.settings import ConfigError, Settings, load_settings
-from tests.support import ROOT
+from tests.support import ROOT, env_of
 
 # Free-text settings need a hand-picked malformed value; typed ones get one from their type.
 MALFORMED_TEXT = {
@@ -119,14 +119,15 @@ def test_secrets_are_not_shown_by_repr():
     assert isinstance(settings.twilio_auth_token, SecretStr)
 
 
-def test_a_metrics_port_already_taken_stops_consume_with_exit_2(tmp_path):
+def test_a_metrics_port_already_taken_stops_consume_with_exit_2(tmp_path, settings):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         done = subprocess.run(
             [sys.executable, "-m", "consumer.cli", "consume"], cwd=tmp_path, timeout=30,
-            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "SMSQ_METRICS_PORT": str(port)},
+            # its own migrated database: the line must not depend on what `smsq` holds
+            env=env_of(settings, PYTHONPATH=str(ROOT), SMSQ_METRICS_PORT=str(port)),
             capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr == (f"smsq consume: SMSQ_METRICS_PORT: cannot listen on 127.0.0.1:{port}: "
