@@ -230,7 +230,7 @@ def _with_dbname(url: str, name: str) -> str:
 
 def reset(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("TRUNCATE notification, sms_notification, dispatch_sender")
+        conn.execute("TRUNCATE notification, dispatch_sender CASCADE")
 
 
 def insert_pending(dsn: str, count: int, senders: list[str], spread: bool = False) -> None:
