@@ -29,7 +29,7 @@ MESSAGES_DEAD_LETTERED = Counter(
     ["field"],
 )
 INGEST_BATCH_SECONDS = Histogram(
-    "smsq_ingest_batch_seconds", "Time to store and acknowledge one ingest batch",
+    "smsq_ingest_batch_seconds", "Time the writer takes to store and commit one ingest batch",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 INGEST_BATCH_SIZE = Histogram(

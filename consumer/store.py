@@ -139,18 +139,10 @@ def _media_expiry(n: Notification) -> datetime:
 
 
 def counts_by_status(conn: psycopg.Connection) -> list[tuple[str, str, int]]:
-    """(status, priority, count) for every combination present."""
+    """(status, priority, count), from the deltas the triggers of migration 0004 append."""
     return conn.execute(
-        "SELECT status, priority, count(*) FROM notification GROUP BY 1, 2 ORDER BY 1, 2"
-    ).fetchall()
-
-
-def oldest_due_age_seconds(conn: psycopg.Connection) -> float | None:
-    row = conn.execute(
-        """SELECT extract(epoch FROM now() - min(publish_datetime))
-           FROM notification WHERE status = 'pending' AND publish_datetime <= now()"""
-    ).fetchone()
-    return float(row[0]) if row and row[0] is not None else None
+        """SELECT status, priority, sum(delta)::bigint FROM notification_count_delta
+           GROUP BY 1, 2 HAVING sum(delta) <> 0 ORDER BY 1, 2""").fetchall()
 
 
 # Counted through the partial indexes on pending and processing rows: cheap at every scrape.
@@ -169,7 +161,34 @@ def sender_buckets(conn: psycopg.Connection) -> list[dict]:
     """Each sender's token bucket as its dispatcher last wrote it (table dispatch_sender)."""
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(
-            """SELECT sender, address, holder, tokens, rate, capacity,
+            """SELECT sender, address, holder, tokens, rate, capacity, updated_datetime,
                       extract(epoch FROM now() - updated_datetime)::float AS age_seconds
                FROM dispatch_sender ORDER BY sender"""
         ).fetchall()
+
+
+# The oldest due message without reading every pending row: a skip scan over the senders
+# of notification_due_idx, then the first row of each (sender, priority) group.
+_OLDEST_DUE = """
+WITH RECURSIVE senders(sender) AS (
+    (SELECT sender FROM notification WHERE status = 'pending' ORDER BY sender LIMIT 1)
+    UNION ALL
+    SELECT (SELECT n.sender FROM notification n
+            WHERE n.status = 'pending' AND n.sender > s.sender ORDER BY n.sender LIMIT 1)
+    FROM senders s WHERE s.sender IS NOT NULL
+)
+SELECT extract(epoch FROM now() - min(first_due.publish_datetime))
+FROM senders s
+CROSS JOIN (VALUES (0::smallint), (1::smallint), (2::smallint)) AS ranks(rank)
+CROSS JOIN LATERAL (
+    SELECT n.publish_datetime FROM notification n
+    WHERE n.status = 'pending' AND n.sender = s.sender AND n.priority_rank = ranks.rank
+    ORDER BY n.publish_datetime LIMIT 1
+) first_due
+WHERE s.sender IS NOT NULL AND first_due.publish_datetime <= now()
+"""
+
+
+def oldest_due_age_seconds(conn: psycopg.Connection) -> float | None:
+    age = conn.execute(_OLDEST_DUE).fetchone()[0]
+    return float(age) if age is not None else None

@@ -25,8 +25,13 @@ def ingest(conn: psycopg.Connection, count: int, priority: str) -> list[uuid.UUI
     return [row.notification.id for row in rows]
 
 
+def real_counts(conn: psycopg.Connection) -> list[tuple[str, str, int]]:
+    return conn.execute("SELECT status, priority, count(*) FROM notification "
+                        "GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
+
+
 def assert_counts_exact(conn: psycopg.Connection) -> None:
-    assert store.counts_by_status(conn) == ingest_store.counts_by_status(conn)
+    assert ingest_store.counts_by_status(conn) == real_counts(conn)
 
 
 def test_counts_follow_inserts_updates_retries_cancels_and_deletes(settings):
@@ -50,10 +55,10 @@ def test_counts_follow_inserts_updates_retries_cancels_and_deletes(settings):
         conn.commit()
         assert_counts_exact(conn)
         rows = conn.execute("SELECT count(*) FROM notification_count_delta").fetchone()[0]
-        assert rows == len(ingest_store.counts_by_status(conn))  # one row per pair after folding
+        assert rows == len(real_counts(conn))  # one row per pair after folding
         conn.execute("TRUNCATE notification CASCADE")
         conn.commit()
-        assert store.counts_by_status(conn) == []
+        assert ingest_store.counts_by_status(conn) == []
 
 
 def test_migration_0004_counts_the_rows_already_there(database_url):
@@ -73,5 +78,5 @@ def test_migration_0004_counts_the_rows_already_there(database_url):
         ingest(conn, 3, "low")
     assert [m.version for m in migrate(database_url)][0] == 4
     with psycopg.connect(database_url) as conn:
-        assert store.counts_by_status(conn) == [("pending", "high", 7), ("pending", "low", 3)]
+        assert ingest_store.counts_by_status(conn) == [("pending", "high", 7), ("pending", "low", 3)]
         assert_counts_exact(conn)

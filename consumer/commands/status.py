@@ -23,7 +23,8 @@ def collect(settings: Settings) -> dict:
     with psycopg.connect(settings.database_dsn) as conn:
         counts = store.counts_by_status(conn)
         oldest = store.oldest_due_age_seconds(conn)
-        senders = [{**bucket, "tokens_now": tokens_now(bucket)}
+        senders = [{**bucket, "updated_datetime": bucket["updated_datetime"].isoformat(),
+                    "tokens_now": tokens_now(bucket)}
                    for bucket in store.sender_buckets(conn)]
     table = {status: {p: 0 for p in PRIORITIES} for status in STATUSES}
     for status, priority, count in counts:

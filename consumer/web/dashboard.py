@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from consumer import amqp, dead_letters, operations
+from consumer import store as status_store
 from consumer.settings import Settings
 from consumer.web import auth, charts, db, render, store
 
@@ -32,15 +33,15 @@ OVERVIEW_DEAD_LETTERS = 10
 
 def _overview_data(conn: psycopg.Connection) -> dict:
     table = {status: dict.fromkeys(PRIORITIES, 0) for status in STATUSES}
-    for status, priority, count in store.counts_by_status(conn):
+    for status, priority, count in status_store.counts_by_status(conn):
         table[status][priority] = count
     this_minute, sent_rows = store.sends_per_minute(conn)
     return {
         "counts": table,
         "totals": {status: sum(row.values()) for status, row in table.items()},
         "chart": charts.bar_chart(charts.per_minute(sent_rows, this_minute)),
-        "buckets": store.sender_buckets(conn),
-        "oldest_due_age": store.oldest_due_age_seconds(conn),
+        "buckets": status_store.sender_buckets(conn),
+        "oldest_due_age": status_store.oldest_due_age_seconds(conn),
         "past_lease": store.processing_past_lease(conn),
         "errors": store.errors_by_code(conn, ERROR_WINDOW_HOURS),
     }

@@ -101,13 +101,6 @@ def delete_expired_media(conn: psycopg.Connection, grace_seconds: float, batch: 
 # ---------------------------------------------------------------- dashboard
 
 
-def counts_by_status(conn: psycopg.Connection) -> list[tuple[str, str, int]]:
-    """(status, priority, count), from the deltas the triggers of migration 0004 append."""
-    return conn.execute(
-        """SELECT status, priority, sum(delta)::bigint FROM notification_count_delta
-           GROUP BY 1, 2 HAVING sum(delta) <> 0 ORDER BY 1, 2""").fetchall()
-
-
 def fold_counts(conn: psycopg.Connection) -> int:
     """Replace the appended deltas by one row per (status, priority); how many were folded.
 
@@ -132,40 +125,6 @@ def sends_per_minute(conn: psycopg.Connection,
            WHERE sent_datetime >= %s GROUP BY 1""",
         (this_minute - timedelta(minutes=minutes - 1),)).fetchall()
     return this_minute, rows
-
-
-def sender_buckets(conn: psycopg.Connection) -> list[dict]:
-    return _dicts(
-        conn, """SELECT sender, address, holder, tokens, rate, capacity, updated_datetime,
-                  extract(epoch FROM now() - updated_datetime) AS age_seconds
-           FROM dispatch_sender ORDER BY sender""")
-
-
-# The oldest due message without reading every pending row: a skip scan over the senders
-# of notification_due_idx, then the first row of each (sender, priority) group.
-_OLDEST_DUE = """
-WITH RECURSIVE senders(sender) AS (
-    (SELECT sender FROM notification WHERE status = 'pending' ORDER BY sender LIMIT 1)
-    UNION ALL
-    SELECT (SELECT n.sender FROM notification n
-            WHERE n.status = 'pending' AND n.sender > s.sender ORDER BY n.sender LIMIT 1)
-    FROM senders s WHERE s.sender IS NOT NULL
-)
-SELECT extract(epoch FROM now() - min(first_due.publish_datetime))
-FROM senders s
-CROSS JOIN (VALUES (0::smallint), (1::smallint), (2::smallint)) AS ranks(rank)
-CROSS JOIN LATERAL (
-    SELECT n.publish_datetime FROM notification n
-    WHERE n.status = 'pending' AND n.sender = s.sender AND n.priority_rank = ranks.rank
-    ORDER BY n.publish_datetime LIMIT 1
-) first_due
-WHERE s.sender IS NOT NULL AND first_due.publish_datetime <= now()
-"""
-
-
-def oldest_due_age_seconds(conn: psycopg.Connection) -> float | None:
-    age = conn.execute(_OLDEST_DUE).fetchone()[0]
-    return float(age) if age is not None else None
 
 
 def processing_past_lease(conn: psycopg.Connection) -> int:
