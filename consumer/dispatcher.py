@@ -46,6 +46,7 @@ from consumer.outcomes import Decision, RetryPolicy, TwilioAttempt, decide
 from consumer.segments import cost_of
 from consumer.settings import Settings
 from consumer.signals import StopSignal
+from consumer.store import FOLD_COUNTS_EVERY_SECONDS, fold_counts
 from consumer.twilio_client import FoundMessage, Outgoing, TwilioSender
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ class Dispatcher:
         self.db: psycopg.Connection | None = None
         self.sequence = itertools.count()  # heap tie-breaker
         self.turn = 0
-        self.next_tick = self.next_poll = self.next_renew = 0.0
+        self.next_tick = self.next_poll = self.next_renew = self.next_fold = 0.0
 
     # -- the outer loop: connect, dispatch, reconnect ------------------------------------------
 
@@ -256,6 +257,9 @@ class Dispatcher:
             self.next_renew = now + self.lease / 4
             store.renew_leases(self.db, self._claimed_ids(), self.holder, self.lease)
         self._reconcile(list(self.held), expired_only=True)
+        if now >= self.next_fold:  # keeps the counts cheap to read, with or without serve
+            self.next_fold = now + FOLD_COUNTS_EVERY_SECONDS
+            fold_counts(self.db)
         if now >= self.next_poll:  # the fallback, should a notification ever be missed
             self.next_poll = now + self.settings.smsq_dispatch_poll_seconds
             for sender in self.held.values():

@@ -20,27 +20,42 @@ from schemas.message import Notification
 MEDIA_TTL = timedelta(days=7)
 MEDIA_ID_NAMESPACE = uuid.UUID("2b7e1c64-1f0a-5d5e-8c41-7a3e9d0f6b25")
 
+# The common case, a batch of messages none of which is stored yet, goes in with one COPY
+# per table: Postgres writes the rows in bulk, with no conflict check and no staging. The
+# columns with a default (publish_datetime: now(), on the database's clock) are left out for
+# the rows that do not set them.
+_NOTIFICATION_COLUMNS = (
+    "id", "user_id", "title", "body", "url", "priority", "expire_datetime", "content_type",
+    "object_id", "sender",
+)
+_NOTIFICATION_TYPES = (
+    "uuid", "text", "text", "text", "text", "text", "timestamptz", "text", "text", "text",
+)
+_SMS_TYPES = ("uuid", "text", "text[]", "uuid")
+_COPY_DUE_NOW = f"COPY notification ({', '.join(_NOTIFICATION_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+_COPY_SCHEDULED = (f"COPY notification ({', '.join(_NOTIFICATION_COLUMNS)}, publish_datetime)"
+                   " FROM STDIN (FORMAT BINARY)")
+_COPY_SMS = ("COPY sms_notification (notification_id, to_phone_number, media_url,"
+             " temporary_media_id) FROM STDIN (FORMAT BINARY)")
+
+# A batch with an id already stored (a redelivery after a crash, a producer publishing
+# twice) fails that COPY as a whole, and goes in through a staging table instead: one
+# statement moves it into both tables, skipping the ids already stored (ON CONFLICT).
 _STAGE = """
 CREATE TEMP TABLE IF NOT EXISTS ingest_stage (
     id uuid, user_id text, title text, body text, url text, priority text,
-    publish_datetime timestamptz, expire_datetime timestamptz, content_type text,
-    object_id text, sender text, to_phone_number text, media_url text[],
+    expire_datetime timestamptz, content_type text, object_id text, sender text,
+    publish_datetime timestamptz, to_phone_number text, media_url text[],
     temporary_media_id uuid
 ) ON COMMIT DELETE ROWS
 """
 _STAGE_COLUMNS = (
-    "id, user_id, title, body, url, priority, publish_datetime, expire_datetime, "
-    "content_type, object_id, sender, to_phone_number, media_url, temporary_media_id"
+    *_NOTIFICATION_COLUMNS, "publish_datetime", "to_phone_number", "media_url",
+    "temporary_media_id",
 )
-# Binary COPY: a third of the client's CPU of text COPY for these rows.
-_STAGE_TYPES = (
-    "uuid", "text", "text", "text", "text", "text", "timestamptz", "timestamptz", "text",
-    "text", "text", "text", "text[]", "uuid",
-)
+_STAGE_TYPES = (*_NOTIFICATION_TYPES, "timestamptz", *_SMS_TYPES[1:])
+_COPY_STAGE = f"COPY ingest_stage ({', '.join(_STAGE_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 
-# One statement moves the batch from the stage into both tables; ids already stored are
-# skipped (ON CONFLICT), which is what makes a redelivered message harmless. A message
-# without publish_datetime is due from the moment it is stored.
 _INSERT_FROM_STAGE = """
 WITH stage AS (
     SELECT DISTINCT ON (id) * FROM ingest_stage
@@ -51,19 +66,20 @@ WITH stage AS (
            expire_datetime, content_type, object_id, sender
     FROM stage
     ON CONFLICT (id) DO NOTHING
-    RETURNING id, sender, priority_rank, publish_datetime
+    RETURNING id
 ), sms AS (
     INSERT INTO sms_notification (notification_id, to_phone_number, media_url, temporary_media_id)
     SELECT s.id, s.to_phone_number, s.media_url, s.temporary_media_id
     FROM stage s JOIN inserted USING (id)
 )
-SELECT count(*),
-       -- wake the dispatchers of senders that have something due now
-       (SELECT count(pg_notify('smsq_due', d.sender || ' ' || d.best_rank))
-          FROM (SELECT sender, min(priority_rank) AS best_rank FROM inserted
-                WHERE publish_datetime <= now() GROUP BY sender) d)
-FROM inserted
+SELECT count(*) FROM inserted
 """
+
+# Wakes the dispatcher of each sender with new messages, and tells it the best priority
+# among them: due now, it may take them before what it holds; scheduled, it learns when
+# to wake.
+_WAKE_DISPATCHERS = "SELECT pg_notify('smsq_due', payload) FROM unnest(%s::text[]) AS payload"
+_PRIORITY_RANK = {"high": 0, "medium": 1, "low": 2}  # as notification.priority_rank
 
 _INSERT_MEDIA = """
 INSERT INTO sms_temporary_media (id, access_token, name, content_type, content, expire_datetime)
@@ -92,25 +108,77 @@ def prepare_ingest(conn: psycopg.Connection) -> None:
 
 
 def insert_batch(conn: psycopg.Connection, rows: list[IngestRow]) -> int:
-    """Store a batch in one transaction; return how many were new. Caller commits."""
+    """Store a batch; return how many were new.
+
+    Commits, unless called inside a transaction (block), which the caller then commits.
+    """
+    try:
+        with conn.transaction():
+            return _store(conn, rows, _copy_new)
+    except psycopg.errors.UniqueViolation:
+        with conn.transaction():
+            return _store(conn, rows, _insert_skipping_stored)
+
+
+def _store(conn: psycopg.Connection, rows: list[IngestRow], insert) -> int:
     media_ids = _insert_media(conn, rows)
-    with conn.cursor() as cur:
-        with cur.copy(f"COPY ingest_stage ({_STAGE_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
-            copy.set_types(_STAGE_TYPES)
-            for row in rows:
-                copy.write_row(_stage_tuple(row, media_ids.get(row.id)))
-        cur.execute(_INSERT_FROM_STAGE)
-        inserted, _ = cur.fetchone()
+    inserted = insert(conn, rows, media_ids)
+    if inserted:
+        conn.execute(_WAKE_DISPATCHERS, (_wake_payloads(rows),))
     return inserted
 
 
-def _stage_tuple(row: IngestRow, media_id: uuid.UUID | None) -> tuple:
+def _copy_new(conn: psycopg.Connection, rows: list[IngestRow],
+              media_ids: dict[uuid.UUID, uuid.UUID]) -> int:
+    due_now = [_notification_tuple(row) for row in rows
+               if row.notification.publish_datetime is None]
+    scheduled = [(*_notification_tuple(row), row.notification.publish_datetime) for row in rows
+                 if row.notification.publish_datetime is not None]
+    with conn.cursor() as cur:
+        _copy(cur, _COPY_DUE_NOW, _NOTIFICATION_TYPES, due_now)
+        _copy(cur, _COPY_SCHEDULED, (*_NOTIFICATION_TYPES, "timestamptz"), scheduled)
+        _copy(cur, _COPY_SMS, _SMS_TYPES,
+              [_sms_tuple(row, media_ids.get(row.id)) for row in rows])
+    return len(rows)
+
+
+def _insert_skipping_stored(conn: psycopg.Connection, rows: list[IngestRow],
+                            media_ids: dict[uuid.UUID, uuid.UUID]) -> int:
+    staged = [(*_notification_tuple(row), row.notification.publish_datetime,
+               *_sms_tuple(row, media_ids.get(row.id))[1:]) for row in rows]
+    with conn.cursor() as cur:
+        _copy(cur, _COPY_STAGE, _STAGE_TYPES, staged)
+        return cur.execute(_INSERT_FROM_STAGE).fetchone()[0]
+
+
+def _copy(cur: psycopg.Cursor, statement: str, types: tuple[str, ...], tuples: list[tuple]) -> None:
+    if not tuples:
+        return
+    with cur.copy(statement) as copy:
+        copy.set_types(types)
+        for values in tuples:
+            copy.write_row(values)
+
+
+def _notification_tuple(row: IngestRow) -> tuple:
     n = row.notification
-    return (
-        row.id, n.user_id, n.title, n.body, n.url, n.priority, n.publish_datetime,
-        n.expire_datetime, n.content_type, n.object_id, row.sender,
-        n.sms.to_phone_number, n.sms.media_url, media_id,
-    )
+    return (row.id, n.user_id, n.title, n.body, n.url, n.priority, n.expire_datetime,
+            n.content_type, n.object_id, row.sender)
+
+
+def _sms_tuple(row: IngestRow, media_id: uuid.UUID | None) -> tuple:
+    sms = row.notification.sms
+    return (row.id, sms.to_phone_number, sms.media_url, media_id)
+
+
+def _wake_payloads(rows: list[IngestRow]) -> list[str]:
+    """'<sender> <best rank>' for each sender of the batch."""
+    best: dict[str, int] = {}
+    for row in rows:
+        rank = _PRIORITY_RANK[row.notification.priority]
+        if rank < best.get(row.sender, 3):
+            best[row.sender] = rank
+    return [f"{sender} {rank}" for sender, rank in best.items()]
 
 
 def _insert_media(conn: psycopg.Connection, rows: list[IngestRow]) -> dict[uuid.UUID, uuid.UUID]:
@@ -145,16 +213,27 @@ def counts_by_status(conn: psycopg.Connection) -> list[tuple[str, str, int]]:
            GROUP BY 1, 2 HAVING sum(delta) <> 0 ORDER BY 1, 2""").fetchall()
 
 
-# Counted through the partial indexes on pending and processing rows: cheap at every scrape.
-_BACKLOG = """
-SELECT status, priority, count(*) FROM notification
-WHERE status IN ('pending', 'processing') GROUP BY 1, 2
-"""
-
-
 def backlog_counts(conn: psycopg.Connection) -> list[tuple[str, str, int]]:
     """(status, priority, count) of the messages not yet done: pending and processing."""
-    return conn.execute(_BACKLOG).fetchall()
+    return [c for c in counts_by_status(conn) if c[0] in ("pending", "processing")]
+
+
+FOLD_COUNTS_EVERY_SECONDS = 60.0
+
+
+def fold_counts(conn: psycopg.Connection) -> int:
+    """Replace the appended deltas by one row per (status, priority); how many were folded.
+
+    Run now and then by `smsq dispatch` and `smsq serve`, so the deltas stay few whatever
+    runs. Writers keep appending meanwhile: the DELETE only takes the rows its snapshot
+    sees, and a concurrent fold waits for this one, then finds those rows gone.
+    """
+    return conn.execute(
+        """WITH folded AS (DELETE FROM notification_count_delta RETURNING status, priority, delta),
+                kept AS (INSERT INTO notification_count_delta (status, priority, delta)
+                         SELECT status, priority, sum(delta) FROM folded
+                         GROUP BY 1, 2 HAVING sum(delta) <> 0)
+           SELECT count(*) FROM folded""").fetchone()[0]
 
 
 def sender_buckets(conn: psycopg.Connection) -> list[dict]:

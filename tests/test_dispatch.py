@@ -170,3 +170,32 @@ def test_the_loop_reconnects_when_its_database_connections_are_cut(settings, fak
         add_notifications(settings, {"body": "after"})
         wait_until(lambda: settled(settings, 2), timeout=15, message="the second sent")
     assert [m["body"] for m in arrivals(fake_twilio)] == ["before", "after"]
+
+
+def test_a_message_scheduled_while_the_dispatcher_sleeps_wakes_it_on_time(settings, fake_twilio):
+    """Ingest announces scheduled messages too: with no fallback poll, nothing else would."""
+    settings = dispatch_settings(settings, fake_twilio)
+    with running_dispatcher(settings):
+        add_notifications(settings, {"body": "first"})
+        wait_until(lambda: settled(settings, 1), timeout=10, message="first sent")
+        publish_at = datetime.now(timezone.utc) + timedelta(seconds=1)
+        add_notifications(settings, {"body": "scheduled",
+                                     "publish_datetime": publish_at.isoformat()})
+        wait_until(lambda: settled(settings, 2), timeout=10, message="scheduled one sent")
+    received = {m["body"]: m for m in arrivals(fake_twilio)}
+    assert received["scheduled"]["received_at"] >= publish_at.timestamp()
+
+
+def test_the_dispatcher_folds_the_status_counts(settings, fake_twilio):
+    """Without `smsq serve`, the appended count deltas must not grow without end."""
+    settings = dispatch_settings(settings, fake_twilio)
+    for _ in range(3):  # messages of a sender this dispatcher does not pace: they stay put
+        add_notifications(settings, {"body": "elsewhere"}, sender="+15005550001")
+    with psycopg.connect(settings.database_dsn) as conn:
+        deltas = "SELECT count(*) FROM notification_count_delta"
+        assert conn.execute(deltas).fetchone()[0] == 3
+        with running_dispatcher(settings):
+            wait_until(lambda: conn.execute(deltas).fetchone()[0] == 1, timeout=10,
+                       message="deltas folded")
+        assert conn.execute("SELECT status, priority, delta FROM notification_count_delta"
+                            ).fetchall() == [("pending", "low", 3)]

@@ -9,7 +9,6 @@ import psycopg
 from consumer import operations
 from consumer.migrate import available_migrations, migrate
 from consumer import store as ingest_store
-from consumer.web import store
 from schemas.message import Notification
 
 
@@ -51,7 +50,7 @@ def test_counts_follow_inserts_updates_retries_cancels_and_deletes(settings):
         conn.execute("DELETE FROM notification WHERE id = ANY(%s)", (low[5:10],))
         conn.commit()
         assert_counts_exact(conn)
-        assert store.fold_counts(conn) > 6
+        assert ingest_store.fold_counts(conn) > 6
         conn.commit()
         assert_counts_exact(conn)
         rows = conn.execute("SELECT count(*) FROM notification_count_delta").fetchone()[0]

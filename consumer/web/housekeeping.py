@@ -15,13 +15,13 @@ from collections.abc import Callable
 from psycopg_pool import ConnectionPool
 from starlette.concurrency import run_in_threadpool
 
+from consumer import store as status_store
 from consumer.metrics import MEDIA_DELETED
 from consumer.settings import Settings
 from consumer.web import receipts, store
 
 log = logging.getLogger(__name__)
 
-COUNT_FOLD_SECONDS = 60.0
 EARLY_RECEIPT_SECONDS = 1.0
 
 
@@ -42,7 +42,7 @@ def delete_expired_media(pool: ConnectionPool, grace_seconds: float) -> int:
 
 def fold_counts(pool: ConnectionPool) -> int:
     with pool.connection() as conn:
-        return store.fold_counts(conn)
+        return status_store.fold_counts(conn)
 
 
 def apply_early_receipts(pool: ConnectionPool) -> int:
@@ -64,6 +64,6 @@ def start(pool: ConnectionPool, settings: Settings) -> list[asyncio.Task]:
     return [
         asyncio.create_task(every(settings.smsq_media_cleanup_seconds, delete_expired_media,
                                   pool, settings.smsq_media_grace_seconds)),
-        asyncio.create_task(every(COUNT_FOLD_SECONDS, fold_counts, pool)),
+        asyncio.create_task(every(status_store.FOLD_COUNTS_EVERY_SECONDS, fold_counts, pool)),
         asyncio.create_task(every(EARLY_RECEIPT_SECONDS, apply_early_receipts, pool)),
     ]

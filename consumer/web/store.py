@@ -101,19 +101,6 @@ def delete_expired_media(conn: psycopg.Connection, grace_seconds: float, batch: 
 # ---------------------------------------------------------------- dashboard
 
 
-def fold_counts(conn: psycopg.Connection) -> int:
-    """Replace the appended deltas by one row per (status, priority); how many were folded.
-
-    Writers keep appending meanwhile: the DELETE only takes the rows its snapshot sees.
-    """
-    return conn.execute(
-        """WITH folded AS (DELETE FROM notification_count_delta RETURNING status, priority, delta),
-                kept AS (INSERT INTO notification_count_delta (status, priority, delta)
-                         SELECT status, priority, sum(delta) FROM folded
-                         GROUP BY 1, 2 HAVING sum(delta) <> 0)
-           SELECT count(*) FROM folded""").fetchone()[0]
-
-
 def sends_per_minute(conn: psycopg.Connection,
                      minutes: int = 60) -> tuple[datetime, list[tuple[datetime, int]]]:
     """(this minute, [(minute, messages sent)]) over the last `minutes` minutes, this one included."""
