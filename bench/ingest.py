@@ -13,6 +13,10 @@ queue filled beforehand with the same kind of messages:
   the moment it consumes to the commit of the last message. Commits are durable (the
   server's fsync and synchronous_commit are printed, and must be on).
 
+It also prints the CPU each process spends per message, and what that allows at best: the
+rate at which smsq's CPU per message would keep every CPU of the machine busy, as a ratio
+to the ceiling ("reachable / ceiling"). The broker and the database share these CPUs.
+
 The bench works in a database and on queues of its own, named after its process id, and
 removes them at the end (also on Ctrl-C).
 """
@@ -413,6 +417,8 @@ def run(args: argparse.Namespace, settings: Settings, backlog_settings: Settings
     print(f"smsq consume          {smsq.rate:10,.0f} msg/s  (published to committed)")
     print(f"smsq / ceiling        {smsq.rate / ceiling.rate:10.2f} x   (target >= 0.75)")
     print(f"smsq / naive          {smsq.rate / naive.rate:10.1f} x   (target >= 15)")
+    reachable = cpu_bound(smsq, os.cpu_count() or 1) / ceiling.rate
+    print(f"reachable / ceiling   {reachable:10.2f} x   (smsq's CPU per message, every CPU busy)")
     peak_rss = max(m.peak_rss for m in smsqs + backlogs)
     print(f"peak RSS              {peak_rss / 2**20:10.1f} MB  (target < 100)")
     if backlogs:
@@ -428,6 +434,11 @@ def best(measurements: list[Measurement]) -> Measurement:
     return max(measurements, key=lambda m: m.rate)
 
 
+def cpu_bound(m: Measurement, cpus: int) -> float:
+    """The rate at which `m`'s CPU per message (all processes) would keep every CPU busy."""
+    return cpus * 1e6 / sum(m.cpu_micros_per_message(p) for p in ("python", "postgres", "rabbitmq"))
+
+
 def print_cpu(measurements: dict[str, Measurement], cpus: int) -> None:
     """Where the CPU goes, per message: what bounds each rate on a machine this size."""
     print(f"CPU per message, us   {'python':>8}{'postgres':>10}{'rabbitmq':>10}{'total':>8}"
@@ -435,7 +446,7 @@ def print_cpu(measurements: dict[str, Measurement], cpus: int) -> None:
     for name, m in measurements.items():
         parts = [m.cpu_micros_per_message(p) for p in ("python", "postgres", "rabbitmq")]
         print(f"  {name:<19}" + "".join(f"{v:>{w}.1f}" for v, w in zip(parts, (8, 10, 10)))
-              + f"{sum(parts):>8.1f}   {cpus * 1e6 / sum(parts):,.0f} msg/s")
+              + f"{sum(parts):>8.1f}   {cpu_bound(m, cpus):,.0f} msg/s")
     print("  (rabbitmq: the whole broker, shared with anything else running on it)")
 
 

@@ -580,5 +580,5 @@ def _outgoing(row: store.ClaimedRow, address: str) -> Outgoing:
 
 
 def run(settings: Settings, stop: StopSignal) -> None:
-    metrics.serve_metrics(settings.smsq_metrics_port)
+    metrics.serve_metrics(settings.smsq_metrics_port, settings.smsq_metrics_host)
     Dispatcher(settings, stop).run()

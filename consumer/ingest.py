@@ -434,7 +434,7 @@ def _log_retry(dependency: str):
 
 
 def run(settings: Settings, stop: StopSignal) -> None:
-    metrics.serve_metrics(settings.smsq_metrics_port)
+    metrics.serve_metrics(settings.smsq_metrics_port, settings.smsq_metrics_host)
     _collect_garbage_less_often()
     Ingester(settings, stop).run()
 

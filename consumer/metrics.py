@@ -62,8 +62,8 @@ SENDERS_HELD = Gauge(
 )
 
 
-def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
-    """Expose /metrics on `port` in a background thread; 0 means no endpoint."""
+def serve_metrics(port: int, host: str) -> None:
+    """Expose /metrics on `host`:`port` in a background thread; port 0 means no endpoint."""
     if not port:
         return
     try:

@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     smsq_http_host: str = "127.0.0.1"
     smsq_http_port: int = Field(8000, ge=1, le=65535)
     smsq_metrics_port: int = Field(0, ge=0, le=65535)
+    # 127.0.0.1: a Prometheus on this machine; 0.0.0.0 for one elsewhere (a container's peer).
+    smsq_metrics_host: str = "127.0.0.1"
     smsq_dashboard_user: str | None = None
     smsq_dashboard_password: SecretStr | None = None
     # Hosted media outlives its sending by this grace period (Twilio fetches it afterwards);
@@ -166,7 +168,7 @@ class Settings(BaseSettings):
             raise ValueError("must be a non-empty name without ':' or spaces")
         return value
 
-    @field_validator("smsq_http_host")
+    @field_validator("smsq_http_host", "smsq_metrics_host")
     @classmethod
     def _host_name(cls, value: str) -> str:
         if not _HOST.fullmatch(value):

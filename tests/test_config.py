@@ -24,6 +24,7 @@ MALFORMED_TEXT = {
     "twilio_messaging_service_sid": "AC0123456789abcdef0123456789abcdef",
     "smsq_default_region": "XX",
     "smsq_http_host": "not a host",
+    "smsq_metrics_host": "not a host",
     "smsq_dashboard_user": "ad:min",
     "smsq_dashboard_password": " ",
     "smsq_exchange": "amq.reserved",
@@ -94,6 +95,7 @@ def test_settings_that_contradict_each_other_are_named(clean_env):
     ("smsq_http_host", "0.0.0.0"),
     ("smsq_http_host", "::1"),
     ("smsq_metrics_port", ""),
+    ("smsq_metrics_host", "0.0.0.0"),
     ("smsq_dashboard_password", "correct horse battery staple"),
 ])
 def test_well_formed_values_pass(name, value, clean_env):

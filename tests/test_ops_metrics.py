@@ -1,14 +1,18 @@
-"""The backlog collector: read from Postgres at scrape time, cheap, and harmless when down."""
+"""The metrics endpoint, and its backlog collector: read from Postgres at scrape time, cheap,
+and harmless when Postgres is down."""
 
 from __future__ import annotations
 
+import socket
+import urllib.request
 from datetime import timedelta
 
 import psycopg
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from consumer import store
-from consumer.metrics import watch_backlog
+from consumer.metrics import serve_metrics, watch_backlog
 from tests.test_ops_cli import insert
 
 
@@ -55,3 +59,13 @@ def test_a_scrape_without_postgres_still_answers():
     registry = CollectorRegistry()
     watch_backlog("postgresql://postgres@127.0.0.1:1/none", registry)
     assert b"smsq_backlog" not in generate_latest(registry)
+
+
+def test_the_endpoint_listens_on_the_configured_address():
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    serve_metrics(port, "127.0.0.2")
+    assert b"smsq_" in urllib.request.urlopen(f"http://127.0.0.2:{port}/metrics", timeout=5).read()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
