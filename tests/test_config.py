@@ -134,3 +134,17 @@ def test_a_metrics_port_already_taken_stops_consume_with_exit_2(tmp_path, settin
     assert done.returncode == 2
     assert done.stderr == (f"smsq consume: SMSQ_METRICS_PORT: cannot listen on 127.0.0.1:{port}: "
                            "Address already in use\n")
+
+
+def test_an_http_port_already_taken_stops_serve_with_exit_2(tmp_path, settings):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "consumer.cli", "serve"], cwd=tmp_path, timeout=30,
+            env=env_of(settings, PYTHONPATH=str(ROOT), SMSQ_HTTP_PORT=str(port)),
+            capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr == (f"smsq serve: SMSQ_HTTP_PORT: cannot listen on 127.0.0.1:{port}: "
+                           "Address already in use\n")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
+import socket
 from collections.abc import Iterator
 
 import uvicorn
 
-from consumer.settings import Settings
+from consumer.settings import ConfigError, Settings
 from consumer.signals import log_in_handler
 from consumer.web.app import create_app
 
@@ -53,6 +55,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "SMSQ_DASHBOARD_PASSWORD. Stops cleanly on SIGTERM/SIGINT.")
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """Bound here rather than by uvicorn, so a taken port is one clear line and exit 2."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConfigError(f"SMSQ_HTTP_PORT: cannot listen on {host}:{port}: {reason}") from None
+
+
 def main(settings: Settings, args: argparse.Namespace) -> int:
     config = uvicorn.Config(
         create_app(settings), host=settings.smsq_http_host, port=settings.smsq_http_port,
@@ -60,8 +72,9 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=GRACEFUL_SECONDS, server_header=False,
         proxy_headers=True, forwarded_allow_ips="127.0.0.1",
     )
+    listening = _listen(settings.smsq_http_host, settings.smsq_http_port)
     log.info("serving", extra={"action": "serve_start", "host": settings.smsq_http_host,
                                "port": settings.smsq_http_port})
-    Server(config).run()
+    Server(config).run(sockets=[listening])
     log.info("stopped", extra={"action": "serve_stopped"})
     return 0
