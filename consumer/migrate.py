@@ -12,6 +12,8 @@ from pathlib import Path
 
 import psycopg
 
+from consumer.settings import ConfigError
+
 log = logging.getLogger(__name__)
 
 # Any constant shared by every smsq process; ensures one migrator at a time.
@@ -62,3 +64,28 @@ def migrate(dsn: str) -> list[Migration]:
             applied.append(migration)
         conn.commit()
         return applied
+
+
+def missing_migrations(dsn: str) -> list[Migration]:
+    """The migrations this code needs that the database has not had (all, if never migrated)."""
+    with psycopg.connect(dsn, connect_timeout=5) as conn:
+        if conn.execute("SELECT to_regclass('smsq_migration')").fetchone()[0] is None:
+            return available_migrations()
+        done = {row[0] for row in conn.execute("SELECT version FROM smsq_migration")}
+    return [m for m in available_migrations() if m.version not in done]
+
+
+def require_current_schema(dsn: str) -> None:
+    """Refuse to start on a database behind this code (one line, exit 2), not fail later on
+    a missing table. A database that does not answer yet is left to the program's retries."""
+    try:
+        missing = missing_migrations(dsn)
+    except psycopg.OperationalError:
+        return
+    if missing == available_migrations():
+        raise ConfigError("DATABASE_URL: the database has no smsq tables yet: "
+                          "run `smsq migrate` first")
+    if missing:
+        names = ", ".join(f"{m.version:04d}_{m.name}" for m in missing)
+        raise ConfigError(f"DATABASE_URL: the database lacks migrations {names}: "
+                          "run `smsq migrate` first")

@@ -4,6 +4,7 @@ import argparse
 
 from consumer import ingest, metrics
 from consumer.commands import UsageError
+from consumer.migrate import require_current_schema
 from consumer.settings import Settings
 from consumer.signals import StopSignal
 
@@ -15,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
+    require_current_schema(settings.database_dsn)
     metrics.watch_backlog(settings.database_dsn)
     try:
         ingest.run(settings, StopSignal().install())

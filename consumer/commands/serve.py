@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
+from consumer.migrate import require_current_schema
 from consumer.settings import ConfigError, Settings
 from consumer.signals import log_in_handler
 from consumer.web.app import create_app
@@ -72,6 +73,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=GRACEFUL_SECONDS, server_header=False,
         proxy_headers=True, forwarded_allow_ips="127.0.0.1",
     )
+    require_current_schema(settings.database_dsn)
     listening = _listen(settings.smsq_http_host, settings.smsq_http_port)
     log.info("serving", extra={"action": "serve_start", "host": settings.smsq_http_host,
                                "port": settings.smsq_http_port})
