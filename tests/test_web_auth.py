@@ -138,3 +138,32 @@ def test_logging_out_ends_the_session(client):
     assert client.post("/logout", data={"csrf_token": token},
                        follow_redirects=False).status_code == 303
     assert client.get("/", follow_redirects=False).status_code == 303
+
+
+def test_after_five_wrong_passwords_even_the_right_one_is_refused_for_a_while(client):
+    token = csrf_of(client.get("/login").text)
+    for _ in range(5):
+        assert client.post("/login", data={"user": USER, "password": "guess",
+                                           "csrf_token": token}).status_code == 401
+    response = client.post("/login", data={"user": USER, "password": PASSWORD,
+                                            "csrf_token": token}, follow_redirects=False)
+    assert response.status_code == 429
+    assert "Too many wrong passwords" in response.text
+    assert 0 < int(response.headers["retry-after"]) <= 900
+    assert client.get("/", follow_redirects=False).status_code == 303  # still logged out
+
+
+def test_the_throttle_forgets_old_failures_and_a_success():
+    now = [0.0]
+    throttle = auth.LoginThrottle(limit=3, window_seconds=60, clock=lambda: now[0])
+    for second in (0, 10, 20):
+        now[0] = second
+        assert throttle.wait_seconds("a") == 0
+        throttle.failed("a")
+    assert throttle.wait_seconds("a") == 40  # until the failure at 0 is 60 s old
+    assert throttle.wait_seconds("b") == 0  # another address is not held back
+    now[0] = 60
+    assert throttle.wait_seconds("a") == 0
+    throttle.failed("a")
+    throttle.succeeded("a")
+    assert throttle.wait_seconds("a") == 0 and "a" not in throttle.failures

@@ -89,4 +89,5 @@ def create_app(settings: Settings) -> Starlette:
                             PoolTimeout: postgres_unreachable},
     )
     app.state.settings = settings
+    app.state.login_throttle = auth.LoginThrottle()
     return app

@@ -11,6 +11,8 @@ import hashlib
 import hmac
 import logging
 import secrets
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
@@ -90,6 +92,44 @@ def refusal(conn: HTTPConnection) -> Response:
         target = conn.url.path + (f"?{conn.url.query}" if conn.url.query else "")
         return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
     return PlainTextResponse("log in first\n", status_code=403)
+
+
+# ---------------------------------------------------------------- password guessing
+
+
+class LoginThrottle:
+    """Failed logins by client address: after `limit` within `window_seconds`, that address
+    may not try again until the oldest of them is that old. Kept in memory, per process."""
+
+    MAX_CLIENTS = 10_000  # beyond this many addresses, the ones with no recent failure go
+
+    def __init__(self, limit: int = 5, window_seconds: float = 900.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.window = window_seconds
+        self.clock = clock
+        self.failures: dict[str, deque[float]] = {}
+
+    def wait_seconds(self, client: str) -> float:
+        """0 if `client` may try a password now, else how long until it may."""
+        recent = self._recent(client)
+        if len(recent) < self.limit:
+            return 0.0
+        return recent[0] + self.window - self.clock()
+
+    def failed(self, client: str) -> None:
+        if len(self.failures) >= self.MAX_CLIENTS:
+            self.failures = {c: q for c in list(self.failures) if (q := self._recent(c))}
+        self.failures.setdefault(client, deque(maxlen=self.limit)).append(self.clock())
+
+    def succeeded(self, client: str) -> None:
+        self.failures.pop(client, None)
+
+    def _recent(self, client: str) -> deque[float]:
+        recent = self.failures.get(client, deque())
+        while recent and recent[0] <= self.clock() - self.window:
+            recent.popleft()
+        return recent
 
 
 # ---------------------------------------------------------------- CSRF

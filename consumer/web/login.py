@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 
 from starlette.datastructures import FormData
@@ -24,13 +25,26 @@ async def login_page(request: Request) -> Response:
 @auth.form_action
 async def login(request: Request, form: FormData) -> Response:
     settings: Settings = request.app.state.settings
+    throttle: auth.LoginThrottle = request.app.state.login_throttle
     target = auth.safe_next(form.get("next"))
+    client = request.client.host if request.client else ""
+    # Checked before the password, so a guess made while refused tells nothing.
+    if (wait := throttle.wait_seconds(client)) > 0:
+        log.warning("dashboard login refused: too many failures",
+                    extra={"action": "login_throttled", "client": client})
+        minutes = math.ceil(wait / 60)
+        response = render.page(request, "login.html", status_code=429, next=target,
+                               error=f"Too many wrong passwords from this address; try again "
+                                     f"in {minutes} minute{'s' if minutes > 1 else ''}.")
+        response.headers["Retry-After"] = str(math.ceil(wait))
+        return response
     if not auth.credentials_match(settings, str(form.get("user", "")),
                                   str(form.get("password", ""))):
-        client = request.client.host if request.client else None
+        throttle.failed(client)
         log.warning("dashboard login refused", extra={"action": "login_refused", "client": client})
         return render.page(request, "login.html", status_code=401, next=target,
                            error="Wrong user name or password.")
+    throttle.succeeded(client)
     # A fresh session (and CSRF token) at login: a token planted before it is worth nothing.
     request.session.clear()
     request.session["user"] = settings.smsq_dashboard_user
