@@ -31,12 +31,17 @@ _NOTIFICATION_COLUMNS = (
 _NOTIFICATION_TYPES = (
     "uuid", "text", "text", "text", "text", "text", "timestamptz", "text", "text", "text",
 )
+_SMS_COLUMNS = ("notification_id", "to_phone_number", "media_url", "temporary_media_id")
 _SMS_TYPES = ("uuid", "text", "text[]", "uuid")
-_COPY_DUE_NOW = f"COPY notification ({', '.join(_NOTIFICATION_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
-_COPY_SCHEDULED = (f"COPY notification ({', '.join(_NOTIFICATION_COLUMNS)}, publish_datetime)"
-                   " FROM STDIN (FORMAT BINARY)")
-_COPY_SMS = ("COPY sms_notification (notification_id, to_phone_number, media_url,"
-             " temporary_media_id) FROM STDIN (FORMAT BINARY)")
+
+
+def _copy_statement(table: str, columns: tuple[str, ...]) -> str:
+    return f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)"
+
+
+_COPY_DUE_NOW = _copy_statement("notification", _NOTIFICATION_COLUMNS)
+_COPY_SCHEDULED = _copy_statement("notification", (*_NOTIFICATION_COLUMNS, "publish_datetime"))
+_COPY_SMS = _copy_statement("sms_notification", _SMS_COLUMNS)
 
 # A batch with an id already stored (a redelivery after a crash, a producer publishing
 # twice) fails that COPY as a whole, and goes in through a staging table instead: one
@@ -49,12 +54,9 @@ CREATE TEMP TABLE IF NOT EXISTS ingest_stage (
     temporary_media_id uuid
 ) ON COMMIT DELETE ROWS
 """
-_STAGE_COLUMNS = (
-    *_NOTIFICATION_COLUMNS, "publish_datetime", "to_phone_number", "media_url",
-    "temporary_media_id",
-)
+_COPY_STAGE = _copy_statement(
+    "ingest_stage", (*_NOTIFICATION_COLUMNS, "publish_datetime", *_SMS_COLUMNS[1:]))
 _STAGE_TYPES = (*_NOTIFICATION_TYPES, "timestamptz", *_SMS_TYPES[1:])
-_COPY_STAGE = f"COPY ingest_stage ({', '.join(_STAGE_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 
 _INSERT_FROM_STAGE = """
 WITH stage AS (
