@@ -1,7 +1,9 @@
 """The `smsq` command: one verb per program or operator task.
 
 Settings are built here, once, and passed down; no other module reads the environment.
-A bad setting or bad input ends the command with exit status 2 and one line that names it.
+A bad setting or bad input ends the command with exit status 2 and one line that names it;
+so does a database that has not been migrated. RabbitMQ or Postgres out of reach ends a
+one-shot command with exit status 1 and one line (the long-running programs retry).
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ import argparse
 import importlib
 import logging
 import sys
+
+import pika.exceptions
+import psycopg
 
 from consumer.commands import UsageError
 from consumer.logs import setup_logging
@@ -55,8 +60,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return module.main(settings, args) or 0
     except (ConfigError, UsageError) as exc:
-        print(f"smsq {args.verb}: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args.verb, str(exc), 2)
+    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
+        return _fail(args.verb, f"DATABASE_URL: the database lacks smsq's tables or columns "
+                                f"({_first_line(exc)}): run `smsq migrate` first", 2)
+    except psycopg.OperationalError as exc:
+        return _fail(args.verb, f"DATABASE_URL: Postgres unreachable: {_first_line(exc)}", 1)
+    except pika.exceptions.AMQPConnectionError as exc:
+        # Its text can be empty or quote the URL (and so the password): the class says enough.
+        return _fail(args.verb, f"AMQP_URL: RabbitMQ unreachable ({type(exc).__name__})", 1)
+
+
+def _fail(verb: str, reason: str, status: int) -> int:
+    print(f"smsq {verb}: {reason}", file=sys.stderr)
+    return status
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def run_with(settings: Settings, argv: list[str]) -> int:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import typing
 
+import psycopg
 import pytest
 from pydantic import AnyHttpUrl, PostgresDsn, SecretStr
 
@@ -121,16 +122,19 @@ def test_secrets_are_not_shown_by_repr():
     assert isinstance(settings.twilio_auth_token, SecretStr)
 
 
+def run_smsq(tmp_path, settings, *argv: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "consumer.cli", *argv], cwd=tmp_path,
+                          env=env_of(settings, PYTHONPATH=str(ROOT), **env),
+                          capture_output=True, text=True, timeout=60)
+
+
 def test_a_metrics_port_already_taken_stops_consume_with_exit_2(tmp_path, settings):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = subprocess.run(
-            [sys.executable, "-m", "consumer.cli", "consume"], cwd=tmp_path, timeout=30,
-            # its own migrated database: the line must not depend on what `smsq` holds
-            env=env_of(settings, PYTHONPATH=str(ROOT), SMSQ_METRICS_PORT=str(port)),
-            capture_output=True, text=True)
+        # its own migrated database: the line must not depend on what `smsq` holds
+        done = run_smsq(tmp_path, settings, "consume", SMSQ_METRICS_PORT=str(port))
     assert done.returncode == 2
     assert done.stderr == (f"smsq consume: SMSQ_METRICS_PORT: cannot listen on 127.0.0.1:{port}: "
                            "Address already in use\n")
@@ -141,10 +145,30 @@ def test_an_http_port_already_taken_stops_serve_with_exit_2(tmp_path, settings):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = subprocess.run(
-            [sys.executable, "-m", "consumer.cli", "serve"], cwd=tmp_path, timeout=30,
-            env=env_of(settings, PYTHONPATH=str(ROOT), SMSQ_HTTP_PORT=str(port)),
-            capture_output=True, text=True)
+        done = run_smsq(tmp_path, settings, "serve", SMSQ_HTTP_PORT=str(port))
     assert done.returncode == 2
     assert done.stderr == (f"smsq serve: SMSQ_HTTP_PORT: cannot listen on 127.0.0.1:{port}: "
                            "Address already in use\n")
+
+
+def test_an_operator_command_on_a_database_never_migrated_says_so(tmp_path, settings):
+    with psycopg.connect(settings.database_dsn, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    done = run_smsq(tmp_path, settings, "status")
+    assert done.returncode == 2
+    assert done.stderr.startswith("smsq status: DATABASE_URL: the database lacks smsq's tables")
+    assert done.stderr.endswith("run `smsq migrate` first\n") and done.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, env, reason", [
+    (("status",), {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/smsq"},
+     "smsq status: DATABASE_URL: Postgres unreachable: "),
+    (("dead", "list"), {"AMQP_URL": "amqp://guest:s3cret@127.0.0.1:1/%2F"},
+     "smsq dead: AMQP_URL: RabbitMQ unreachable (AMQPConnectionError)"),
+])
+def test_an_operator_command_without_its_service_ends_with_one_line_exit_1(
+        tmp_path, settings, argv, env, reason):
+    done = run_smsq(tmp_path, settings, *argv, **env)
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1].startswith(reason)
+    assert "s3cret" not in done.stderr
