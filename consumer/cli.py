@@ -17,7 +17,7 @@ import pika.exceptions
 import psycopg
 
 from consumer.commands import UsageError
-from consumer.logs import setup_logging
+from consumer.logs import error_text, setup_logging
 from consumer.settings import ConfigError, Settings, load_settings
 
 log = logging.getLogger("smsq")
@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except psycopg.OperationalError as exc:
         return _fail(args.verb, f"DATABASE_URL: Postgres unreachable: {_first_line(exc)}", 1)
     except pika.exceptions.AMQPConnectionError as exc:
-        # Its text can be empty or quote the URL (and so the password): the class says enough.
-        return _fail(args.verb, f"AMQP_URL: RabbitMQ unreachable ({type(exc).__name__})", 1)
+        return _fail(args.verb, f"AMQP_URL: RabbitMQ unreachable: {error_text(exc)}", 1)
 
 
 def _fail(verb: str, reason: str, status: int) -> int:

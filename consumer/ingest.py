@@ -41,6 +41,7 @@ import tenacity
 from pika.adapters.blocking_connection import BlockingChannel
 
 from consumer import amqp, metrics, store
+from consumer.logs import error_text
 from consumer.senders import sender_for
 from consumer.settings import Settings
 from consumer.signals import StopSignal
@@ -262,7 +263,7 @@ class Ingester:
                         self._consume()
                 except AMQP_CONNECTION_LOST as exc:
                     log.warning("rabbitmq connection lost", extra={
-                        "action": "rabbitmq_lost", "error": f"{type(exc).__name__}: {exc}"})
+                        "action": "rabbitmq_lost", "error": error_text(exc)})
                 finally:
                     self._close_amqp()
         finally:
@@ -429,7 +430,7 @@ def _log_retry(dependency: str):
         log.warning(f"{dependency} unavailable, retrying",
                     extra={"action": f"{dependency}_retry", "attempt": state.attempt_number,
                            "wait_seconds": round(state.upcoming_sleep, 2),
-                           "error": f"{type(exc).__name__}: {exc}"})
+                           "error": error_text(exc)})
     return before_sleep
 
 

@@ -73,3 +73,18 @@ def setup_logging(log_format: str = "text", level: str = "INFO") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # A passive declare of a missing queue (smsq status) closes a channel: expected, not news.
     logging.getLogger("pika.channel").setLevel(logging.ERROR)
+    # pika logs each failed connection attempt as seven errors and a traceback; smsq logs
+    # one line per attempt itself, with the cause (error_text).
+    logging.getLogger("pika.adapters").setLevel(logging.CRITICAL)
+
+
+def error_text(exc: BaseException) -> str:
+    """'Class: message' of the innermost cause: pika wraps it in exceptions without text
+    (in args, or in `.exception` for a failed phase of its connection workflow)."""
+    while True:
+        inner = getattr(exc, "exception", None) or (exc.args[0] if exc.args else None)
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

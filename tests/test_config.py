@@ -164,7 +164,7 @@ def test_an_operator_command_on_a_database_never_migrated_says_so(tmp_path, sett
     (("status",), {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/smsq"},
      "smsq status: DATABASE_URL: Postgres unreachable: "),
     (("dead", "list"), {"AMQP_URL": "amqp://guest:s3cret@127.0.0.1:1/%2F"},
-     "smsq dead: AMQP_URL: RabbitMQ unreachable (AMQPConnectionError)"),
+     "smsq dead: AMQP_URL: RabbitMQ unreachable: ConnectionRefusedError: "),
 ])
 def test_an_operator_command_without_its_service_ends_with_one_line_exit_1(
         tmp_path, settings, argv, env, reason):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import logging
 
+import pika
 import pytest
 
-from consumer.logs import JsonFormatter, TextFormatter, name_the_action
+from consumer.logs import JsonFormatter, TextFormatter, error_text, name_the_action
 
 
 def record(message: str, **extra: object) -> logging.LogRecord:
@@ -31,3 +32,12 @@ def test_numbers_are_masked_but_for_the_last_4_digits(formatter):
     line = formatter.format(record("to +14155550123", action="x", to="+447700900123"))
     assert "+14155550123" not in line and "+447700900123" not in line
     assert "+*******0123" in line and "+********0123" in line
+
+
+def test_a_failed_rabbitmq_connection_is_described_by_its_cause():
+    """pika raises it wrapped in exceptions that have no text of their own."""
+    with pytest.raises(pika.exceptions.AMQPConnectionError) as failed:
+        pika.BlockingConnection(pika.URLParameters("amqp://guest:guest@127.0.0.1:1/%2F"))
+    assert error_text(failed.value).startswith("ConnectionRefusedError: ")
+    assert error_text(ValueError("plain")) == "ValueError: plain"
+    assert error_text(KeyError()) == "KeyError"

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from consumer import amqp
+from consumer.logs import error_text
 from consumer.settings import Settings
 
 CHECK_TIMEOUT = 3.0
@@ -36,7 +37,7 @@ async def _check(fn, *args) -> str:
     try:
         await asyncio.wait_for(run_in_threadpool(fn, *args), CHECK_TIMEOUT + 1)
     except Exception as exc:  # noqa: BLE001 - any failure means "not ready", said in words
-        return f"unreachable: {type(exc).__name__}: {exc}".strip().rstrip(":")
+        return f"unreachable: {error_text(exc)}"
     return "ok"
 
 
