@@ -39,9 +39,14 @@ class JsonFormatter(logging.Formatter):
         return mask_phone(json.dumps(line, default=str))
 
 
+def _one_line(value: object) -> str:
+    """Field values keep the event on one line (psycopg's errors carry a hint on a second)."""
+    return " ".join(part.strip() for part in str(value).splitlines())
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        fields = " ".join(f"{k}={v}" for k, v in _fields(record).items())
+        fields = " ".join(f"{k}={_one_line(v)}" for k, v in _fields(record).items())
         stamp = datetime.fromtimestamp(record.created, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
         line = f"{stamp} {record.levelname:<7} {record.getMessage()}"
         if fields:

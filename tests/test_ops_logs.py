@@ -41,3 +41,10 @@ def test_a_failed_rabbitmq_connection_is_described_by_its_cause():
     assert error_text(failed.value).startswith("ConnectionRefusedError: ")
     assert error_text(ValueError("plain")) == "ValueError: plain"
     assert error_text(KeyError()) == "KeyError"
+
+
+def test_a_field_with_line_breaks_stays_on_the_event_line():
+    record = logging.makeLogRecord({"msg": "postgres unavailable", "levelname": "WARNING",
+                                    "error": "connection failed: refused\n\tIs the server running?"})
+    assert TextFormatter().format(record).endswith(
+        "[error=connection failed: refused Is the server running?]")

@@ -69,3 +69,9 @@ def test_the_endpoint_listens_on_the_configured_address():
     assert b"smsq_" in urllib.request.urlopen(f"http://127.0.0.2:{port}/metrics", timeout=5).read()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+
+
+def test_registering_the_backlog_reads_nothing_from_postgres(caplog):
+    # auto_describe, as prometheus_client's default registry, which the programs use
+    watch_backlog("postgresql://postgres@127.0.0.1:1/none", CollectorRegistry(auto_describe=True))
+    assert "backlog not readable" not in caplog.text  # only a scrape asks Postgres
