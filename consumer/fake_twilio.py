@@ -18,7 +18,6 @@ must be able to close the TCP connection without any response, which ASGI cannot
 
 from __future__ import annotations
 
-import argparse
 import base64
 import bisect
 import hmac

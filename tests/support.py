@@ -50,6 +50,14 @@ def start_smsq(settings: Settings, *args: str, log_path: Path | None = None,
     )
 
 
+def run_smsq(settings: Settings, *args: str, stdin: str | None = None,
+             **extra_env: str) -> subprocess.CompletedProcess:
+    """Run `smsq <args>` to its end, as an operator would; its output captured as text."""
+    return subprocess.run([sys.executable, "-m", "consumer.cli", *args], input=stdin,
+                          env=env_of(settings, **extra_env), cwd=tempfile.gettempdir(),
+                          capture_output=True, text=True, timeout=60)
+
+
 def stop(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
     process.send_signal(sig)
     return process.wait(timeout=timeout)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import tempfile
 import uuid
 
 import psycopg
@@ -13,14 +10,7 @@ import pytest
 
 from consumer import amqp
 from consumer.settings import Settings
-from tests.support import env_of, get_all, publish_raw, queue_depth
-
-
-def smsq(settings: Settings, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "consumer.cli", *args], input=stdin,
-                          env=env_of(settings), cwd=tempfile.gettempdir(),
-                          capture_output=True, text=True,
-                          timeout=60)
+from tests.support import get_all, publish_raw, queue_depth, run_smsq
 
 
 @pytest.fixture
@@ -31,7 +21,7 @@ def queues(settings: Settings) -> Settings:
 
 
 def test_publish_from_flags(queues):
-    done = smsq(queues, "publish", "--to", "+1 (415) 555-0123", "--body", "Your code is 1",
+    done = run_smsq(queues, "publish", "--to", "+1 (415) 555-0123", "--body", "Your code is 1",
                 "--priority", "high", "--at", "2026-11-24T12:00:00Z", "--title", "Code",
                 "--media-url", "https://e.com/a.png", "--media-url", "https://e.com/b.png")
     assert done.returncode == 0, done.stderr
@@ -47,7 +37,7 @@ def test_publish_from_flags(queues):
 
 
 def test_publish_without_recipient_is_a_usage_error(queues):
-    done = smsq(queues, "publish", "--body", "hi")
+    done = run_smsq(queues, "publish", "--body", "hi")
     assert done.returncode == 2
     assert "--to and --body are required" in done.stderr
 
@@ -57,7 +47,7 @@ def test_publish_a_json_lines_file(queues, tmp_path):
              for n in range(3)]
     path = tmp_path / "messages.jsonl"
     path.write_text(json.dumps(lines[0]) + "\n\n" + "\n".join(json.dumps(m) for m in lines[1:]))
-    done = smsq(queues, "publish", "--file", str(path))
+    done = run_smsq(queues, "publish", "--file", str(path))
     assert done.returncode == 0, done.stderr
     ids = done.stdout.split()
     bodies = [json.loads(body) for _, body in get_all(queues, queues.smsq_queue)]
@@ -67,7 +57,7 @@ def test_publish_a_json_lines_file(queues, tmp_path):
 
 
 def test_publish_from_stdin(queues):
-    done = smsq(queues, "publish", "--file", "-",
+    done = run_smsq(queues, "publish", "--file", "-",
                 stdin=json.dumps({"body": "hi", "sms": {"to_phone_number": "+14155550123"}}))
     assert done.returncode == 0, done.stderr
     assert queue_depth(queues, queues.smsq_queue) == 1
@@ -87,7 +77,7 @@ def test_a_bad_line_names_line_and_field_and_publishes_nothing(queues, tmp_path,
     good = json.dumps({"body": "fine", "sms": {"to_phone_number": "+14155550123"}})
     path = tmp_path / "messages.jsonl"
     path.write_text("\n".join([good, good, bad_line, good]) + "\n")
-    done = smsq(queues, "publish", "--file", str(path))
+    done = run_smsq(queues, "publish", "--file", str(path))
     assert done.returncode == 2
     assert expected in done.stderr
     assert done.stdout == ""
@@ -104,7 +94,7 @@ def test_status_counts_by_status_and_priority_and_queue_depths(queues):
     publish_raw(queues, [b"waiting"] * 4)
     publish_raw(queues, [b"dead"], exchange="", routing_key=queues.dead_queue)
 
-    done = smsq(queues, "status", "--json")
+    done = run_smsq(queues, "status", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["notifications"]["pending"] == {"high": 2, "medium": 0, "low": 1}
@@ -113,7 +103,7 @@ def test_status_counts_by_status_and_priority_and_queue_depths(queues):
     assert report["queues"] == {queues.smsq_queue: 4, queues.dead_queue: 1}
     assert report["oldest_due_age_seconds"] >= 0
 
-    text = smsq(queues, "status")
+    text = run_smsq(queues, "status")
     assert text.returncode == 0, text.stderr
     lines = text.stdout.splitlines()
     assert lines[0].split() == ["status", "high", "medium", "low", "total"]

@@ -14,7 +14,7 @@ from pydantic import AnyHttpUrl, PostgresDsn, SecretStr
 
 from consumer import cli
 from consumer.settings import ConfigError, Settings, load_settings
-from tests.support import ROOT, env_of
+from tests.support import ROOT, run_smsq
 
 # Free-text settings need a hand-picked malformed value; typed ones get one from their type.
 MALFORMED_TEXT = {
@@ -122,39 +122,24 @@ def test_secrets_are_not_shown_by_repr():
     assert isinstance(settings.twilio_auth_token, SecretStr)
 
 
-def run_smsq(tmp_path, settings, *argv: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "consumer.cli", *argv], cwd=tmp_path,
-                          env=env_of(settings, PYTHONPATH=str(ROOT), **env),
-                          capture_output=True, text=True, timeout=60)
-
-
-def test_a_metrics_port_already_taken_stops_consume_with_exit_2(tmp_path, settings):
+@pytest.mark.parametrize("program, setting", [("consume", "SMSQ_METRICS_PORT"),
+                                              ("serve", "SMSQ_HTTP_PORT")])
+def test_a_port_already_taken_stops_the_program_with_exit_2(settings, program, setting):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         # its own migrated database: the line must not depend on what `smsq` holds
-        done = run_smsq(tmp_path, settings, "consume", SMSQ_METRICS_PORT=str(port))
+        done = run_smsq(settings, program, **{setting: str(port)})
     assert done.returncode == 2
-    assert done.stderr == (f"smsq consume: SMSQ_METRICS_PORT: cannot listen on 127.0.0.1:{port}: "
+    assert done.stderr == (f"smsq {program}: {setting}: cannot listen on 127.0.0.1:{port}: "
                            "Address already in use\n")
 
 
-def test_an_http_port_already_taken_stops_serve_with_exit_2(tmp_path, settings):
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        done = run_smsq(tmp_path, settings, "serve", SMSQ_HTTP_PORT=str(port))
-    assert done.returncode == 2
-    assert done.stderr == (f"smsq serve: SMSQ_HTTP_PORT: cannot listen on 127.0.0.1:{port}: "
-                           "Address already in use\n")
-
-
-def test_an_operator_command_on_a_database_never_migrated_says_so(tmp_path, settings):
+def test_an_operator_command_on_a_database_never_migrated_says_so(settings):
     with psycopg.connect(settings.database_dsn, autocommit=True) as conn:
         conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-    done = run_smsq(tmp_path, settings, "status")
+    done = run_smsq(settings, "status")
     assert done.returncode == 2
     assert done.stderr.startswith("smsq status: DATABASE_URL: the database lacks smsq's tables")
     assert done.stderr.endswith("run `smsq migrate` first\n") and done.stderr.count("\n") == 1
@@ -167,8 +152,8 @@ def test_an_operator_command_on_a_database_never_migrated_says_so(tmp_path, sett
      "smsq dead: AMQP_URL: RabbitMQ unreachable: ConnectionRefusedError: "),
 ])
 def test_an_operator_command_without_its_service_ends_with_one_line_exit_1(
-        tmp_path, settings, argv, env, reason):
-    done = run_smsq(tmp_path, settings, *argv, **env)
+        settings, argv, env, reason):
+    done = run_smsq(settings, *argv, **env)
     assert done.returncode == 1
     assert done.stderr.splitlines()[-1].startswith(reason)
     assert "s3cret" not in done.stderr

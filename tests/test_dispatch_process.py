@@ -5,8 +5,6 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import sys
-import tempfile
 import time
 
 import psycopg
@@ -16,26 +14,20 @@ from tests.dispatch_support import (
     add_notifications, arrivals, dispatch_settings,
     rows_by_id, statuses,
 )
-from tests.support import env_of, start_smsq, stop, wait_until
+from tests.support import run_smsq, start_smsq, stop, wait_until
 
 SLOW_TO = "+14155550177"
 
 
-def run_dispatch(settings, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "consumer.cli", "dispatch"],
-                          env=env_of(settings, **env), cwd=tempfile.gettempdir(), capture_output=True,
-                          text=True, timeout=30)
-
-
 def test_refuses_to_start_without_twilio_credentials(settings):
-    result = run_dispatch(settings, TWILIO_PHONE_NUMBER="+15005550006")
+    result = run_smsq(settings, "dispatch", TWILIO_PHONE_NUMBER="+15005550006")
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert "TWILIO_ACCOUNT_SID / TWILIO_AUTH_TOKEN" in line
 
 
 def test_refuses_to_start_without_a_sender(settings):
-    result = run_dispatch(settings, TWILIO_API_URL="http://127.0.0.1:9/")
+    result = run_smsq(settings, "dispatch", TWILIO_API_URL="http://127.0.0.1:9/")
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert "TWILIO_PHONE_NUMBER / TWILIO_MESSAGING_SERVICE_SID" in line

@@ -9,7 +9,6 @@ really happened.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket

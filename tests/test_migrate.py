@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 
 import psycopg
@@ -12,7 +9,7 @@ import pytest
 
 from consumer.migrate import available_migrations, migrate, require_current_schema
 from consumer.settings import ConfigError
-from tests.support import ROOT
+from tests.support import run_smsq
 
 EXPECTED_COLUMNS = {
     "notification": {
@@ -72,15 +69,12 @@ def test_two_concurrent_runs_apply_each_migration_once(database_url):
 
 
 @pytest.mark.parametrize("program", ["consume", "dispatch", "serve"])
-def test_a_program_refuses_a_database_behind_its_migrations(program, database_url, tmp_path):
+def test_a_program_refuses_a_database_behind_its_migrations(program, settings):
     latest = available_migrations()[-1]
-    with psycopg.connect(database_url, autocommit=True) as conn:
+    with psycopg.connect(settings.database_dsn, autocommit=True) as conn:
         conn.execute("DELETE FROM smsq_migration WHERE version = %s", (latest.version,))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMSQ_", "TWILIO_"))}
-    env.update(DATABASE_URL=database_url, PYTHONPATH=str(ROOT),
-               TWILIO_API_URL="http://127.0.0.1:9", TWILIO_PHONE_NUMBER="+15005550006")
-    done = subprocess.run([sys.executable, "-m", "consumer.cli", program], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=30)
+    done = run_smsq(settings, program, TWILIO_API_URL="http://127.0.0.1:9",
+                    TWILIO_PHONE_NUMBER="+15005550006")
     assert done.returncode == 2
     assert done.stderr == (f"smsq {program}: DATABASE_URL: the database lacks migrations "
                            f"{latest.version:04d}_{latest.name}: run `smsq migrate` first\n")
