@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,20 +35,18 @@ from pathlib import Path
 
 import pika
 import psycopg
-from psycopg import sql
 from pydantic import AnyHttpUrl, SecretStr
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import calls_per_second, scratch_database  # noqa: E402
 from consumer import dispatch_store  # noqa: E402
 from consumer.fake_twilio import FakeTwilioControl, spawn  # noqa: E402
-from consumer.migrate import migrate  # noqa: E402
 from consumer.settings import Settings  # noqa: E402
 from consumer.twilio_client import Outgoing, TwilioSender  # noqa: E402
 from tests.dispatch_support import most_in_any_window  # noqa: E402 - the tests' own measure
 
-SERVER_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/smsq")
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 DEFAULT_SENDER = "+15005550006"
 TO = "+14155550123"
@@ -64,7 +61,7 @@ def main() -> int:
     parser.add_argument("--claim-rows", type=int, default=1_000_000)
     args = parser.parse_args()
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
-    with bench_database() as dsn:
+    with scratch_database(f"smsq_bench_dispatch_{os.getpid()}") as dsn:
         for section in chosen:
             reset(dsn)
             print(f"\n== {section}", flush=True)
@@ -206,28 +203,6 @@ def bench_claim(dsn: str, rows: int, runs: int = 50) -> None:
 # -- the pieces ------------------------------------------------------------------------------
 
 
-@contextmanager
-def bench_database() -> Iterator[str]:
-    name = f"smsq_bench_dispatch_{os.getpid()}"
-    admin = _with_dbname(SERVER_URL, "postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    dsn = _with_dbname(SERVER_URL, name)
-    try:
-        migrate(dsn)
-        yield dsn
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
-
-
-def _with_dbname(url: str, name: str) -> str:
-    info = psycopg.conninfo.conninfo_to_dict(url)
-    info["dbname"] = name
-    return psycopg.conninfo.make_conninfo(**info)
-
-
 def reset(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("TRUNCATE notification, dispatch_sender CASCADE")
@@ -256,17 +231,11 @@ def insert_pending(dsn: str, count: int, senders: list[str], spread: bool = Fals
 
 def environment(dsn: str, fake: FakeTwilioControl, **values: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SMSQ_", "TWILIO_"))}
-    env.update(DATABASE_URL=_as_url(dsn), AMQP_URL=AMQP_URL, TWILIO_API_URL=fake.url,
+    env.update(DATABASE_URL=dsn, AMQP_URL=AMQP_URL, TWILIO_API_URL=fake.url,
                TWILIO_ACCOUNT_SID=fake.account_sid, TWILIO_AUTH_TOKEN=fake.auth_token,
                TWILIO_PHONE_NUMBER=DEFAULT_SENDER, SMSQ_LOG_LEVEL="WARNING")
     env.update(values)
     return env
-
-
-def _as_url(dsn: str) -> str:
-    info = psycopg.conninfo.conninfo_to_dict(dsn)
-    return (f"postgresql://{info.get('user', 'postgres')}@{info.get('host', '127.0.0.1')}:"
-            f"{info.get('port', '5432')}/{info['dbname']}")
 
 
 @contextmanager
@@ -309,21 +278,8 @@ def raw_client_rate(fake: FakeTwilioControl, threads: int, seconds: float) -> fl
                         twilio_account_sid=fake.account_sid,
                         twilio_auth_token=SecretStr(fake.auth_token))
     sender = TwilioSender(settings, pool_size=threads)
-    deadline = time.monotonic() + seconds
-    counts = [0] * threads
-
-    def work(slot: int) -> None:
-        while time.monotonic() < deadline:
-            sender.send(Outgoing(TO, DEFAULT_SENDER, "baseline"))
-            counts[slot] += 1
-
-    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-    started = time.monotonic()
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    return sum(counts) / (time.monotonic() - started)
+    return calls_per_second(lambda: sender.send(Outgoing(TO, DEFAULT_SENDER, "baseline")),
+                            threads, seconds)
 
 
 def queue_exists(queue: str) -> bool:

@@ -15,8 +15,6 @@ import argparse
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 from requests.adapters import HTTPAdapter
@@ -24,6 +22,7 @@ from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import calls_per_second  # noqa: E402
 from consumer.fake_twilio import spawn  # noqa: E402
 
 TWILIO_API_URL = "https://api.twilio.com"
@@ -66,21 +65,9 @@ def creates_per_second(url: str, threads: int, seconds: float) -> float:
     """Creates per second from `threads` threads sharing one client, as a dispatcher would."""
     client = Client("ACfake" + "0" * 28, "fake-token",
                     http_client=BaseUrlHttpClient(url, pool_size=threads))
-    done = [0] * threads
-    deadline = time.monotonic() + seconds
-
-    def run(slot: int) -> None:
-        while time.monotonic() < deadline:
-            client.messages.create(to="+14155550123", from_="+15005550006", body="bench")
-            done[slot] += 1
-
-    workers = [threading.Thread(target=run, args=(n,)) for n in range(threads)]
-    started = time.monotonic()
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    return sum(done) / (time.monotonic() - started)
+    return calls_per_second(
+        lambda: client.messages.create(to="+14155550123", from_="+15005550006", body="bench"),
+        threads, seconds)
 
 
 def one_answer(url: str) -> str:

@@ -39,17 +39,15 @@ from pathlib import Path
 
 import pika
 import psycopg
-from psycopg import sql
 from pydantic import PostgresDsn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from consumer.migrate import migrate  # noqa: E402
+from bench.common import scratch_database  # noqa: E402
 from consumer.settings import Settings  # noqa: E402
 from schemas.errors import parse_notification  # noqa: E402
 
-DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/smsq"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 
@@ -135,27 +133,6 @@ def queue_state(channel, queue: str) -> tuple[int, int]:
     """(messages ready, consumers) of a queue."""
     method = channel.queue_declare(queue, passive=True).method
     return method.message_count, method.consumer_count
-
-
-def admin_dsn(server_url: str, dbname: str) -> str:
-    info = psycopg.conninfo.conninfo_to_dict(server_url)
-    info["dbname"] = dbname
-    return psycopg.conninfo.make_conninfo(**info)
-
-
-@contextmanager
-def bench_database(server_url: str, name: str) -> Iterator[str]:
-    admin = admin_dsn(server_url, "postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        url = server_url.rsplit("/", 1)[0] + "/" + name
-        migrate(url)
-        yield url
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
 
 
 @contextmanager
@@ -477,17 +454,16 @@ def smsq_run(settings: Settings, bodies: list[bytes], ids: list[uuid.UUID],
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    server_url = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
     amqp_url = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
     suffix = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"
     with ExitStack() as cleanup:
-        database_url = cleanup.enter_context(bench_database(server_url, f"smsq_bench_{suffix}"))
+        database_url = cleanup.enter_context(scratch_database(f"smsq_bench_{suffix}"))
         settings = Settings(_env_file=None, database_url=database_url, amqp_url=amqp_url,
                             smsq_exchange=f"bench.{suffix}", smsq_queue=f"bench.{suffix}.sms")
         backlog_settings = None
         if args.backlog:
             backlog_url = cleanup.enter_context(
-                bench_database(server_url, f"smsq_bench_{suffix}_backlog"))
+                scratch_database(f"smsq_bench_{suffix}_backlog"))
             backlog_settings = settings.model_copy(
                 update={"database_url": PostgresDsn(backlog_url)})
         cleanup.enter_context(bench_queues(settings))

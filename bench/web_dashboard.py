@@ -24,13 +24,12 @@ from starlette.testclient import TestClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import SERVER_URL, with_dbname  # noqa: E402
 from consumer.migrate import migrate  # noqa: E402
 from consumer.settings import Settings  # noqa: E402
 from consumer.web import dashboard, store  # noqa: E402
 from consumer.web.app import create_app  # noqa: E402
 from tests.web_support import RecordingCursor, log_in, web_settings  # noqa: E402
-
-SERVER = "postgresql://postgres@127.0.0.1:5432"
 
 # One statement per table; row i is published 2.5 s before row i-1 (a month for a million),
 # so the last hour holds ~1,440 of them whatever the size, like a real steady flow.
@@ -86,8 +85,8 @@ VALUES ('', '+14155550199', 'bench:1', 0.4, 1, 1),
 def database(rows: int) -> str:
     """The URL of a filled database of `rows` notifications (built on first use)."""
     name = f"smsq_bench_web_{rows}"
-    url = f"{SERVER}/{name}"
-    with psycopg.connect(f"{SERVER}/postgres", autocommit=True) as admin:
+    url = with_dbname(SERVER_URL, name)
+    with psycopg.connect(with_dbname(SERVER_URL, "postgres"), autocommit=True) as admin:
         exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
         if not exists:
             admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))

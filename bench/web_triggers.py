@@ -21,12 +21,9 @@ from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import scratch_database  # noqa: E402
 from consumer import store  # noqa: E402
-from consumer.migrate import migrate  # noqa: E402
 from schemas.message import Notification  # noqa: E402
-
-SERVER = "postgresql://postgres@127.0.0.1:5432"
-
 
 def batch(size: int) -> list[store.IngestRow]:
     return [store.IngestRow(Notification.model_validate(
@@ -54,24 +51,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=12)
     args = parser.parse_args()
-    name = f"smsq_bench_triggers_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(f"{SERVER}/postgres", autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        migrate(f"{SERVER}/{name}")
-        timings: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
-        with psycopg.connect(f"{SERVER}/{name}") as conn:
-            store.prepare_ingest(conn)
-            for i in range(args.rounds):
-                enabled = i % 2 == 0
-                for table in ("notification", "sms_notification"):
-                    conn.execute(sql.SQL("ALTER TABLE {} {} TRIGGER USER").format(
-                        sql.Identifier(table), sql.SQL("ENABLE" if enabled else "DISABLE")))
-                conn.commit()
-                timings[enabled].append(one_round(conn))
-    finally:
-        with psycopg.connect(f"{SERVER}/postgres", autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+    timings: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    with scratch_database(f"smsq_bench_triggers_{uuid.uuid4().hex[:8]}") as url, \
+            psycopg.connect(url) as conn:
+        store.prepare_ingest(conn)
+        for i in range(args.rounds):
+            enabled = i % 2 == 0
+            for table in ("notification", "sms_notification"):
+                conn.execute(sql.SQL("ALTER TABLE {} {} TRIGGER USER").format(
+                    sql.Identifier(table), sql.SQL("ENABLE" if enabled else "DISABLE")))
+            conn.commit()
+            timings[enabled].append(one_round(conn))
     print(f"median of {args.rounds // 2} rounds each    without triggers   with triggers   ratio")
     for index, label in ((0, "ingest 1,000 messages"), (1, "claim 100, then 100 sends")):
         base = statistics.median(t[index] for t in timings[False])
