@@ -48,7 +48,7 @@ def migrate(dsn: str) -> list[Migration]:
                    name text NOT NULL,
                    applied_datetime timestamptz NOT NULL DEFAULT now())"""
         )
-        done = {row[0] for row in conn.execute("SELECT version FROM smsq_migration")}
+        done = _applied_versions(conn)
         applied = []
         for migration in available_migrations():
             if migration.version in done:
@@ -66,25 +66,25 @@ def migrate(dsn: str) -> list[Migration]:
         return applied
 
 
-def missing_migrations(dsn: str) -> list[Migration]:
-    """The migrations this code needs that the database has not had (all, if never migrated)."""
-    with psycopg.connect(dsn, connect_timeout=5) as conn:
-        if conn.execute("SELECT to_regclass('smsq_migration')").fetchone()[0] is None:
-            return available_migrations()
-        done = {row[0] for row in conn.execute("SELECT version FROM smsq_migration")}
-    return [m for m in available_migrations() if m.version not in done]
+def _applied_versions(conn: psycopg.Connection) -> set[int]:
+    """The versions recorded in smsq_migration (none while that table does not exist)."""
+    if conn.execute("SELECT to_regclass('smsq_migration')").fetchone()[0] is None:
+        return set()
+    return {row[0] for row in conn.execute("SELECT version FROM smsq_migration")}
 
 
 def require_current_schema(dsn: str) -> None:
     """Refuse to start on a database behind this code (one line, exit 2), not fail later on
     a missing table. A database that does not answer yet is left to the program's retries."""
     try:
-        missing = missing_migrations(dsn)
+        with psycopg.connect(dsn, connect_timeout=5) as conn:
+            applied = _applied_versions(conn)
     except psycopg.OperationalError:
         return
-    if missing == available_migrations():
+    if not applied:
         raise ConfigError("DATABASE_URL: the database has no smsq tables yet: "
                           "run `smsq migrate` first")
+    missing = [m for m in available_migrations() if m.version not in applied]
     if missing:
         names = ", ".join(f"{m.version:04d}_{m.name}" for m in missing)
         raise ConfigError(f"DATABASE_URL: the database lacks migrations {names}: "
