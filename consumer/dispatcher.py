@@ -45,6 +45,7 @@ from consumer.bucket import TokenBucket
 from consumer.outcomes import Decision, RetryPolicy, TwilioAttempt, decide
 from consumer.segments import cost_of
 from consumer.settings import Settings
+from consumer.logs import error_text
 from consumer.signals import StopSignal
 from consumer.store import FOLD_COUNTS_EVERY_SECONDS, fold_counts
 from consumer.twilio_client import FoundMessage, Outgoing, TwilioSender
@@ -139,7 +140,7 @@ class DueListener(threading.Thread):
         self.dsn, self.events, self.stop = settings.database_dsn, events, stop
 
     def run(self) -> None:
-        backoff = 0.5
+        self.backoff = 0.5
         while not self.stop.requested:
             try:
                 self._listen()
@@ -147,14 +148,15 @@ class DueListener(threading.Thread):
                 if self.stop.requested:
                     return
                 log.warning("listen connection lost", extra={"action": "listen_retry",
-                                                             "error": str(exc).strip()})
-                self.stop.wait(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+                                                             "error": error_text(exc)})
+                self.stop.wait(self.backoff)
+                self.backoff = min(self.backoff * 2, MAX_BACKOFF_SECONDS)
 
     def _listen(self) -> None:
         with psycopg.connect(self.dsn, autocommit=True,
                              application_name="smsq dispatch listen") as conn:
             conn.execute("LISTEN smsq_due")
+            self.backoff = 0.5  # listening again: the next loss starts its backoff afresh
             self.events.put(("poll",))  # whatever was announced while nobody listened
             while not self.stop.requested:
                 for notify in conn.notifies(timeout=1.0):
@@ -202,7 +204,7 @@ class Dispatcher:
             except psycopg.OperationalError as exc:
                 log.warning("postgres unavailable, retrying", extra={
                     "action": "postgres_retry", "wait_seconds": backoff,
-                    "error": str(exc).strip()})
+                    "error": error_text(exc)})
                 self._forget_senders()
                 self._close()
                 self.stop.wait(backoff)
@@ -284,9 +286,11 @@ class Dispatcher:
                          self.settings.twilio_sms_rate, sender.bucket.capacity))
         store.save_buckets(self.db, rows)
 
+    def _queued_ids(self) -> list[UUID]:
+        return [entry[-1].id for sender in self.held.values() for entry in sender.queue]
+
     def _claimed_ids(self) -> list[UUID]:
-        queued = [entry[-1].id for sender in self.held.values() for entry in sender.queue]
-        return queued + list(self.in_flight)
+        return self._queued_ids() + list(self.in_flight)
 
     # -- claiming -------------------------------------------------------------------------------
 
@@ -321,7 +325,6 @@ class Dispatcher:
         sender.queue = ordered[:self.in_hand_target]  # a sorted list is a heap
         store.release_unsent(self.db, [entry[-1].id for entry in ordered[self.in_hand_target:]],
                              self.holder)
-        sender.maybe_due = True
 
     # -- releasing, as the buckets allow --------------------------------------------------------
 
@@ -537,7 +540,7 @@ class Dispatcher:
         """Hand back what is not sent, let requests on the wire finish, release the locks."""
         try:
             self._connect()
-            unsent = [entry[-1].id for sender in self.held.values() for entry in sender.queue]
+            unsent = self._queued_ids()
             for sender in self.held.values():
                 sender.queue.clear()
             returned = store.release_unsent(self.db, unsent, self.holder)
@@ -552,9 +555,10 @@ class Dispatcher:
                 "still_on_the_wire": len(self.in_flight)})
         except psycopg.OperationalError as exc:
             log.warning("could not hand rows back; they are reconciled after their lease",
-                        extra={"action": "release_failed", "error": str(exc).strip()})
+                        extra={"action": "release_failed", "error": error_text(exc)})
         finally:
             self._close()  # closing the lock connection frees every sender's lock
+            self.twilio.close()
 
 
 _SEND_LOG = {

@@ -46,7 +46,6 @@ class Decision:
     retry_in: float | None = None
     error_code: int | None = None
     status_message: str = ""
-    reconcile: bool = False
 
 
 def decide(attempt: TwilioAttempt, attempts: int, policy: RetryPolicy,
@@ -61,7 +60,7 @@ def decide(attempt: TwilioAttempt, attempts: int, policy: RetryPolicy,
                         status_message=attempt.error_message or f"HTTP {attempt.http_status}")
     # No answer after sending, or an answer that is neither success nor error (a 2xx without a
     # SID, a redirect from a proxy): Twilio may hold the message, so ask it before resending.
-    return Decision("processing", error_code=attempt.error_code, reconcile=True,
+    return Decision("processing", error_code=attempt.error_code,
                     status_message=f"outcome unknown ({describe(attempt)}); reconciling with Twilio")
 
 

@@ -54,7 +54,6 @@ def test_transient_outcomes_go_back_to_pending_with_a_backoff(attempt: TwilioAtt
     assert decision.status == "pending"
     assert decision.retry_in == 2.5  # first step 5 s, equal jitter keeps at least half
     assert decision.error_code == attempt.error_code
-    assert not decision.reconcile
     assert "attempt 1 of 10" in decision.status_message
     assert describe(attempt) in decision.status_message
 
@@ -106,7 +105,6 @@ def test_unknown_outcomes_stay_processing_and_are_reconciled(attempt: TwilioAtte
     for attempts in (1, POLICY.max_attempts, POLICY.max_attempts + 5):
         decision = decide(attempt, attempts, POLICY)
         assert decision.status == "processing"
-        assert decision.reconcile
         assert decision.retry_in is None
         assert decision.status_message.startswith("outcome unknown")
 
