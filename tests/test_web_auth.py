@@ -60,8 +60,9 @@ def test_every_other_page_and_action_refuses_without_a_login(app, client):
         if method == "GET":
             assert response.status_code == 303, url
             assert response.headers["location"].startswith("/login?next="), url
-        else:
+        else:  # refused by the login check, not merely by the missing CSRF token
             assert response.status_code == 403, f"{method} {url}"
+            assert response.text == "log in first\n", f"{method} {url}"
 
 
 def test_without_configured_credentials_everything_of_the_dashboard_refuses(settings):

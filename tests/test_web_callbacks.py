@@ -9,7 +9,6 @@ import pytest
 from starlette.testclient import TestClient
 from twilio.request_validator import RequestValidator
 
-from consumer.web import receipts
 from consumer.web.app import create_app
 from tests.support import wait_until
 from tests.web_support import AUTH_TOKEN, PUBLIC_URL, insert_notification, web_settings
@@ -136,9 +135,9 @@ def test_a_callback_that_beats_the_dispatchers_commit_is_applied_once_the_sid_is
     conn.execute("UPDATE notification SET status = 'sent' WHERE id = %s", (notification_id,))
     conn.execute("UPDATE sms_notification SET twilio_sid = %s WHERE notification_id = %s",
                  (SID, notification_id))
-    with psycopg.connect(conn.info.dsn) as other:
-        assert receipts.apply_early_receipts(other) == 2
-    assert delivery(conn) == ("undelivered", 30003)
+    # serve's housekeeping applies parked receipts every second
+    wait_until(lambda: delivery(conn) == ("undelivered", 30003), timeout=10,
+               message="parked receipts applied")
     assert conn.execute("SELECT count(*) FROM delivery_receipt_early").fetchone()[0] == 0
     events = conn.execute("SELECT new_value FROM notification_event WHERE notification_id = %s "
                           "AND field = 'delivery_status' ORDER BY id", (notification_id,)).fetchall()
