@@ -10,6 +10,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 import pika
+import pika.exceptions
 
 from consumer import amqp
 from consumer.settings import Settings
@@ -49,16 +50,21 @@ def _text(value: object) -> str:
 
 
 def list_dead(settings: Settings, limit: int = 100) -> list[DeadLetter]:
-    """The first `limit` dead letters, oldest first, left in the queue."""
+    """The first `limit` dead letters, oldest first, left in the queue (none if it was
+    never declared: looking creates nothing)."""
     found = []
     with amqp.connect(settings, "dead-letters") as connection:
         channel = connection.channel()
-        amqp.declare_topology(channel, settings)
-        while len(found) < limit:
-            method, properties, body = channel.basic_get(settings.dead_queue, auto_ack=False)
-            if method is None:
-                break
-            found.append(_as_dead_letter(properties, body))
+        try:
+            while len(found) < limit:
+                method, properties, body = channel.basic_get(settings.dead_queue, auto_ack=False)
+                if method is None:
+                    break
+                found.append(_as_dead_letter(properties, body))
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 404:  # NOT_FOUND: no dead-letter queue yet
+                raise
+            return found
         # Closing the channel hands every unacknowledged message back to the queue.
         channel.close()
     return found

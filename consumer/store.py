@@ -208,11 +208,23 @@ def _media_expiry(n: Notification) -> datetime:
         return datetime.max.replace(tzinfo=timezone.utc)
 
 
+STATUSES = ("pending", "processing", "sent", "errored", "failed", "canceled")
+PRIORITIES = ("high", "medium", "low")
+
+
 def counts_by_status(conn: psycopg.Connection) -> list[tuple[str, str, int]]:
     """(status, priority, count), from the deltas the triggers of migration 0004 append."""
     return conn.execute(
         """SELECT status, priority, sum(delta)::bigint FROM notification_count_delta
            GROUP BY 1, 2 HAVING sum(delta) <> 0 ORDER BY 1, 2""").fetchall()
+
+
+def counts_table(conn: psycopg.Connection) -> dict[str, dict[str, int]]:
+    """{status: {priority: count}} with every status and priority, 0 where there is none."""
+    table = {status: dict.fromkeys(PRIORITIES, 0) for status in STATUSES}
+    for status, priority, count in counts_by_status(conn):
+        table[status][priority] = count
+    return table
 
 
 def backlog_counts(conn: psycopg.Connection) -> list[tuple[str, str, int]]:
@@ -239,12 +251,15 @@ def fold_counts(conn: psycopg.Connection) -> int:
 
 
 def sender_buckets(conn: psycopg.Connection) -> list[dict]:
-    """Each sender's token bucket as its dispatcher last wrote it (table dispatch_sender)."""
+    """Each sender's token bucket as its dispatcher last wrote it (table dispatch_sender),
+    and `tokens_now`: refilled at its rate since then, up to its capacity."""
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(
-            """SELECT sender, address, holder, tokens, rate, capacity, updated_datetime,
-                      extract(epoch FROM now() - updated_datetime)::float AS age_seconds
-               FROM dispatch_sender ORDER BY sender"""
+            """SELECT *, least(capacity, tokens + rate * greatest(age_seconds, 0)) AS tokens_now
+               FROM (SELECT sender, address, holder, tokens, rate, capacity, updated_datetime,
+                            extract(epoch FROM now() - updated_datetime)::float AS age_seconds
+                     FROM dispatch_sender) b
+               ORDER BY sender"""
         ).fetchall()
 
 

@@ -10,10 +10,9 @@ import pika
 import psycopg
 import pytest
 
-from consumer import amqp
+from consumer import amqp, store
 from consumer.cli import run_with
 from consumer.commands import UsageError, arguments
-from consumer.commands.status import tokens_now
 from consumer.commands.table import render_table
 from tests.support import publish_raw, queue_depth
 
@@ -78,10 +77,14 @@ def test_status_reports_counts_oldest_due_queues_and_each_senders_bucket(smsq, d
     assert "+15005550006" in out and "host:42" in out and "1 message(s) ready" in out
 
 
-def test_tokens_now_refills_at_the_rate_up_to_capacity():
-    bucket = {"tokens": 0.5, "rate": 2.0, "capacity": 3.0}
-    assert tokens_now({**bucket, "age_seconds": 0.5}) == 1.5
-    assert tokens_now({**bucket, "age_seconds": 60}) == 3.0
+def test_tokens_now_refills_at_the_rate_up_to_capacity(db):
+    db.execute("""INSERT INTO dispatch_sender (sender, address, tokens, rate, capacity,
+                  updated_datetime) VALUES
+                  ('a', 'a', 0.5, 2, 3, now() - interval '0.5 seconds'),
+                  ('b', 'b', 0.5, 2, 3, now() - interval '60 seconds')""")
+    buckets = {b["sender"]: b["tokens_now"] for b in store.sender_buckets(db)}
+    assert buckets["a"] == pytest.approx(1.5, abs=0.1)  # plus the moments between statements
+    assert buckets["b"] == 3.0
 
 
 def test_retry_by_filter_touches_only_the_matching_rows(smsq, db):
@@ -144,6 +147,14 @@ def test_dead_list_shows_each_reason_and_leaves_them_queued(smsq, settings):
     code, out = smsq("dead", "list", "--json")
     assert [(d["key"], d["body"]) for d in json.loads(out)] == [("k1", "{}"), ("k2", '{"sms": {}}')]
     assert queue_depth(settings, settings.dead_queue) == 2
+
+
+def test_dead_list_of_a_queue_never_declared_is_empty_and_declares_nothing(smsq, settings):
+    code, out = smsq("dead", "list", "--json")
+    assert code == 0 and json.loads(out) == []
+    with amqp.connect(settings, "test") as connection:
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker):
+            connection.channel().queue_declare(settings.dead_queue, passive=True)
 
 
 def test_dead_requeue_by_key_then_all(smsq, settings):

@@ -11,24 +11,16 @@ from consumer import amqp, store
 from consumer.commands.table import render_table
 from consumer.settings import Settings
 
-STATUSES = ("pending", "processing", "sent", "errored", "failed", "canceled")
-PRIORITIES = ("high", "medium", "low")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def collect(settings: Settings) -> dict:
     with psycopg.connect(settings.database_dsn) as conn:
-        counts = store.counts_by_status(conn)
+        table = store.counts_table(conn)
         oldest = store.oldest_due_age_seconds(conn)
-        senders = [{**bucket, "updated_datetime": bucket["updated_datetime"].isoformat(),
-                    "tokens_now": tokens_now(bucket)}
+        senders = [{**bucket, "updated_datetime": bucket["updated_datetime"].isoformat()}
                    for bucket in store.sender_buckets(conn)]
-    table = {status: {p: 0 for p in PRIORITIES} for status in STATUSES}
-    for status, priority, count in counts:
-        table[status][priority] = count
     return {"notifications": table, "oldest_due_age_seconds": oldest,
             "queues": amqp.queue_depths(settings), "senders": senders}
 
@@ -43,9 +35,9 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def render(report: dict) -> str:
-    lines = [f"{'status':<12}" + "".join(f"{p:>10}" for p in PRIORITIES) + f"{'total':>10}"]
+    lines = [f"{'status':<12}" + "".join(f"{p:>10}" for p in store.PRIORITIES) + f"{'total':>10}"]
     for status, by_priority in report["notifications"].items():
-        counts = [by_priority[p] for p in PRIORITIES]
+        counts = [by_priority[p] for p in store.PRIORITIES]
         lines.append(f"{status:<12}" + "".join(f"{c:>10}" for c in counts) + f"{sum(counts):>10}")
     age = report["oldest_due_age_seconds"]
     lines.append("")
@@ -65,8 +57,3 @@ def render_senders(senders: list[dict]) -> list[str]:
              s["holder"], f"{s['age_seconds']:.0f} s ago") for s in senders]
     return [render_table(["sender", "tokens", "rate/s", "burst", "paced by", "updated"], rows)]
 
-
-def tokens_now(bucket: dict) -> float:
-    """The bucket as it stands now: what was written, refilled since, up to capacity."""
-    refilled = bucket["tokens"] + bucket["rate"] * max(bucket["age_seconds"], 0.0)
-    return min(bucket["capacity"], refilled)

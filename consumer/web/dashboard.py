@@ -8,7 +8,6 @@ import logging
 import uuid
 from dataclasses import dataclass
 
-import phonenumbers
 import psycopg
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
@@ -19,11 +18,10 @@ from consumer import amqp, dead_letters, operations
 from consumer import store as status_store
 from consumer.settings import Settings
 from consumer.web import auth, charts, db, render, store
+from schemas.message import normalise_phone_number
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("pending", "processing", "sent", "errored", "failed", "canceled")
-PRIORITIES = ("high", "medium", "low")
 ERROR_WINDOW_HOURS = 24
 OVERVIEW_DEAD_LETTERS = 10
 
@@ -32,9 +30,7 @@ OVERVIEW_DEAD_LETTERS = 10
 
 
 def _overview_data(conn: psycopg.Connection) -> dict:
-    table = {status: dict.fromkeys(PRIORITIES, 0) for status in STATUSES}
-    for status, priority, count in status_store.counts_by_status(conn):
-        table[status][priority] = count
+    table = status_store.counts_table(conn)
     this_minute, sent_rows = store.sends_per_minute(conn)
     return {
         "counts": table,
@@ -54,10 +50,11 @@ class QueueView:
     error: str | None = None
 
 
-def _queue_view(settings: Settings, limit: int) -> QueueView:
+def _queue_view(settings: Settings, limit: int, with_depths: bool = True) -> QueueView:
     """Queue depths and the first dead letters; RabbitMQ being away is shown, not fatal."""
     try:
-        return QueueView(amqp.queue_depths(settings), dead_letters.list_dead(settings, limit))
+        depths = amqp.queue_depths(settings) if with_depths else {}
+        return QueueView(depths, dead_letters.list_dead(settings, limit))
     except Exception as exc:  # noqa: BLE001 - the page still shows what Postgres knows
         log.warning("dashboard could not read RabbitMQ", extra={"action": "dashboard_amqp_error",
                                                                   "error": str(exc)})
@@ -71,7 +68,8 @@ async def overview(request: Request) -> Response:
         run_in_threadpool(_queue_view, settings, OVERVIEW_DEAD_LETTERS))
     return render.page(request, "overview.html", **data, queues=queues,
                        queue_name=settings.smsq_queue, dead_queue=settings.dead_queue,
-                       error_hours=ERROR_WINDOW_HOURS, statuses=STATUSES, priorities=PRIORITIES)
+                       error_hours=ERROR_WINDOW_HOURS, statuses=status_store.STATUSES,
+                       priorities=status_store.PRIORITIES)
 
 
 # ---------------------------------------------------------------- search and history
@@ -99,11 +97,11 @@ def _as_uuid(text: str) -> uuid.UUID | None:
 
 
 def _as_e164(text: str, region: str | None) -> str | None:
+    """As ingest stores numbers (so a search finds them), or None for no valid number."""
     try:
-        parsed = phonenumbers.parse(text, region)
-    except phonenumbers.NumberParseException:
+        return normalise_phone_number(text, region)
+    except ValueError:
         return None
-    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
 
 
 async def search(request: Request) -> Response:
@@ -153,7 +151,7 @@ async def errors_page(request: Request) -> Response:
 
 
 async def dead_letters_page(request: Request) -> Response:
-    queues = await run_in_threadpool(_queue_view, request.app.state.settings, 500)
+    queues = await run_in_threadpool(_queue_view, request.app.state.settings, 500, False)
     return render.page(request, "dead_letters.html", queues=queues,
                        dead_queue=request.app.state.settings.dead_queue)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 
 from starlette.datastructures import FormData
 from starlette.requests import Request
@@ -45,10 +44,10 @@ async def login(request: Request, form: FormData) -> Response:
         return render.page(request, "login.html", status_code=401, next=target,
                            error="Wrong user name or password.")
     throttle.succeeded(client)
-    # A fresh session (and CSRF token) at login: a token planted before it is worth nothing.
+    # A fresh session at login: a CSRF token planted before it is worth nothing (the next
+    # page makes a new one).
     request.session.clear()
     request.session["user"] = settings.smsq_dashboard_user
-    request.session["csrf"] = secrets.token_urlsafe(32)
     log.info("dashboard login", extra={"action": "login"})
     return RedirectResponse(target, status_code=303)
 
