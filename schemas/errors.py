@@ -75,8 +75,6 @@ def _describe_one(error: dict, raw: bytes) -> str:
     if kind == "value_error":
         return f"{field}: {error['msg'].removeprefix('Value error, ')}"
     words = _PLAIN_WORDS.get(kind)
-    if kind == "missing" and field == "message":
-        field = "message"
     return f"{field}: {words or error['msg']}"
 
 

@@ -87,7 +87,7 @@ class TemporaryMedia(_Strict):
     """An inline image that smsq hosts itself for Twilio to fetch."""
 
     name: str = Field(min_length=1, max_length=255)
-    content_type: Literal["image/png", "image/jpeg", "image/gif"]
+    content_type: Literal[INLINE_MEDIA_TYPES]
     content_base64: str = Field(description="the image, base64-encoded; at most 5 MB decoded")
 
     @field_validator("content_base64")

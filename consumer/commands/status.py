@@ -35,10 +35,11 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def render(report: dict) -> str:
-    lines = [f"{'status':<12}" + "".join(f"{p:>10}" for p in store.PRIORITIES) + f"{'total':>10}"]
+    rows = []
     for status, by_priority in report["notifications"].items():
         counts = [by_priority[p] for p in store.PRIORITIES]
-        lines.append(f"{status:<12}" + "".join(f"{c:>10}" for c in counts) + f"{sum(counts):>10}")
+        rows.append((status, *counts, sum(counts)))
+    lines = [render_table(["status", *store.PRIORITIES, "total"], rows)]
     age = report["oldest_due_age_seconds"]
     lines.append("")
     lines.append("oldest due message: " + ("none waiting" if age is None else f"{age:.1f} s old"))
