@@ -63,6 +63,12 @@ def stop(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 
     return process.wait(timeout=timeout)
 
 
+def declare_queues(settings: Settings) -> None:
+    """The test's exchange and queues, as `smsq consume` declares them at start."""
+    with amqp.connect(settings, "test") as connection:
+        amqp.declare_topology(connection.channel(), settings)
+
+
 def free_port() -> int:
     """A port nothing listens on now (the OS picks it), for a program the test starts."""
     with socket.socket() as s:

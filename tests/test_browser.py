@@ -23,11 +23,10 @@ import uvicorn
 from pydantic import AnyHttpUrl
 from playwright.sync_api import Page, expect, sync_playwright
 
-from consumer import amqp
 from consumer.settings import Settings
 from consumer.web.app import create_app
 from tests.dispatch_support import add_notifications, dispatch_settings, running_dispatcher
-from tests.support import publish_raw, wait_until
+from tests.support import declare_queues, publish_raw, wait_until
 from tests.web_support import PASSWORD, USER, insert_notification, web_settings
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -103,8 +102,7 @@ def seed_an_hour_of_traffic(conn: psycopg.Connection) -> None:
 
 
 def dead_letter(settings: Settings) -> None:
-    with amqp.connect(settings, "test") as connection:
-        amqp.declare_topology(connection.channel(), settings)
+    declare_queues(settings)
     publish_raw(settings, [b'{"body": "Your code is 1234", "sms": {"to_phone_number": "+1123"}}'],
                 pika.BasicProperties(message_id="order-7731", headers={
                     "x-error": "sms.to_phone_number: not a valid phone number: '+1123'",

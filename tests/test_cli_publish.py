@@ -8,15 +8,13 @@ import uuid
 import psycopg
 import pytest
 
-from consumer import amqp
 from consumer.settings import Settings
-from tests.support import get_all, publish_raw, queue_depth, run_smsq
+from tests.support import declare_queues, get_all, publish_raw, queue_depth, run_smsq
 
 
 @pytest.fixture
 def queues(settings: Settings) -> Settings:
-    with amqp.connect(settings, "test") as connection:
-        amqp.declare_topology(connection.channel(), settings)
+    declare_queues(settings)
     return settings
 
 

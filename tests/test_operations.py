@@ -9,8 +9,8 @@ import pika
 import psycopg
 import pytest
 
-from consumer import amqp, dead_letters, operations
-from tests.support import get_all, publish_raw, queue_depth
+from consumer import dead_letters, operations
+from tests.support import declare_queues, get_all, publish_raw, queue_depth
 
 
 def insert(conn: psycopg.Connection, status: str, error_code: int | None = None) -> uuid.UUID:
@@ -64,8 +64,7 @@ def test_cancel_only_touches_pending(settings):
 
 
 def _dead(settings, bodies: list[bytes]) -> None:
-    with amqp.connect(settings, "test") as connection:
-        amqp.declare_topology(connection.channel(), settings)
+    declare_queues(settings)
     for number, body in enumerate(bodies):
         publish_raw(settings, [body], pika.BasicProperties(
             message_id=f"m{number}", headers={"x-error": f"body: reason {number}", "keep": "yes"}),

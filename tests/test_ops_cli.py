@@ -14,7 +14,7 @@ from consumer import amqp, store
 from consumer.cli import run_with
 from consumer.commands import UsageError, arguments
 from consumer.commands.table import render_table
-from tests.support import publish_raw, queue_depth
+from tests.support import declare_queues, publish_raw, queue_depth
 
 
 @pytest.fixture
@@ -56,8 +56,7 @@ def test_status_reports_counts_oldest_due_queues_and_each_senders_bucket(smsq, d
     db.execute("""INSERT INTO dispatch_sender (sender, address, holder, tokens, rate, capacity,
                   updated_datetime) VALUES ('', '+15005550006', 'host:42', 0.5, 1, 3,
                   now() - interval '1 second')""")
-    with amqp.connect(settings, "test") as connection:
-        amqp.declare_topology(connection.channel(), settings)
+    declare_queues(settings)
     publish_raw(settings, [b"not json"], exchange="", routing_key=settings.dead_queue)
 
     code, out = smsq("status", "--json")
@@ -131,8 +130,7 @@ def test_cancel_refuses_what_is_not_an_id(smsq, db):
 
 
 def dead_letter(settings, key: str, reason: str, body: bytes) -> None:
-    with amqp.connect(settings, "test") as connection:
-        amqp.declare_topology(connection.channel(), settings)
+    declare_queues(settings)
     publish_raw(settings, [body], pika.BasicProperties(message_id=key, headers={"x-error": reason}),
                 exchange="", routing_key=settings.dead_queue)
 

@@ -15,11 +15,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from consumer import amqp
 from consumer.fake_twilio import spawn
 from consumer.settings import Settings
-from tests.support import (StreamPublisher, count_rows, free_port, publish_raw, start_smsq,
-                           wait_until)
+from tests.support import (StreamPublisher, count_rows, declare_queues, free_port, publish_raw,
+                           start_smsq, wait_until)
 
 AUTH_TOKEN = "tok-S3CRET-4b1d"
 DASHBOARD_PASSWORD = "dash-S3CRET-9e2f"
@@ -118,8 +117,7 @@ def test_logs_are_json_lines_with_action_and_id_numbers_masked_no_secret(sandbox
     good = {"id": "9b2f6c1e-0c43-4d8e-b2a4-3d1f0e5a7c11", "body": "Your code is 482910",
             "sms": {"to_phone_number": RECIPIENT}}
     bad = {"body": "hi", "sms": {"to_phone_number": "+1415555012"}}
-    with amqp.connect(settings, "test") as connection:
-        amqp.declare_topology(connection.channel(), settings)
+    declare_queues(settings)
     publish_raw(settings, [json.dumps(good).encode(), json.dumps(bad).encode()])
     wait_until(lambda: control.messages(), message="the send")
     wait_until(lambda: count_rows(settings, "status = 'sent'") == 1, message="sent status")

@@ -13,9 +13,8 @@ import psycopg
 import pytest
 from starlette.testclient import TestClient
 
-from consumer import amqp
 from consumer.web.app import create_app
-from tests.support import publish_raw, queue_depth, start_smsq, stop, wait_until
+from tests.support import declare_queues, publish_raw, queue_depth, start_smsq, stop, wait_until
 from tests.web_support import (  # noqa: F401 - conn is a fixture
     PASSWORD, USER, conn, csrf_of, insert_notification, log_in, web_settings)
 
@@ -110,8 +109,7 @@ def test_retry_every_errored_notification_of_one_twilio_code(client, conn):
 
 
 def test_dead_letters_are_listed_with_their_reason_and_requeued(client, settings):
-    with amqp.connect(settings, "test") as connection:
-        amqp.declare_topology(connection.channel(), settings)
+    declare_queues(settings)
     reason = "sms.to_phone_number: not a valid phone number: '+1123'"
     publish_raw(settings, [b'{"body": "hi", "sms": {"to_phone_number": "+1123"}}'],
                 pika.BasicProperties(message_id="dead-1", headers={"x-error": reason}),
