@@ -16,9 +16,14 @@ and pika is only ever touched from its own thread: the writer merely wakes it wi
 committed or dead-lettered, and nothing is acknowledged on a channel other than the one it
 came from: after a reconnect the broker redelivers, and the ids make a second store a no-op.
 
-A batch is handed over when it holds SMSQ_INGEST_BATCH_SIZE messages, when it is
-SMSQ_INGEST_BATCH_MS old, or at once when the queue has run dry and the writer is idle, so
-a lone message is not delayed.
+A batch is handed over when it holds SMSQ_INGEST_BATCH_SIZE messages (or MAX_BATCH_BYTES of
+them), when it is SMSQ_INGEST_BATCH_MS old, or at once when the queue has run dry and the
+writer is idle, so a lone message is not delayed.
+
+Memory is bounded in bytes as well as in messages: the prefetch counts messages, and a
+message may carry 5 MB of inline media. Holding MAX_HELD_BYTES unacknowledged, the consumer
+cancels its subscription (the broker stops sending; what it sent meanwhile, pika hands
+back) and subscribes again once the writer has stored enough of what it holds.
 """
 
 from __future__ import annotations
@@ -57,6 +62,9 @@ IDLE_WAKE_SECONDS = 1.0  # how long an idle loop blocks before looking at the st
 # (never, where autovacuum is off), and every insert then reads the whole table: ingest
 # slows to a crawl as the table grows. Re-planning now and then keeps it an index lookup.
 REPLAN_EVERY_ROWS = 5_000
+# Bodies held unacknowledged, at most (plus one message): past it, consuming pauses.
+MAX_HELD_BYTES = 32 * 2**20
+MAX_BATCH_BYTES = 8 * 2**20  # one transaction's bodies, at most (plus one message)
 
 
 # What a reconnect cures: the connection, its socket, or the channel under it went away.
@@ -89,6 +97,7 @@ class Batch:
     # The connection whose channel delivered these tags; they mean nothing on another one.
     connection: pika.BlockingConnection
     deliveries: list[Delivery] = field(default_factory=list)
+    body_bytes: int = 0
     started: float = field(default_factory=time.monotonic)
     outcome: Outcome = Outcome.WAITING
     failure: BaseException | None = None
@@ -247,6 +256,8 @@ class Ingester:
         self.batch: Batch | None = None
         self.in_flight: deque[Batch] = deque()  # handed to the writer, not yet acknowledged
         self.arrived = 0  # deliveries since the loop last looked; 0 means the queue ran dry
+        self.held_bytes = 0  # bodies delivered and not yet acknowledged
+        self.paused = False  # subscription cancelled while holding MAX_HELD_BYTES
         self.amqp_connection: pika.BlockingConnection | None = None
         self.channel: BlockingChannel | None = None
         self.dead_channel: BlockingChannel | None = None
@@ -291,6 +302,7 @@ class Ingester:
             self.amqp_connection.process_data_events(time_limit=self._wait_seconds())
             if self.batch is not None and self._batch_is_due():
                 self._hand_over()
+            self._pause_or_resume()
         self._finish()
 
     def _wait_seconds(self) -> float:
@@ -304,10 +316,26 @@ class Ingester:
         ran_dry = self.arrived == 0 and not self.in_flight
         return ran_dry or self.batch.age_seconds() >= self.batch_seconds
 
+    def _pause_or_resume(self) -> None:
+        """Stop the broker sending while we hold too many bytes; resume below half of them."""
+        if not self.paused and self.held_bytes >= MAX_HELD_BYTES:
+            # Deliveries not yet dispatched to us are handed back to the broker by the cancel.
+            self.channel.basic_cancel(self.consumer_tag)
+            self.paused = True
+            log.debug("consuming paused", extra={"action": "consume_paused",
+                                                 "held_bytes": self.held_bytes})
+        elif self.paused and self.held_bytes < MAX_HELD_BYTES // 2:
+            self.consumer_tag = self.channel.basic_consume(self.settings.smsq_queue,
+                                                           self._on_message)
+            self.paused = False
+            log.debug("consuming resumed", extra={"action": "consume_resumed",
+                                                  "held_bytes": self.held_bytes})
+
     def _finish(self) -> None:
         """Stopping: take no more, store what we hold, acknowledge what got committed."""
-        # Deliveries not yet dispatched to us are handed back to the broker by the cancel.
-        self.channel.basic_cancel(self.consumer_tag)
+        if not self.paused:
+            # Deliveries not yet dispatched to us are handed back to the broker by the cancel.
+            self.channel.basic_cancel(self.consumer_tag)
         if self.batch is not None:
             self._hand_over()
         while self.in_flight:
@@ -317,10 +345,13 @@ class Ingester:
 
     def _on_message(self, _channel: BlockingChannel, method, properties, body: bytes) -> None:
         self.arrived += 1
+        self.held_bytes += len(body)
         if self.batch is None:
             self.batch = Batch(self.amqp_connection)
         self.batch.deliveries.append(self._validate(method.delivery_tag, properties, body))
-        if len(self.batch) >= self.settings.smsq_ingest_batch_size:
+        self.batch.body_bytes += len(body)
+        if (len(self.batch) >= self.settings.smsq_ingest_batch_size
+                or self.batch.body_bytes >= MAX_BATCH_BYTES):
             self._hand_over()
 
     def _validate(self, tag: int, properties: pika.BasicProperties, body: bytes) -> Delivery:
@@ -363,6 +394,7 @@ class Ingester:
                     if delivery.error is not None:
                         self._publish_dead(delivery)
                 self.channel.basic_ack(batch.deliveries[-1].tag, multiple=True)
+                self.held_bytes -= batch.body_bytes
 
     def _publish_dead(self, delivery: Delivery) -> None:
         original = delivery.properties
@@ -394,6 +426,7 @@ class Ingester:
         # Delivery tags never outlive their channel: what was held before is redelivered.
         self.batch = None
         self.in_flight.clear()
+        self.held_bytes, self.paused = 0, False
         try:
             self.amqp_connection = amqp.connect(self.settings, "consume")
         except pika.exceptions.ProbableAuthenticationError as exc:

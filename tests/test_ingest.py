@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta, timezone
 
 import pika
@@ -16,11 +18,19 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as settings_of_hypothesis
 from hypothesis import strategies as st
 
+from consumer import ingest
 from consumer.ingest import Ingester
 from consumer.settings import Settings
 from consumer.signals import StopSignal
 from schemas.message import derive_id
-from tests.support import count_rows, get_all, publish_raw, queue_depth, wait_until
+from tests.support import (
+    count_rows,
+    declare_queues,
+    get_all,
+    publish_raw,
+    queue_depth,
+    wait_until,
+)
 
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 64).decode()
 
@@ -47,15 +57,19 @@ FULL = {
 
 @pytest.fixture
 def consumer(settings: Settings) -> Iterator[Ingester]:
+    with running(Ingester(settings, StopSignal())) as ingester:
+        yield ingester
+
+
+@contextmanager
+def running(ingester: Ingester) -> Iterator[Ingester]:
     """smsq consume running in a thread of this test, stopped (and checked) at the end."""
-    stop = StopSignal()
-    ingester = Ingester(settings, stop)
     thread = threading.Thread(target=ingester.run, daemon=True)
     thread.start()
     wait_until(lambda: ingester.consumer_tag, message="consumer to start")
     yield ingester
     assert thread.is_alive(), "the consumer died during the test"
-    stop.request()
+    ingester.stop.request()
     thread.join(timeout=10)
     assert not thread.is_alive(), "consumer did not stop within 10 s"
 
@@ -254,3 +268,33 @@ def test_media_expiring_at_the_end_of_time_is_stored(settings, consumer):
         "temporary_media": {"name": "a.png", "content_type": "image/png", "content_base64": PNG}})
     store_and_wait(settings, [json.dumps(message).encode()])
     assert count_rows(settings, f"id = '{message['id']}'") == 1
+
+
+def test_holding_too_many_bytes_pauses_consuming_until_they_are_stored(settings, monkeypatch):
+    """The prefetch counts messages, and inline media makes one 5 MB: memory is bounded in
+    bytes too. All queued before consuming starts, the broker would send them at once."""
+    monkeypatch.setattr(ingest, "MAX_HELD_BYTES", 2**20)
+    monkeypatch.setattr(ingest, "MAX_BATCH_BYTES", 2**18)
+    image = base64.b64encode(b"\x89PNG\r\n\x1a\n" + os.urandom(200_000)).decode()
+    bodies = [json.dumps(simple(sms={"to_phone_number": "+14155550123", "temporary_media": {
+        "name": "a.png", "content_type": "image/png", "content_base64": image}})).encode()
+        for _ in range(40)]
+    declare_queues(settings)
+    publish_raw(settings, bodies)
+
+    ingester = Ingester(settings, StopSignal())
+    peak_held = 0
+    deliver = ingester._on_message
+
+    def on_message(*args) -> None:
+        nonlocal peak_held
+        deliver(*args)
+        peak_held = max(peak_held, ingester.held_bytes)
+
+    ingester._on_message = on_message
+    with running(ingester):
+        wait_until(lambda: count_rows(settings) == 40, message="every message stored")
+        assert peak_held <= 2**20 + len(bodies[0]), peak_held
+    # Stopped: whatever was left unacknowledged would be back in the queue now.
+    assert queue_depth(settings, settings.smsq_queue) == 0
+    assert queue_depth(settings, settings.dead_queue) == 0
