@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from datetime import timedelta
 
-import httpx
+import httpx2
 import pika
 import psycopg
 import pytest
@@ -164,7 +164,7 @@ def test_smsq_serve_listens_and_stops_cleanly_on_sigterm(settings, tmp_path):
     try:
         wait_until(lambda: _answers(f"http://127.0.0.1:{port}/healthz"), timeout=20,
                    message="smsq serve to answer")
-        assert httpx.get(f"http://127.0.0.1:{port}/", follow_redirects=False).status_code == 303
+        assert httpx2.get(f"http://127.0.0.1:{port}/", follow_redirects=False).status_code == 303
         started = time.monotonic()
         assert stop(process, timeout=10) == 0
         assert time.monotonic() - started < 10, log_path.read_text()
@@ -176,8 +176,8 @@ def test_smsq_serve_listens_and_stops_cleanly_on_sigterm(settings, tmp_path):
 
 def _answers(url: str) -> bool:
     try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
+        return httpx2.get(url, timeout=1).status_code == 200
+    except httpx2.HTTPError:
         return False
 
 
