@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 import pika.exceptions
@@ -68,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args.verb, f"DATABASE_URL: Postgres unreachable: {_first_line(exc)}", 1)
     except pika.exceptions.AMQPConnectionError as exc:
         return _fail(args.verb, f"AMQP_URL: RabbitMQ unreachable: {error_text(exc)}", 1)
+    except BrokenPipeError:
+        # The reader left (`smsq status | head`): end quietly, as other Unix tools do. What
+        # is still buffered goes nowhere, so the flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def _fail(verb: str, reason: str, status: int) -> int:

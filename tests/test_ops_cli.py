@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -14,7 +17,7 @@ from consumer import amqp, store
 from consumer.cli import run_with
 from consumer.commands import UsageError, arguments
 from consumer.commands.table import render_table
-from tests.support import declare_queues, publish_raw, queue_depth
+from tests.support import declare_queues, env_of, publish_raw, queue_depth
 
 
 @pytest.fixture
@@ -104,8 +107,20 @@ def test_retry_by_id_and_all(smsq, db):
     first, second, sent = insert(db, "failed"), insert(db, "errored"), insert(db, "sent")
     code, out = smsq("retry", str(first))
     assert code == 0 and f"1 notification(s) back to pending\n  {first}" in out
+    assert "not retried" not in out
     code, out = smsq("retry", "--all", "--json")
     assert json.loads(out) == {"retried": [str(second)]}
+    assert status_of(db, sent) == "sent"
+
+
+def test_retry_says_which_ids_it_could_not_retry(smsq, db):
+    failed, sent, unknown = insert(db, "failed"), insert(db, "sent"), uuid.uuid4()
+    code, out = smsq("retry", str(failed), str(sent), str(unknown))
+    assert code == 1
+    assert out.endswith(f"2 not retried (not errored or failed, not matching the filter, "
+                        f"or unknown)\n  {sent}\n  {unknown}\n")
+    code, out = smsq("retry", str(sent), "--json")
+    assert (code, json.loads(out)) == (1, {"retried": [], "not_retried": [str(sent)]})
     assert status_of(db, sent) == "sent"
 
 
@@ -186,3 +201,16 @@ def test_since_reads_durations_and_zoned_times():
 def test_tables_align_numbers_right_and_text_left():
     assert render_table(["name", "n"], [("a", 1), ("bbb", 22)]).splitlines() == [
         "name   n", "a      1", "bbb   22"]
+
+
+def test_a_reader_leaving_early_ends_the_command_without_a_traceback(settings):
+    """`smsq retry ... | head -1`: the pipe closes before smsq writes."""
+    ids = [str(uuid.uuid4()) for _ in range(3000)]  # more output than a pipe buffers
+    reader, writer = os.pipe()
+    process = subprocess.Popen([sys.executable, "-m", "consumer.cli", "retry", *ids],
+                               env=env_of(settings), stdout=writer, stderr=subprocess.PIPE)
+    os.close(writer)
+    os.close(reader)
+    _, errors = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert errors == b""

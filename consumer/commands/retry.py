@@ -21,7 +21,7 @@ from consumer.settings import Settings
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Return errored or failed notifications to pending, with a fresh set "
                           "of attempts. A notification being sent or already sent is never "
-                          "touched.")
+                          "touched; ids that could not be retried are listed (exit status 1).")
     parser.add_argument("ids", nargs="*", metavar="ID", help="notification ids")
     parser.add_argument("--status", choices=operations.RETRYABLE,
                         help="only this status (default: both)")
@@ -39,18 +39,28 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     if not (selected or args.all):
         raise UsageError("say which: notification ids, a filter (--status, --error-code, "
                          "--since), or --all")
+    wanted = list(dict.fromkeys(arguments.notification_id(i) for i in args.ids))
     with psycopg.connect(settings.database_dsn, autocommit=True) as conn:
         retried = operations.retry(
             conn,
-            ids=[arguments.notification_id(i) for i in args.ids] or None,
+            ids=wanted or None,
             statuses=[args.status] if args.status else operations.RETRYABLE,
             error_code=args.error_code,
             since=arguments.since(args.since, datetime.now(timezone.utc)) if args.since else None,
         )
+    refused = [i for i in wanted if i not in set(retried)]
     if args.json:
-        print(json.dumps({"retried": [str(i) for i in retried]}))
+        report = {"retried": [str(i) for i in retried]}
+        if wanted:
+            report["not_retried"] = [str(i) for i in refused]
+        print(json.dumps(report))
     else:
         print(f"{len(retried)} notification(s) back to pending")
         for notification_id in retried:
             print(f"  {notification_id}")
-    return 0
+        if refused:
+            print(f"{len(refused)} not retried (not errored or failed, not matching the "
+                  "filter, or unknown)")
+            for notification_id in refused:
+                print(f"  {notification_id}")
+    return 1 if refused else 0
