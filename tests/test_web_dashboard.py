@@ -54,6 +54,15 @@ def test_the_overview_shows_counts_sends_senders_age_and_errors(client, conn):
     assert '<svg class="chart"' in page
 
 
+def test_pages_link_their_assets_without_a_host_or_scheme(client):
+    """Behind a TLS proxy the page is https while serve sees http: an absolute http:// link
+    to the stylesheet would be blocked as mixed content."""
+    page = client.get("/", headers={"host": "sms.example.com"}).text
+    assert 'href="/static/style.css"' in page and 'src="/static/dashboard.js"' in page
+    assert "http://" not in page
+    assert client.get("/static/style.css").status_code == 200
+
+
 def test_search_finds_a_notification_by_number_sid_and_id(client, conn):
     sid = "SM" + "b" * 32
     notification_id = insert_notification(conn, status="sent", to="+14155550123", twilio_sid=sid,
