@@ -34,7 +34,8 @@ class DeadLetter:
         return text if len(text) <= PREVIEW_CHARS else text[:PREVIEW_CHARS] + "…"
 
 
-def _key(properties: pika.BasicProperties, body: bytes) -> str:
+def key_of(properties: pika.BasicProperties, body: bytes) -> str:
+    """How operators name a dead letter: in `smsq dead`, the dashboard and the log."""
     return properties.message_id or str(derive_id(None, body))
 
 
@@ -42,7 +43,7 @@ def _as_dead_letter(properties: pika.BasicProperties, body: bytes) -> DeadLetter
     headers = properties.headers or {}
     reason = headers.get("x-error", "(no reason recorded)")
     at = headers.get("x-dead-lettered-at")
-    return DeadLetter(_key(properties, body), _text(reason), _text(at) if at else None, body)
+    return DeadLetter(key_of(properties, body), _text(reason), _text(at) if at else None, body)
 
 
 def _text(value: object) -> str:
@@ -88,7 +89,7 @@ def requeue(settings: Settings, keys: Collection[str] | None = None) -> list[str
             method, properties, body = channel.basic_get(settings.dead_queue, auto_ack=False)
             if method is None:
                 break
-            key = _key(properties, body)
+            key = key_of(properties, body)
             if keys is not None and key not in keys:
                 continue  # left unacknowledged: returned to the queue when the channel closes
             channel.basic_publish("", settings.smsq_queue, body, _without_smsq_headers(properties),

@@ -45,7 +45,7 @@ import psycopg
 import tenacity
 from pika.adapters.blocking_connection import BlockingChannel
 
-from consumer import amqp, metrics, store
+from consumer import amqp, dead_letters, metrics, store
 from consumer.logs import error_text
 from consumer.senders import sender_for
 from consumer.settings import Settings
@@ -417,7 +417,8 @@ class Ingester:
         field_at_fault = delivery.error.split(":", 1)[0]
         metrics.MESSAGES_DEAD_LETTERED.labels(field_at_fault).inc()
         log.warning("message dead-lettered", extra={
-            "action": "message_dead_lettered", "message_id": original.message_id,
+            "action": "message_dead_lettered",
+            "key": dead_letters.key_of(original, delivery.body),  # as `smsq dead` names it
             "reason": delivery.error})
 
     # -- the AMQP connection ----------------------------------------------------------------

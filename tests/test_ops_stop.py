@@ -17,6 +17,7 @@ import pytest
 
 from consumer.fake_twilio import spawn
 from consumer.settings import Settings
+from schemas.message import derive_id
 from tests.support import (StreamPublisher, count_rows, declare_queues, free_port, publish_raw,
                            start_smsq, wait_until)
 
@@ -130,6 +131,8 @@ def test_logs_are_json_lines_with_action_and_id_numbers_masked_no_secret(sandbox
     actions_about_it = {e["action"] for e in events if e.get("notification_id") == good["id"]}
     assert actions_about_it, "no event names the notification sent"
     text = "\n".join(lines)
-    assert "message_dead_lettered" in text and "5012" in text
+    [dead] = [e for e in events if e["action"] == "message_dead_lettered"]
+    assert dead["key"] == str(derive_id(None, json.dumps(bad).encode()))  # as `smsq dead` shows
+    assert "5012" in dead["reason"]
     for secret_or_number in (AUTH_TOKEN, DASHBOARD_PASSWORD, RECIPIENT, "+1415555012"):
         assert secret_or_number not in text
