@@ -49,14 +49,19 @@ def _refuse_unless_utf8(raw: bytes) -> None:
             f"message: not UTF-8 text (bad byte at position {exc.start})") from None
 
 
-def describe(exc: ValidationError, raw: bytes = b"") -> str:
-    """All problems of one message, most useful first, joined with '; '."""
-    return "; ".join(_describe_one(error, raw) for error in exc.errors(include_url=False))
+def describe(exc: ValidationError, raw: bytes = b"", names: dict[str, str] | None = None) -> str:
+    """All problems of one message, most useful first, joined with '; '.
+
+    `names` renames fields in the text, e.g. to the command-line flags that gave them.
+    """
+    return "; ".join(_describe_one(error, raw, names or {})
+                     for error in exc.errors(include_url=False))
 
 
-def _describe_one(error: dict, raw: bytes) -> str:
+def _describe_one(error: dict, raw: bytes, names: dict[str, str]) -> str:
     kind = error["type"]
     field = ".".join(str(part) for part in error["loc"]) or "message"
+    field = names.get(field, field)
     if kind == "json_invalid":
         return f"message: not valid JSON ({error['ctx'].get('error', 'parse error')})"
     if kind in ("model_type", "model_attributes_type") and field == "message":
@@ -72,6 +77,8 @@ def _describe_one(error: dict, raw: bytes) -> str:
         return f"{field}: must not be empty"
     if kind == "too_long":
         return f"{field}: at most {error['ctx']['max_length']} items, got {error['ctx']['actual_length']}"
+    if kind in ("datetime_parsing", "datetime_from_date_parsing"):
+        return f"{field}: not a valid time ({error['ctx']['error']}), e.g. 2026-11-24T12:00:00Z"
     if kind == "value_error":
         return f"{field}: {error['msg'].removeprefix('Value error, ')}"
     words = _PLAIN_WORDS.get(kind)

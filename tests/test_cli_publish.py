@@ -40,6 +40,18 @@ def test_publish_without_recipient_is_a_usage_error(queues):
     assert "--to and --body are required" in done.stderr
 
 
+@pytest.mark.parametrize("flags, expected", [
+    (["--body", ""], "smsq publish: --body: must not be empty"),
+    (["--body", "hi", "--at", "tomorrow"],
+     "smsq publish: --at: not a valid time (input is too short), e.g. 2026-11-24T12:00:00Z"),
+    (["--body", "hi", "--to", "+1123"], "smsq publish: --to: not a valid phone number: '+1123'"),
+])
+def test_a_bad_flag_is_named_as_the_flag(queues, flags, expected):
+    done = run_smsq(queues, "publish", "--to", "+14155550123", *flags)
+    assert (done.returncode, done.stderr.strip()) == (2, expected)
+    assert queue_depth(queues, queues.smsq_queue) == 0
+
+
 def test_publish_a_json_lines_file(queues, tmp_path):
     lines = [{"body": f"message {n}", "sms": {"to_phone_number": "+14155550123"}}
              for n in range(3)]
@@ -79,6 +91,33 @@ def test_a_bad_line_names_line_and_field_and_publishes_nothing(queues, tmp_path,
     assert done.returncode == 2
     assert expected in done.stderr
     assert done.stdout == ""
+    assert queue_depth(queues, queues.smsq_queue) == 0
+
+
+def test_a_file_that_cannot_be_read_is_a_usage_error(queues, tmp_path):
+    missing = run_smsq(queues, "publish", "--file", str(tmp_path / "nope.jsonl"))
+    assert (missing.returncode, missing.stderr) == (
+        2, f"smsq publish: --file: No such file or directory: {tmp_path / 'nope.jsonl'}\n")
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"body": "caf\u00e9"}\n'.encode("latin-1"))
+    undecodable = run_smsq(queues, "publish", "--file", str(latin1))
+    assert (undecodable.returncode, undecodable.stderr) == (
+        2, f"smsq publish: --file: not UTF-8 text: {latin1}\n")
+
+
+def test_every_bad_line_is_named_at_once(queues, tmp_path):
+    good = json.dumps({"body": "fine", "sms": {"to_phone_number": "+14155550123"}})
+    bad_number = '{"body": "hi", "sms": {"to_phone_number": "+1123"}}'
+    too_long = '{"body": "' + "x" * 1601 + '", "sms": {"to_phone_number": "+14155550123"}}'
+    path = tmp_path / "messages.jsonl"
+    path.write_text("\n".join([good, bad_number, good, too_long, "{"]) + "\n")
+    done = run_smsq(queues, "publish", "--file", str(path))
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (
+        "smsq publish: 3 bad line(s) of 5, nothing published:\n"
+        "  line 2: sms.to_phone_number: not a valid phone number: '+1123'\n"
+        "  line 4: body: at most 1600 characters, got 1601\n"
+        "  line 5: not valid JSON (Expecting property name enclosed in double quotes)\n")
     assert queue_depth(queues, queues.smsq_queue) == 0
 
 

@@ -3,8 +3,8 @@
     smsq publish --to +14155550123 --body "Your code is 482910" --priority high
     smsq publish --file messages.jsonl      # one JSON message per line; '-' reads stdin
 
-Every message is validated before anything is published, so a bad line stops the command
-with its line number and the field at fault, and nothing half-published is left behind.
+Every message is validated before anything is published: bad lines stop the command, each
+named with its line number and the field at fault, and nothing half-published is left behind.
 """
 
 from __future__ import annotations
@@ -39,9 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--file", metavar="PATH", help="JSON lines, one message each; - for stdin")
 
 
+# The message's fields as the flags that give them, for errors about flags.
+FLAGS = {"sms.to_phone_number": "--to", "body": "--body", "priority": "--priority",
+         "publish_datetime": "--at", "expire_datetime": "--expire", "title": "--title",
+         "sms.media_url": "--media-url", "id": "--id"}
+
+
 def main(settings: Settings, args: argparse.Namespace) -> int:
-    messages = _from_file(args.file) if args.file else [_from_flags(args)]
-    notifications = [_validate(m, where, settings) for where, m in messages]
+    if args.file:
+        notifications = _validate_lines(_from_file(args.file), settings)
+    else:
+        notifications = [_validate_flags(_from_flags(args), settings)]
     with amqp.connect(settings, "publish") as connection:
         amqp.declare_topology(connection.channel(), settings)
     ids = publish_many(notifications, amqp_url=settings.amqp_url,
@@ -53,8 +61,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _from_flags(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    if not args.to or not args.body:
+def _from_flags(args: argparse.Namespace) -> dict[str, Any]:
+    if args.to is None or args.body is None:
         raise UsageError("--to and --body are required (or --file)")
     message: dict[str, Any] = {"body": args.body, "sms": {"to_phone_number": args.to}}
     for name in ("id", "title", "priority", "publish_datetime", "expire_datetime"):
@@ -62,27 +70,44 @@ def _from_flags(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             message[name] = getattr(args, name)
     if args.media_url:
         message["sms"]["media_url"] = args.media_url
-    return "flags", message
+    return message
 
 
-def _from_file(path: str) -> list[tuple[str, Any]]:
-    stream = sys.stdin if path == "-" else open(path, encoding="utf-8")
-    messages = []
-    with stream:
-        for number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            try:
-                messages.append((f"line {number}", json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"line {number}: not valid JSON ({exc.msg})") from None
-    return messages
-
-
-def _validate(message: Any, where: str, settings: Settings) -> Notification:
+def _validate_flags(message: dict[str, Any], settings: Settings) -> Notification:
     try:
-        return Notification.model_validate(
-            message, context={"default_region": settings.smsq_default_region})
+        return _validate(message, settings)
     except ValidationError as exc:
-        prefix = "" if where == "flags" else f"{where}: "
-        raise UsageError(prefix + describe(exc)) from None
+        raise UsageError(describe(exc, names=FLAGS)) from None
+
+
+def _from_file(path: str) -> list[tuple[int, str]]:
+    """(line number, line) of every line that is not blank."""
+    try:
+        with sys.stdin if path == "-" else open(path, encoding="utf-8") as stream:
+            return [(number, line) for number, line in enumerate(stream, start=1)
+                    if line.strip()]
+    except OSError as exc:
+        raise UsageError(f"--file: {exc.strerror or exc}: {path}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--file: not UTF-8 text: {path}") from None
+
+
+def _validate_lines(lines: list[tuple[int, str]], settings: Settings) -> list[Notification]:
+    """Every line's message, or a UsageError listing every bad line."""
+    notifications, problems = [], []
+    for number, line in lines:
+        try:
+            notifications.append(_validate(json.loads(line), settings))
+        except json.JSONDecodeError as exc:
+            problems.append(f"line {number}: not valid JSON ({exc.msg})")
+        except ValidationError as exc:
+            problems.append(f"line {number}: {describe(exc)}")
+    if problems:
+        raise UsageError(f"{len(problems)} bad line(s) of {len(lines)}, nothing published:\n  "
+                         + "\n  ".join(problems))
+    return notifications
+
+
+def _validate(message: Any, settings: Settings) -> Notification:
+    return Notification.model_validate(
+        message, context={"default_region": settings.smsq_default_region})
