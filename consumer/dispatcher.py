@@ -584,5 +584,6 @@ def _outgoing(row: store.ClaimedRow, address: str) -> Outgoing:
 
 
 def run(settings: Settings, stop: StopSignal) -> None:
-    metrics.serve_metrics(settings.smsq_metrics_port, settings.smsq_metrics_host)
+    metrics.serve_metrics(settings.smsq_metrics_port, settings.smsq_metrics_host,
+                          metrics.program_registry(metrics.DISPATCH_METRICS, settings.database_dsn))
     Dispatcher(settings, stop).run()

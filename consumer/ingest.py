@@ -469,7 +469,8 @@ def _log_retry(dependency: str):
 
 
 def run(settings: Settings, stop: StopSignal) -> None:
-    metrics.serve_metrics(settings.smsq_metrics_port, settings.smsq_metrics_host)
+    metrics.serve_metrics(settings.smsq_metrics_port, settings.smsq_metrics_host,
+                          metrics.program_registry(metrics.INGEST_METRICS, settings.database_dsn))
     _collect_garbage_less_often()
     Ingester(settings, stop).run()
 

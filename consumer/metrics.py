@@ -1,4 +1,10 @@
-"""Prometheus metrics of every smsq program, and the endpoint that serves them."""
+"""Prometheus metrics of every smsq program, and the endpoint that serves them.
+
+Each program exports its own metrics (and the process's, the dependencies', the backlog),
+not the other programs' as zeros: an alert on `smsq_dispatch_senders_held == 0` must not
+fire on consume. So the metrics are created unregistered, and each program gathers its
+group into a registry of its own (`program_registry`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,8 @@ from collections.abc import Iterator
 
 import psycopg
 from prometheus_client import (
-    REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server,
+    GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Counter, Gauge,
+    Histogram, start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -18,56 +25,67 @@ from consumer.settings import ConfigError
 log = logging.getLogger(__name__)
 
 MESSAGES_INGESTED = Counter(
-    "smsq_messages_ingested_total", "Messages stored in Postgres by smsq consume"
+    "smsq_messages_ingested_total", "Messages stored in Postgres by smsq consume",
+    registry=None,
 )
 MESSAGES_DUPLICATE = Counter(
-    "smsq_messages_duplicate_total", "Messages acknowledged whose id was already stored"
+    "smsq_messages_duplicate_total", "Messages acknowledged whose id was already stored",
+    registry=None,
 )
 MESSAGES_DEAD_LETTERED = Counter(
     "smsq_messages_dead_lettered_total",
     "Messages sent to the dead-letter queue, by the first field at fault",
     ["field"],
+    registry=None,
 )
 INGEST_BATCH_SECONDS = Histogram(
     "smsq_ingest_batch_seconds", "Time the writer takes to store and commit one ingest batch",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    registry=None,
 )
 INGEST_BATCH_SIZE = Histogram(
     "smsq_ingest_batch_size", "Messages per ingest batch",
     buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000),
+    registry=None,
 )
 DEPENDENCY_UP = Gauge(
-    "smsq_dependency_up", "1 when the program is connected to the dependency", ["dependency"]
+    "smsq_dependency_up", "1 when the program is connected to the dependency", ["dependency"],
+    registry=None,
 )
 
 DISPATCH_SENDS = Counter(
     "smsq_dispatch_sends_total",
     "Messages handed to Twilio, by the status they ended in and Twilio's error code",
     ["outcome", "error_code"],
+    registry=None,
 )
 DISPATCH_RECONCILED = Counter(
     "smsq_dispatch_reconciled_total",
     "Rows of unknown outcome checked with Twilio: found (sent) or not (pending again)",
     ["result"],
+    registry=None,
 )
 TWILIO_REQUEST_SECONDS = Histogram(
     "smsq_twilio_request_seconds", "Time of one Messages create request to Twilio",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=None,
 )
 BUCKET_TOKENS = Gauge(
-    "smsq_bucket_tokens", "Tokens (segments) in each paced sender's bucket", ["sender"]
+    "smsq_bucket_tokens", "Tokens (segments) in each paced sender's bucket", ["sender"],
+    registry=None,
 )
 SENDERS_HELD = Gauge(
-    "smsq_dispatch_senders_held", "Senders this dispatcher paces (holds the lock of)"
+    "smsq_dispatch_senders_held", "Senders this dispatcher paces (holds the lock of)",
+    registry=None,
 )
 
 
-def serve_metrics(port: int, host: str) -> None:
+def serve_metrics(port: int, host: str, registry: CollectorRegistry) -> None:
     """Expose /metrics on `host`:`port` in a background thread; port 0 means no endpoint."""
     if not port:
         return
     try:
-        start_http_server(port, addr=host)
+        start_http_server(port, addr=host, registry=registry)
     except OSError as exc:  # taken by another program: a setting to change, not a crash
         raise ConfigError(f"SMSQ_METRICS_PORT: cannot listen on {host}:{port}: "
                           f"{exc.strerror or exc}") from None
@@ -76,13 +94,16 @@ def serve_metrics(port: int, host: str) -> None:
 STATUS_CALLBACKS = Counter(
     "smsq_status_callbacks_total",
     "Twilio status callbacks received by smsq serve, by what became of them",
-    ["outcome"],  # applied, stale, unknown_sid, ignored, forbidden
+    ["outcome"],  # applied, stale, unknown_sid, ignored, forbidden,
+    registry=None,
 )
 MEDIA_REQUESTS = Counter(
-    "smsq_media_requests_total", "Requests for hosted MMS media, by result", ["result"]
+    "smsq_media_requests_total", "Requests for hosted MMS media, by result", ["result"],
+    registry=None,
 )
 MEDIA_DELETED = Counter(
-    "smsq_media_deleted_total", "Expired hosted media deleted by smsq serve's cleanup"
+    "smsq_media_deleted_total", "Expired hosted media deleted by smsq serve's cleanup",
+    registry=None,
 )
 
 
@@ -128,6 +149,24 @@ def backlog_family(rows: list[tuple[str, str, int]]) -> GaugeMetricFamily:
     return family
 
 
-def watch_backlog(database_dsn: str, registry: CollectorRegistry = REGISTRY) -> None:
-    """Add the backlog to this process's /metrics; called once by each program at start."""
+INGEST_METRICS = (MESSAGES_INGESTED, MESSAGES_DUPLICATE, MESSAGES_DEAD_LETTERED,
+                  INGEST_BATCH_SECONDS, INGEST_BATCH_SIZE)
+DISPATCH_METRICS = (DISPATCH_SENDS, DISPATCH_RECONCILED, TWILIO_REQUEST_SECONDS, BUCKET_TOKENS,
+                    SENDERS_HELD)
+SERVE_METRICS = (STATUS_CALLBACKS, MEDIA_REQUESTS, MEDIA_DELETED)
+
+
+def program_registry(program_metrics: tuple[Collector, ...],
+                     database_dsn: str) -> CollectorRegistry:
+    """What one program exports: its own metrics, the process's, the dependencies', the backlog."""
+    registry = CollectorRegistry()
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR, DEPENDENCY_UP,
+                      *program_metrics):
+        registry.register(collector)
+    watch_backlog(database_dsn, registry)
+    return registry
+
+
+def watch_backlog(database_dsn: str, registry: CollectorRegistry) -> None:
+    """Add the backlog to a registry: read from Postgres at each scrape."""
     registry.register(BacklogCollector(database_dsn))

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import socket
 
-from prometheus_client import REGISTRY
 from pydantic import AnyHttpUrl, SecretStr
 
+from consumer import metrics
 from tests.dispatch_support import (
     add_notifications, arrivals, dispatch_settings,
     rows_by_id, running_dispatcher, statuses,
@@ -30,8 +30,10 @@ def all_settled(settings, count: int) -> bool:
 
 
 def sends_counted(outcome: str, error_code: str) -> float:
-    return REGISTRY.get_sample_value("smsq_dispatch_sends_total",
-                                     {"outcome": outcome, "error_code": error_code}) or 0.0
+    [family] = metrics.DISPATCH_SENDS.collect()
+    wanted = {"outcome": outcome, "error_code": error_code}
+    return sum(sample.value for sample in family.samples
+               if sample.name == "smsq_dispatch_sends_total" and sample.labels == wanted)
 
 
 def requests_to(fake, number: str) -> list[dict]:

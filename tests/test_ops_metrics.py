@@ -12,8 +12,10 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from consumer import store
-from consumer.metrics import serve_metrics, watch_backlog
+from consumer.metrics import INGEST_METRICS, program_registry, serve_metrics, watch_backlog
 from tests.test_ops_cli import insert
+
+NO_POSTGRES = "postgresql://postgres@127.0.0.1:1/none"
 
 
 def scrape(database_dsn: str) -> dict[str, float]:
@@ -57,7 +59,7 @@ def test_the_backlog_is_read_from_the_counts_not_by_reading_notifications(settin
 
 def test_a_scrape_without_postgres_still_answers():
     registry = CollectorRegistry()
-    watch_backlog("postgresql://postgres@127.0.0.1:1/none", registry)
+    watch_backlog(NO_POSTGRES, registry)
     assert b"smsq_backlog" not in generate_latest(registry)
 
 
@@ -65,13 +67,13 @@ def test_the_endpoint_listens_on_the_configured_address():
     with socket.socket() as probe:  # a free port
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    serve_metrics(port, "127.0.0.2")
+    serve_metrics(port, "127.0.0.2", program_registry(INGEST_METRICS, NO_POSTGRES))
     assert b"smsq_" in urllib.request.urlopen(f"http://127.0.0.2:{port}/metrics", timeout=5).read()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
 
 
 def test_registering_the_backlog_reads_nothing_from_postgres(caplog):
-    # auto_describe, as prometheus_client's default registry, which the programs use
-    watch_backlog("postgresql://postgres@127.0.0.1:1/none", CollectorRegistry(auto_describe=True))
+    # Even a registry that describes collectors by collecting them (auto_describe) does not.
+    watch_backlog(NO_POSTGRES, CollectorRegistry(auto_describe=True))
     assert "backlog not readable" not in caplog.text  # only a scrape asks Postgres

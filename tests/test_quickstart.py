@@ -138,10 +138,15 @@ def check_metrics(env: dict[str, str]) -> None:
     assert "smsq_messages_ingested_total 1.0" in consume
     assert 'smsq_dispatch_sends_total{error_code="",outcome="sent"} 1.0' in dispatch
     assert "smsq_twilio_request_seconds_count 1.0" in dispatch
-    for text in (consume, dispatch):
+    assert "smsq_status_callbacks_total" in serve
+    for text in (consume, dispatch, serve):
         assert 'smsq_backlog{priority="low",status="pending"} 0.0' in text
         assert "smsq_oldest_due_age_seconds 0.0" in text
-    assert "smsq_" in serve
+        assert "process_cpu_seconds_total" in text
+    # Each its own: no program exports another's metrics as zeros.
+    assert "smsq_dispatch" not in consume + serve and "smsq_twilio" not in consume + serve
+    assert "smsq_messages_ingested" not in dispatch + serve and "smsq_ingest" not in dispatch + serve
+    assert "smsq_status_callbacks" not in consume + dispatch
 
 
 def test_restarts_under_supervisord_during_traffic_lose_nothing_and_send_nothing_twice(

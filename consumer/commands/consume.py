@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import argparse
 
-from consumer import ingest, metrics
+from consumer import ingest
 from consumer.commands import UsageError
 from consumer.migrate import require_current_schema
 from consumer.settings import Settings
@@ -17,7 +17,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
     require_current_schema(settings.database_dsn)
-    metrics.watch_backlog(settings.database_dsn)
     try:
         ingest.run(settings, StopSignal().install())
     except ingest.FatalBrokerError as exc:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import argparse
 
-from consumer import dispatcher, metrics
+from consumer import dispatcher
 from consumer.migrate import require_current_schema
 from consumer.settings import ConfigError, Settings
 from consumer.signals import StopSignal
@@ -18,7 +18,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(settings: Settings, args: argparse.Namespace) -> int:
     require_current_schema(settings.database_dsn)
     check_can_send(settings)
-    metrics.watch_backlog(settings.database_dsn)
     dispatcher.run(settings, StopSignal().install())
     return 0
 

@@ -18,6 +18,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from consumer import metrics
 from consumer.settings import Settings
 from consumer.web import auth, dashboard, health, housekeeping, login, media, receipts
 from consumer.web.render import HERE
@@ -90,4 +91,6 @@ def create_app(settings: Settings) -> Starlette:
     )
     app.state.settings = settings
     app.state.login_throttle = auth.LoginThrottle()
+    app.state.metrics_registry = metrics.program_registry(metrics.SERVE_METRICS,
+                                                          settings.database_dsn)
     return app
