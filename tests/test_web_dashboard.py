@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -76,6 +77,18 @@ def test_search_finds_a_notification_by_number_sid_and_id(client, conn):
     assert "not an id" in client.get("/notifications", params={"q": "hello"}).text
 
 
+def test_search_by_the_short_id_the_lists_show(client, conn):
+    first = insert_notification(conn, status="sent")
+    shown = str(first)[:8] + "…"  # as the lists show it
+    by_prefix = client.get("/notifications", params={"q": shown}, follow_redirects=False)
+    assert by_prefix.headers["location"] == f"/notifications/{first}"
+    twin = uuid.UUID(str(first)[:8] + str(uuid.uuid4())[8:])
+    insert_notification(conn, status="sent", notification_id=twin)
+    both = client.get("/notifications", params={"q": str(first)[:8]}).text
+    assert "2 found by id prefix" in both
+    assert f"/notifications/{first}" in both and f"/notifications/{twin}" in both
+
+
 def test_a_notification_page_shows_its_history(client, conn):
     notification_id = insert_notification(conn, status="pending")
     for status in ("processing", "sent"):
@@ -125,6 +138,8 @@ def test_dead_letters_are_listed_with_their_reason_and_requeued(client, settings
                 exchange="", routing_key=settings.dead_queue)
     page = client.get("/dead-letters").text
     assert "not a valid phone number" in page and "dead-1" in page
+    overview = client.get("/").text
+    assert f"0 not yet stored, in {settings.smsq_queue}" in overview  # the main queue's depth
     response = client.post("/actions/requeue", data={"csrf_token": client.csrf,
                                                      "key": "dead-1", "next": "/dead-letters"})
     assert "1 dead letter sent back" in response.text

@@ -42,9 +42,10 @@ def insert_notification(conn: psycopg.Connection, *, status: str = "pending",
                         priority: str = "low", twilio_sid: str | None = None,
                         sent_ago: timedelta | None = None, error_code: int | None = None,
                         status_message: str = "", media_id: uuid.UUID | None = None,
-                        publish_ago: timedelta = timedelta(0)) -> uuid.UUID:
+                        publish_ago: timedelta = timedelta(0),
+                        notification_id: uuid.UUID | None = None) -> uuid.UUID:
     """A stored notification as the dispatcher would have left it (committed)."""
-    notification_id = uuid.uuid4()
+    notification_id = notification_id or uuid.uuid4()
     sent = now() - sent_ago if sent_ago is not None else None
     conn.execute(
         """INSERT INTO notification (id, body, priority, status, status_message,

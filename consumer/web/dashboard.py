@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 ERROR_WINDOW_HOURS = 24
 OVERVIEW_DEAD_LETTERS = 10
+ID_PREFIX = re.compile(r"[0-9a-f]{6,31}")  # shorter would match too many
 
 
 # ---------------------------------------------------------------- overview
@@ -84,9 +86,12 @@ def _search(conn: psycopg.Connection, query: str, region: str | None) -> tuple[s
     if query[:2].upper() in ("SM", "MM") and len(query) == 34:
         return "Twilio SID", store.notifications_by_sid(conn, query)
     number = _as_e164(query, region)
-    if number is None:
-        return "nothing", []
-    return f"phone number {number}", store.notifications_to(conn, number)
+    if number is not None:
+        return f"phone number {number}", store.notifications_to(conn, number)
+    prefix = _as_id_prefix(query)
+    if prefix is not None:
+        return "id prefix", store.notifications_with_id_prefix(conn, prefix)
+    return "nothing", []
 
 
 def _as_uuid(text: str) -> uuid.UUID | None:
@@ -94,6 +99,12 @@ def _as_uuid(text: str) -> uuid.UUID | None:
         return uuid.UUID(text)
     except ValueError:
         return None
+
+
+def _as_id_prefix(text: str) -> str | None:
+    """The hex digits of the start of an id, as the lists show it (`d4329bc1…`), or None."""
+    digits = text.rstrip("….").replace("-", "").lower()
+    return digits if ID_PREFIX.fullmatch(digits) else None
 
 
 def _as_e164(text: str, region: str | None) -> str | None:
@@ -110,7 +121,7 @@ async def search(request: Request) -> Response:
     taken_as, results = "nothing", []
     if query:
         taken_as, results = await db.run(request, _search, query, settings.smsq_default_region)
-    if taken_as == "id" and results:
+    if taken_as in ("id", "id prefix") and len(results) == 1:
         return RedirectResponse(f"/notifications/{results[0]['id']}", status_code=303)
     return render.page(request, "search.html", q=query, taken_as=taken_as, results=results)
 

@@ -174,6 +174,16 @@ def notification(conn: psycopg.Connection, notification_id: uuid.UUID) -> dict |
     return found[0] if found else None
 
 
+def notifications_with_id_prefix(conn: psycopg.Connection, hex_prefix: str,
+                                 limit: int = 100) -> list[dict]:
+    """Notifications whose id starts with these hex digits: a range of the primary key."""
+    low, high = (uuid.UUID(hex_prefix.ljust(32, fill)) for fill in "0f")
+    return _dicts(
+        conn, f"""SELECT {_NOTIFICATION_COLUMNS} {_FROM_NOTIFICATION}
+                  WHERE n.id BETWEEN %s AND %s ORDER BY n.id LIMIT %s""",
+        (low, high, limit))
+
+
 def notifications_by_sid(conn: psycopg.Connection, twilio_sid: str) -> list[dict]:
     return _dicts(
         conn, f"SELECT {_NOTIFICATION_COLUMNS} {_FROM_NOTIFICATION} WHERE s.twilio_sid = %s",
