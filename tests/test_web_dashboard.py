@@ -103,7 +103,8 @@ def test_a_notification_page_shows_its_history(client, conn):
     assert history.index("processing") < history.index("undelivered")
 
 
-def test_retry_from_the_errors_page_and_cancel_from_a_notification(client, conn):
+def test_retry_from_the_errors_page_and_cancel_from_a_notification(client, conn, caplog):
+    caplog.set_level("INFO", logger="consumer.web.dashboard")
     errored = insert_notification(conn, status="processing", error_code=30007)
     conn.execute("UPDATE notification SET status = 'errored' WHERE id = %s", (errored,))
     pending = insert_notification(conn, status="pending")
@@ -117,6 +118,10 @@ def test_retry_from_the_errors_page_and_cancel_from_a_notification(client, conn)
                                                     "next": f"/notifications/{pending}"})
     assert "1 notification canceled" in canceled.text
     assert status_of(conn, pending) == "canceled"
+    audit = {r.action: r for r in caplog.records if getattr(r, "action", "").startswith("dash")}
+    assert (audit["dashboard_retry"].ids, audit["dashboard_cancel"].ids) == (
+        str(errored), str(pending))
+    assert audit["dashboard_cancel"].user == USER and audit["dashboard_cancel"].client
 
 
 def test_retry_every_errored_notification_of_one_twilio_code(client, conn):

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 ERROR_WINDOW_HOURS = 24
 OVERVIEW_DEAD_LETTERS = 10
+AUDITED_IDS = 20  # ids an operator action names in its log line, at most
 ID_PREFIX = re.compile(r"[0-9a-f]{6,31}")  # shorter would match too many
 
 
@@ -181,7 +182,12 @@ def _back(form: FormData) -> RedirectResponse:
 def _report(request: Request, action: str, done: list, noun: str, outcome: str,
             hint_when_none: str) -> None:
     """Log an operator action and tell the operator what it did, in one flash message."""
-    log.info("operator action", extra={"action": f"dashboard_{action}", "count": len(done)})
+    log.info("operator action", extra={
+        "action": f"dashboard_{action}", "count": len(done),
+        "user": request.session.get("user"),
+        "client": request.client.host if request.client else "",
+        "ids": " ".join(str(item) for item in done[:AUDITED_IDS])
+               + (f" and {len(done) - AUDITED_IDS} more" if len(done) > AUDITED_IDS else "")})
     text = f"{len(done)} {noun}{'' if len(done) == 1 else 's'} {outcome}."
     auth.flash(request, "success" if done else "warning",
                text if done else f"{text} {hint_when_none}")

@@ -48,7 +48,8 @@ async def login(request: Request, form: FormData) -> Response:
     # page makes a new one).
     request.session.clear()
     request.session["user"] = settings.smsq_dashboard_user
-    log.info("dashboard login", extra={"action": "login"})
+    log.info("dashboard login", extra={"action": "login", "user": settings.smsq_dashboard_user,
+                                       "client": client})
     return RedirectResponse(target, status_code=303)
 
 
