@@ -45,6 +45,8 @@ def test_publish_without_recipient_is_a_usage_error(queues):
     (["--body", "hi", "--at", "tomorrow"],
      "smsq publish: --at: not a valid time (input is too short), e.g. 2026-11-24T12:00:00Z"),
     (["--body", "hi", "--to", "+1123"], "smsq publish: --to: not a valid phone number: '+1123'"),
+    (["--body", "hi", "--expire", "2020-01-01T00:00:00Z"],
+     "smsq publish: --expire: already passed (2020-01-01T00:00:00+00:00): it would never be sent"),
 ])
 def test_a_bad_flag_is_named_as_the_flag(queues, flags, expected):
     done = run_smsq(queues, "publish", "--to", "+14155550123", *flags)

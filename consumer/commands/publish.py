@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import datetime, timezone
 from typing import Any
 
 from pydantic import ValidationError
@@ -75,9 +76,12 @@ def _from_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def _validate_flags(message: dict[str, Any], settings: Settings) -> Notification:
     try:
-        return _validate(message, settings)
+        notification = _validate(message, settings)
     except ValidationError as exc:
         raise UsageError(describe(exc, names=FLAGS)) from None
+    if problem := _already_expired(notification):
+        raise UsageError(f"--expire: {problem}")
+    return notification
 
 
 def _from_file(path: str) -> list[tuple[int, str]]:
@@ -97,15 +101,31 @@ def _validate_lines(lines: list[tuple[int, str]], settings: Settings) -> list[No
     notifications, problems = [], []
     for number, line in lines:
         try:
-            notifications.append(_validate(json.loads(line), settings))
+            notification = _validate(json.loads(line), settings)
         except json.JSONDecodeError as exc:
             problems.append(f"line {number}: not valid JSON ({exc.msg})")
         except ValidationError as exc:
             problems.append(f"line {number}: {describe(exc)}")
+        else:
+            if problem := _already_expired(notification):
+                problems.append(f"line {number}: expire_datetime: {problem}")
+            notifications.append(notification)
     if problems:
         raise UsageError(f"{len(problems)} bad line(s) of {len(lines)}, nothing published:\n  "
                          + "\n  ".join(problems))
     return notifications
+
+
+def _already_expired(notification: Notification) -> str | None:
+    """A person publishing by hand means to send: a message expired already never would be.
+
+    (Producers are not refused this way: with clock skew between machines, the expiry is
+    for the dispatcher to judge.)
+    """
+    expiry = notification.expire_datetime
+    if expiry is not None and expiry <= datetime.now(timezone.utc):
+        return f"already passed ({expiry.isoformat()}): it would never be sent"
+    return None
 
 
 def _validate(message: Any, settings: Settings) -> Notification:
