@@ -84,3 +84,10 @@ def cancel(conn: psycopg.Connection, ids: Sequence[uuid.UUID],
         rows = conn.execute(_CANCEL, {"ids": list(ids), "statuses": list(CANCELABLE),
                                       "reason": reason}).fetchall()
     return [row[0] for row in rows]
+
+
+def statuses_of(conn: psycopg.Connection, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """The status of each id; 'unknown' for an id not stored."""
+    found = dict(conn.execute("SELECT id, status FROM notification WHERE id = ANY(%s)",
+                              (list(ids),)).fetchall())
+    return {i: found.get(i, "unknown") for i in ids}

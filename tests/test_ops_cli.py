@@ -117,8 +117,8 @@ def test_retry_says_which_ids_it_could_not_retry(smsq, db):
     failed, sent, unknown = insert(db, "failed"), insert(db, "sent"), uuid.uuid4()
     code, out = smsq("retry", str(failed), str(sent), str(unknown))
     assert code == 1
-    assert out.endswith(f"2 not retried (not errored or failed, not matching the filter, "
-                        f"or unknown)\n  {sent}\n  {unknown}\n")
+    assert out.endswith(f"2 not retried (only errored or failed ones matching the filter can "
+                        f"be)\n  {sent}  sent\n  {unknown}  unknown\n")
     code, out = smsq("retry", str(sent), "--json")
     assert (code, json.loads(out)) == (1, {"retried": [], "not_retried": [str(sent)]})
     assert status_of(db, sent) == "sent"
@@ -137,6 +137,9 @@ def test_cancel_cancels_pending_and_says_which_it_could_not(smsq, db):
     assert json.loads(out) == {"canceled": [str(pending)],
                                "not_canceled": [str(sent), str(unknown)]}
     assert (status_of(db, pending), status_of(db, sent)) == ("canceled", "sent")
+    code, out = smsq("cancel", str(pending), str(unknown))
+    assert (code, out) == (1, f"0 notification(s) canceled\n2 not canceled (only pending ones "
+                              f"can be)\n  {pending}  canceled\n  {unknown}  unknown\n")
 
 
 def test_cancel_refuses_what_is_not_an_id(smsq, db):

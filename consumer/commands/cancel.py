@@ -29,7 +29,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     wanted = list(dict.fromkeys(arguments.notification_id(i) for i in args.ids))
     with psycopg.connect(settings.database_dsn, autocommit=True) as conn:
         canceled = operations.cancel(conn, wanted, reason=args.reason)
-    refused = [i for i in wanted if i not in set(canceled)]
+        refused = operations.statuses_of(conn, [i for i in wanted if i not in set(canceled)])
     if args.json:
         print(json.dumps({"canceled": [str(i) for i in canceled],
                           "not_canceled": [str(i) for i in refused]}))
@@ -38,7 +38,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         for notification_id in canceled:
             print(f"  {notification_id}")
         if refused:
-            print(f"{len(refused)} not canceled (not pending: being sent, finished, or unknown)")
-            for notification_id in refused:
-                print(f"  {notification_id}")
+            print(f"{len(refused)} not canceled (only pending ones can be)")
+            for notification_id, status in refused.items():
+                print(f"  {notification_id}  {status}")
     return 1 if refused else 0

@@ -48,7 +48,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
             error_code=args.error_code,
             since=arguments.since(args.since, datetime.now(timezone.utc)) if args.since else None,
         )
-    refused = [i for i in wanted if i not in set(retried)]
+        refused = operations.statuses_of(conn, [i for i in wanted if i not in set(retried)])
     if args.json:
         report = {"retried": [str(i) for i in retried]}
         if wanted:
@@ -59,8 +59,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         for notification_id in retried:
             print(f"  {notification_id}")
         if refused:
-            print(f"{len(refused)} not retried (not errored or failed, not matching the "
-                  "filter, or unknown)")
-            for notification_id in refused:
-                print(f"  {notification_id}")
+            print(f"{len(refused)} not retried (only errored or failed ones matching the "
+                  "filter can be)")
+            for notification_id, status in refused.items():
+                print(f"  {notification_id}  {status}")
     return 1 if refused else 0
