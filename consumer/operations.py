@@ -1,8 +1,8 @@
-"""What an operator does to stored notifications: retry the ones that failed, cancel.
+"""What an operator does to stored notifications: retry the ones that failed, cancel, prune.
 
-Used by the CLI (`smsq retry`, `smsq cancel`) and the dashboard; all SQL of these actions
-is here. Each action is one statement, so it cannot race with a dispatcher: a row that a
-dispatcher holds (`processing`) is never touched.
+Used by the CLI (`smsq retry`, `smsq cancel`, `smsq prune`) and the dashboard; all SQL of
+these actions is here. Each action is one statement (prune: one per batch), so it cannot
+race with a dispatcher: a row that a dispatcher holds (`processing`) is never touched.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import psycopg
 
 RETRYABLE = ("errored", "failed")
 CANCELABLE = ("pending",)
+FINISHED = ("sent", "errored", "failed", "canceled")  # as notification_finished_idx
 
 _RETRY = """
 WITH retried AS (
@@ -91,3 +92,44 @@ def statuses_of(conn: psycopg.Connection, ids: Sequence[uuid.UUID]) -> dict[uuid
     found = dict(conn.execute("SELECT id, status FROM notification WHERE id = ANY(%s)",
                               (list(ids),)).fetchall())
     return {i: found.get(i, "unknown") for i in ids}
+
+
+# One batch: the oldest finished rows first (notification_finished_idx: the statuses are
+# written out, as in the index, so that even a cached generic plan can use it). Locked rows
+# are skipped and the status is checked again once locked, so a row an operator retries
+# meanwhile stays. Their sms_notification and notification_event rows go with them.
+_FINISHED_SQL = ", ".join(f"'{status}'" for status in FINISHED)
+_PRUNE_BATCH = f"""
+WITH doomed AS (
+    SELECT id FROM notification
+    WHERE status IN ({_FINISHED_SQL}) AND created_datetime < %(before)s
+    ORDER BY created_datetime
+    LIMIT %(batch)s
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM notification n USING doomed WHERE n.id = doomed.id
+"""
+
+_COUNT_PRUNABLE = f"""
+SELECT count(*) FROM notification
+WHERE status IN ({_FINISHED_SQL}) AND created_datetime < %(before)s
+"""
+
+
+def prune(conn: psycopg.Connection, before: datetime, batch: int = 5_000,
+          dry_run: bool = False) -> int:
+    """Delete finished notifications created before `before`, a batch per transaction.
+
+    Batches keep each transaction short (no long lock, no burst of WAL); with `dry_run`,
+    only count them. Returns how many were (or would be) deleted.
+    """
+    params = {"before": before, "batch": batch}
+    if dry_run:
+        return conn.execute(_COUNT_PRUNABLE, params).fetchone()[0]
+    deleted = 0
+    while True:
+        with conn.transaction():
+            count = conn.execute(_PRUNE_BATCH, params).rowcount
+        deleted += count
+        if count < batch:
+            return deleted

@@ -19,7 +19,7 @@ def notification_id(text: str) -> uuid.UUID:
         raise UsageError(f"not a notification id (a UUID): {text!r}") from None
 
 
-def since(text: str, now: datetime) -> datetime:
+def since(text: str, now: datetime, flag: str = "--since") -> datetime:
     """'30m', '2h', '1d' ago, or an ISO 8601 time with its time zone."""
     match = _DURATION.fullmatch(text.strip())
     if match:
@@ -28,7 +28,7 @@ def since(text: str, now: datetime) -> datetime:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise UsageError(
-            f"--since: not a duration (30m, 2h, 1d) or an ISO time: {text!r}") from None
+            f"{flag}: not a duration (30m, 2h, 1d) or an ISO time: {text!r}") from None
     if moment.tzinfo is None:
-        raise UsageError(f"--since: give the time zone, e.g. {text}Z or {text}+02:00")
+        raise UsageError(f"{flag}: give the time zone, e.g. {text}Z or {text}+02:00")
     return moment
