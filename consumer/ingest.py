@@ -38,6 +38,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from uuid import UUID
 
 import pika
 import pika.exceptions
@@ -181,29 +182,31 @@ class BatchWriter:
         try:
             db = self._connection()
             self._replan_now_and_then(db)
-            inserted = self._insert(db, batch)
+            new_ids = self._insert(db, batch)
             db.commit()
         except psycopg.OperationalError:
             self._close_db()
             metrics.DEPENDENCY_UP.labels("postgres").set(0)
             raise
-        self.rows_since_replan += inserted
-        stored = len(batch.rows())
-        metrics.MESSAGES_INGESTED.inc(inserted)
-        metrics.MESSAGES_DUPLICATE.inc(stored - inserted)
+        self.rows_since_replan += len(new_ids)
+        rows = batch.rows()
+        metrics.MESSAGES_INGESTED.inc(len(new_ids))
+        metrics.MESSAGES_DUPLICATE.inc(len(rows) - len(new_ids))
         metrics.INGEST_BATCH_SECONDS.observe(time.perf_counter() - started)
         metrics.INGEST_BATCH_SIZE.observe(len(batch))
-        log.debug("batch stored", extra={"action": "batch_stored", "stored": inserted,
-                                         "duplicates": stored - inserted})
+        log.debug("batch stored", extra={"action": "batch_stored", "stored": len(new_ids),
+                                         "duplicates": len(rows) - len(new_ids)})
+        if len(new_ids) < len(rows):
+            _log_already_stored(rows, new_ids)
 
-    def _insert(self, db: psycopg.Connection, batch: Batch) -> int:
+    def _insert(self, db: psycopg.Connection, batch: Batch) -> list[UUID]:
         try:
             return store.insert_batch(db, batch.rows())
         except psycopg.DataError:
             db.rollback()
             return self._insert_one_by_one(db, batch)
 
-    def _insert_one_by_one(self, db: psycopg.Connection, batch: Batch) -> int:
+    def _insert_one_by_one(self, db: psycopg.Connection, batch: Batch) -> list[UUID]:
         """A value that Postgres refuses spoiled the batch: store the others, dead-letter it.
 
         Validation should leave nothing for Postgres to refuse; this keeps one message that
@@ -211,7 +214,7 @@ class BatchWriter:
         errors: a broken constraint means a bug or a schema out of step, and dead-lettering
         every message for it would be worse than stopping.
         """
-        inserted = 0
+        inserted = []
         with db.transaction():
             for delivery in batch.deliveries:
                 if delivery.row is None:
@@ -456,6 +459,20 @@ class Ingester:
             except pika.exceptions.AMQPError:
                 pass
         self.amqp_connection = self.channel = self.dead_channel = None
+
+
+def _log_already_stored(rows: list[store.IngestRow], new_ids: list[UUID]) -> None:
+    """Redeliveries after a crash, or a producer publishing an id twice (a changed body too):
+    acknowledged, and the stored message left as it was."""
+    first_stored, again = set(new_ids), []
+    for row in rows:  # an id twice in one batch: the first is stored, the second is not
+        if row.id in first_stored:
+            first_stored.discard(row.id)
+        else:
+            again.append(str(row.id))
+    log.info("already stored, acknowledged without storing again", extra={
+        "action": "duplicates_acknowledged", "count": len(again),
+        "ids": " ".join(again[:10]) + (f" and {len(again) - 10} more" if len(again) > 10 else "")})
 
 
 def _log_retry(dependency: str):

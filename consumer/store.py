@@ -74,7 +74,7 @@ WITH stage AS (
     SELECT s.id, s.to_phone_number, s.media_url, s.temporary_media_id
     FROM stage s JOIN inserted USING (id)
 )
-SELECT count(*) FROM inserted
+SELECT id FROM inserted
 """
 
 # Wakes the dispatcher of each sender with new messages, and tells it the best priority
@@ -109,8 +109,8 @@ def prepare_ingest(conn: psycopg.Connection) -> None:
     conn.commit()
 
 
-def insert_batch(conn: psycopg.Connection, rows: list[IngestRow]) -> int:
-    """Store a batch; return how many were new.
+def insert_batch(conn: psycopg.Connection, rows: list[IngestRow]) -> list[uuid.UUID]:
+    """Store a batch; return the ids that were new (the others were stored already).
 
     Commits, unless called inside a transaction (block), which the caller then commits.
     """
@@ -122,7 +122,7 @@ def insert_batch(conn: psycopg.Connection, rows: list[IngestRow]) -> int:
             return _store(conn, rows, _insert_skipping_stored)
 
 
-def _store(conn: psycopg.Connection, rows: list[IngestRow], insert) -> int:
+def _store(conn: psycopg.Connection, rows: list[IngestRow], insert) -> list[uuid.UUID]:
     media_ids = _insert_media(conn, rows)
     inserted = insert(conn, rows, media_ids)
     if inserted:
@@ -131,7 +131,7 @@ def _store(conn: psycopg.Connection, rows: list[IngestRow], insert) -> int:
 
 
 def _copy_new(conn: psycopg.Connection, rows: list[IngestRow],
-              media_ids: dict[uuid.UUID, uuid.UUID]) -> int:
+              media_ids: dict[uuid.UUID, uuid.UUID]) -> list[uuid.UUID]:
     due_now = [_notification_tuple(row) for row in rows
                if row.notification.publish_datetime is None]
     scheduled = [(*_notification_tuple(row), row.notification.publish_datetime) for row in rows
@@ -141,16 +141,16 @@ def _copy_new(conn: psycopg.Connection, rows: list[IngestRow],
         _copy(cur, _COPY_SCHEDULED, (*_NOTIFICATION_TYPES, "timestamptz"), scheduled)
         _copy(cur, _COPY_SMS, _SMS_TYPES,
               [_sms_tuple(row, media_ids.get(row.id)) for row in rows])
-    return len(rows)
+    return [row.id for row in rows]
 
 
 def _insert_skipping_stored(conn: psycopg.Connection, rows: list[IngestRow],
-                            media_ids: dict[uuid.UUID, uuid.UUID]) -> int:
+                            media_ids: dict[uuid.UUID, uuid.UUID]) -> list[uuid.UUID]:
     staged = [(*_notification_tuple(row), row.notification.publish_datetime,
                *_sms_tuple(row, media_ids.get(row.id))[1:]) for row in rows]
     with conn.cursor() as cur:
         _copy(cur, _COPY_STAGE, _STAGE_TYPES, staged)
-        return cur.execute(_INSERT_FROM_STAGE).fetchone()[0]
+        return [row[0] for row in cur.execute(_INSERT_FROM_STAGE)]
 
 
 def _copy(cur: psycopg.Cursor, statement: str, types: tuple[str, ...], tuples: list[tuple]) -> None:

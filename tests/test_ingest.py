@@ -148,11 +148,14 @@ def store_and_wait(settings: Settings, bodies: list[bytes], **publish) -> None:
     wait_until(lambda: count_rows(settings, f"id = '{marker['id']}'") == 1, message="marker")
 
 
-def test_a_duplicate_id_is_acknowledged_and_stored_once(settings, consumer):
+def test_a_duplicate_id_is_acknowledged_and_stored_once(settings, consumer, caplog):
+    caplog.set_level("INFO", logger="consumer.ingest")
     message = simple()
     store_and_wait(settings, [json.dumps(message).encode()] * 2)
     store_and_wait(settings, [json.dumps(message).encode()])
     assert count_rows(settings, f"id = '{message['id']}'") == 1
+    told = [r for r in caplog.records if getattr(r, "action", "") == "duplicates_acknowledged"]
+    assert [(r.count, r.ids) for r in told] == [(1, message["id"])] * 2
     assert count_rows(settings) == 3  # and the two markers
     wait_until(lambda: queue_depth(settings, settings.smsq_queue) == 0, message="queue drained")
 

@@ -36,7 +36,7 @@ def stored(conn: psycopg.Connection) -> dict[uuid.UUID, tuple]:
 def test_a_new_batch_is_stored_with_the_database_clock_for_unscheduled_rows(conn):
     later = datetime(2030, 1, 1, tzinfo=timezone.utc)
     rows = [row(), row(publish=later), row()]
-    assert store.insert_batch(conn, rows) == 3
+    assert store.insert_batch(conn, rows) == [r.id for r in rows]
     found = stored(conn)
     assert set(found) == {r.id for r in rows}
     assert found[rows[0].id][0] and found[rows[2].id][0]  # now(), as the row's creation
@@ -47,12 +47,12 @@ def test_a_new_batch_is_stored_with_the_database_clock_for_unscheduled_rows(conn
 def test_a_batch_with_an_id_already_there_stores_the_rest_once(conn, case):
     first = row()
     if case == "stored before":
-        assert store.insert_batch(conn, [first]) == 1
+        assert store.insert_batch(conn, [first]) == [first.id]
         batch = [row(), first, row()]
     else:
         batch = [row(), first, row(notification_id=first.id)]
     new = len({r.id for r in batch}) - (case == "stored before")
-    assert store.insert_batch(conn, batch) == new
+    assert len(store.insert_batch(conn, batch)) == new
     assert set(stored(conn)) == {r.id for r in batch}
     assert conn.execute("SELECT count(*) FROM sms_notification").fetchone()[0] == len(
         {r.id for r in batch})
