@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.smsq_log_format, settings.smsq_log_level)
     module = importlib.import_module(COMMANDS[args.verb][0])
     try:
-        return module.main(settings, args) or 0
+        status = module.main(settings, args) or 0
+        sys.stdout.flush()  # here, not at exit: a reader that left is caught below
+        return status
     except (ConfigError, UsageError) as exc:
         return _fail(args.verb, str(exc), 2)
     except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:

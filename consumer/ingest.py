@@ -21,9 +21,11 @@ them), when it is SMSQ_INGEST_BATCH_MS old, or at once when the queue has run dr
 writer is idle, so a lone message is not delayed.
 
 Memory is bounded in bytes as well as in messages: the prefetch counts messages, and a
-message may carry 5 MB of inline media. Holding MAX_HELD_BYTES unacknowledged, the consumer
-cancels its subscription (the broker stops sending; what it sent meanwhile, pika hands
-back) and subscribes again once the writer has stored enough of what it holds.
+message may carry 5 MB of inline media. Holding MAX_HELD_BYTES unacknowledged, the pika
+thread stops reading until the writer has stored a batch: what the broker sends meanwhile
+waits in the socket and the broker (TCP's own backpressure). Not a cancel: cancelling hands
+back everything the broker has already sent, up to the whole prefetch, only to have it
+delivered again, and a quorum queue drops a message redelivered too often.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ log = logging.getLogger(__name__)
 
 MAX_ERROR_HEADER = 1000  # characters of x-error; the reason comes first, so little is lost
 IDLE_WAKE_SECONDS = 1.0  # how long an idle loop blocks before looking at the stop flag
+# Holding too much, the loop still looks at the connection this often: heartbeats, and the
+# stop flag. Each look may read a little more (pika reads at most 100 KB per look).
+HELD_WAKE_SECONDS = 5.0
 # Postgres plans the foreign-key check of sms_notification once per session. Planned while
 # `notification` is nearly empty, that plan is a sequential scan, kept until the next ANALYZE
 # (never, where autovacuum is off), and every insert then reads the whole table: ingest
@@ -260,7 +265,7 @@ class Ingester:
         self.in_flight: deque[Batch] = deque()  # handed to the writer, not yet acknowledged
         self.arrived = 0  # deliveries since the loop last looked; 0 means the queue ran dry
         self.held_bytes = 0  # bodies delivered and not yet acknowledged
-        self.paused = False  # subscription cancelled while holding MAX_HELD_BYTES
+        self.batch_done = threading.Event()  # set by the writer after each batch
         self.amqp_connection: pika.BlockingConnection | None = None
         self.channel: BlockingChannel | None = None
         self.dead_channel: BlockingChannel | None = None
@@ -301,12 +306,21 @@ class Ingester:
         log.info("consuming", extra={"action": "consume_started",
                                      "queue": self.settings.smsq_queue})
         while not self.stop.requested:
+            if self.held_bytes >= MAX_HELD_BYTES and self.in_flight:
+                self._wait_for_the_writer()
+                continue
             self.arrived = 0
             self.amqp_connection.process_data_events(time_limit=self._wait_seconds())
             if self.batch is not None and self._batch_is_due():
                 self._hand_over()
-            self._pause_or_resume()
         self._finish()
+
+    def _wait_for_the_writer(self) -> None:
+        """Holding too many bytes: read nothing until the writer has stored a batch, then
+        run its acknowledgement (and send heartbeats, at least every HELD_WAKE_SECONDS)."""
+        self.batch_done.wait(HELD_WAKE_SECONDS)
+        self.batch_done.clear()
+        self.amqp_connection.process_data_events(time_limit=0)
 
     def _wait_seconds(self) -> float:
         if self.batch is None:
@@ -319,26 +333,10 @@ class Ingester:
         ran_dry = self.arrived == 0 and not self.in_flight
         return ran_dry or self.batch.age_seconds() >= self.batch_seconds
 
-    def _pause_or_resume(self) -> None:
-        """Stop the broker sending while we hold too many bytes; resume below half of them."""
-        if not self.paused and self.held_bytes >= MAX_HELD_BYTES:
-            # Deliveries not yet dispatched to us are handed back to the broker by the cancel.
-            self.channel.basic_cancel(self.consumer_tag)
-            self.paused = True
-            log.debug("consuming paused", extra={"action": "consume_paused",
-                                                 "held_bytes": self.held_bytes})
-        elif self.paused and self.held_bytes < MAX_HELD_BYTES // 2:
-            self.consumer_tag = self.channel.basic_consume(self.settings.smsq_queue,
-                                                           self._on_message)
-            self.paused = False
-            log.debug("consuming resumed", extra={"action": "consume_resumed",
-                                                  "held_bytes": self.held_bytes})
-
     def _finish(self) -> None:
         """Stopping: take no more, store what we hold, acknowledge what got committed."""
-        if not self.paused:
-            # Deliveries not yet dispatched to us are handed back to the broker by the cancel.
-            self.channel.basic_cancel(self.consumer_tag)
+        # Deliveries not yet dispatched to us are handed back to the broker by the cancel.
+        self.channel.basic_cancel(self.consumer_tag)
         if self.batch is not None:
             self._hand_over()
         while self.in_flight:
@@ -386,6 +384,7 @@ class Ingester:
             batch.connection.add_callback_threadsafe(self._acknowledge_done)
         except pika.exceptions.ConnectionWrongStateError:
             pass  # that connection is gone: the broker redelivers the batch, a no-op to store
+        self.batch_done.set()
 
     def _acknowledge_done(self) -> None:
         while self.in_flight and self.in_flight[0].outcome is not Outcome.WAITING:
@@ -430,7 +429,7 @@ class Ingester:
         # Delivery tags never outlive their channel: what was held before is redelivered.
         self.batch = None
         self.in_flight.clear()
-        self.held_bytes, self.paused = 0, False
+        self.held_bytes = 0
         try:
             self.amqp_connection = amqp.connect(self.settings, "consume")
         except pika.exceptions.ProbableAuthenticationError as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 
 import psycopg
 
@@ -95,19 +95,23 @@ def statuses_of(conn: psycopg.Connection, ids: Sequence[uuid.UUID]) -> dict[uuid
 
 
 # One batch: the oldest finished rows first (notification_finished_idx: the statuses are
-# written out, as in the index, so that even a cached generic plan can use it). Locked rows
-# are skipped and the status is checked again once locked, so a row an operator retries
-# meanwhile stays. Their sms_notification and notification_event rows go with them.
+# written out, as in the index, so that even a cached generic plan can use it), from where
+# the last batch ended, so no batch walks the index entries of rows deleted before it.
+# Locked rows are skipped and the status is checked again once locked, so a row an
+# operator retries meanwhile stays. Their sms_notification and notification_event rows go
+# with them.
 _FINISHED_SQL = ", ".join(f"'{status}'" for status in FINISHED)
 _PRUNE_BATCH = f"""
 WITH doomed AS (
     SELECT id FROM notification
     WHERE status IN ({_FINISHED_SQL}) AND created_datetime < %(before)s
+      AND created_datetime >= %(after)s
     ORDER BY created_datetime
     LIMIT %(batch)s
     FOR UPDATE SKIP LOCKED
 )
 DELETE FROM notification n USING doomed WHERE n.id = doomed.id
+RETURNING n.created_datetime
 """
 
 _COUNT_PRUNABLE = f"""
@@ -123,13 +127,14 @@ def prune(conn: psycopg.Connection, before: datetime, batch: int = 5_000,
     Batches keep each transaction short (no long lock, no burst of WAL); with `dry_run`,
     only count them. Returns how many were (or would be) deleted.
     """
-    params = {"before": before, "batch": batch}
+    params = {"before": before, "batch": batch, "after": datetime.min.replace(tzinfo=timezone.utc)}
     if dry_run:
         return conn.execute(_COUNT_PRUNABLE, params).fetchone()[0]
     deleted = 0
     while True:
         with conn.transaction():
-            count = conn.execute(_PRUNE_BATCH, params).rowcount
-        deleted += count
-        if count < batch:
+            ended_at = [row[0] for row in conn.execute(_PRUNE_BATCH, params)]
+        if not ended_at:  # not merely a short batch: one that skipped locked rows is short
             return deleted
+        deleted += len(ended_at)
+        params["after"] = max(ended_at)

@@ -208,7 +208,10 @@ class Settings(BaseSettings):
         if self.smsq_retry_backoff_max < self.smsq_retry_backoff:
             raise ValueError("SMSQ_RETRY_BACKOFF_MAX must not be below SMSQ_RETRY_BACKOFF")
         if self.smsq_prefetch < self.smsq_ingest_batch_size:
-            raise ValueError("SMSQ_PREFETCH must be at least SMSQ_INGEST_BATCH_SIZE")
+            if "smsq_ingest_batch_size" in self.model_fields_set:
+                raise ValueError("SMSQ_PREFETCH must be at least SMSQ_INGEST_BATCH_SIZE")
+            # Only the prefetch set (as before the default batch grew): batches of half of it.
+            self.smsq_ingest_batch_size = max(1, self.smsq_prefetch // 2)
         return self
 
     @property

@@ -86,6 +86,14 @@ def test_settings_that_contradict_each_other_are_named(clean_env):
         load_settings()
 
 
+def test_a_prefetch_below_the_batch_is_named_only_when_both_are_set(clean_env):
+    clean_env.setenv("SMSQ_PREFETCH", "1000")  # set before the default batch grew to 2000
+    assert load_settings().smsq_ingest_batch_size == 500
+    clean_env.setenv("SMSQ_INGEST_BATCH_SIZE", "1500")
+    with pytest.raises(ConfigError, match="SMSQ_PREFETCH must be at least"):
+        load_settings()
+
+
 @pytest.mark.parametrize("name, value", [
     ("twilio_phone_number", "+15005550006"),
     ("twilio_account_sid", "AC" + "0123456789abcdef" * 2),

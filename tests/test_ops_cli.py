@@ -206,12 +206,14 @@ def test_tables_align_numbers_right_and_text_left():
         "name   n", "a      1", "bbb   22"]
 
 
-def test_a_reader_leaving_early_ends_the_command_without_a_traceback(settings):
+@pytest.mark.parametrize("ids", [1, 3000])  # less, and more, than stdout buffers
+def test_a_reader_leaving_early_ends_the_command_without_a_traceback(settings, ids):
     """`smsq retry ... | head -1`: the pipe closes before smsq writes."""
-    ids = [str(uuid.uuid4()) for _ in range(3000)]  # more output than a pipe buffers
     reader, writer = os.pipe()
-    process = subprocess.Popen([sys.executable, "-m", "consumer.cli", "retry", *ids],
-                               env=env_of(settings), stdout=writer, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "consumer.cli", "retry", *(str(uuid.uuid4()) for _ in range(ids))],
+        env={k: v for k, v in env_of(settings).items() if k != "PYTHONUNBUFFERED"},
+        stdout=writer, stderr=subprocess.PIPE)
     os.close(writer)
     os.close(reader)
     _, errors = process.communicate(timeout=60)
@@ -246,10 +248,12 @@ def test_prune_deletes_old_finished_notifications_with_their_details_and_history
 def test_prune_takes_the_oldest_through_the_finished_index(db):
     """Even in a generic plan, as Postgres caches for a statement run again and again (a
     status list given as a parameter could not use the partial index there)."""
-    statement = operations._PRUNE_BATCH.replace("%(before)s", "$1").replace("%(batch)s", "$2")
-    db.execute(f"PREPARE prune_batch (timestamptz, int) AS {statement}")
+    statement = operations._PRUNE_BATCH.replace("%(before)s", "$1").replace(
+        "%(after)s", "$2").replace("%(batch)s", "$3")
+    db.execute(f"PREPARE prune_batch (timestamptz, timestamptz, int) AS {statement}")
     db.execute("SET plan_cache_mode = force_generic_plan")
-    plan = "\n".join(row[0] for row in db.execute("EXPLAIN EXECUTE prune_batch (now(), 10)"))
+    plan = "\n".join(row[0] for row in db.execute(
+        "EXPLAIN EXECUTE prune_batch (now(), '-infinity', 10)"))
     assert "notification_finished_idx" in plan
 
 

@@ -89,6 +89,17 @@ def test_search_by_the_short_id_the_lists_show(client, conn):
     assert f"/notifications/{first}" in both and f"/notifications/{twin}" in both
 
 
+def test_a_short_id_that_is_also_a_phone_number_is_still_found(settings, conn):
+    """With SMSQ_DEFAULT_REGION=DE, 30123456 is a Berlin number as well as an id's start."""
+    digits_first = insert_notification(conn, status="sent",
+                                       notification_id=uuid.UUID("30123456" + "0" * 24))
+    with TestClient(create_app(web_settings(settings, smsq_default_region="DE"))) as de_client:
+        log_in(de_client)
+        found = de_client.get("/notifications", params={"q": "30123456…"},
+                              follow_redirects=False)
+    assert found.headers["location"] == f"/notifications/{digits_first}"
+
+
 def test_a_notification_page_shows_its_history(client, conn):
     notification_id = insert_notification(conn, status="pending")
     for status in ("processing", "sent"):
@@ -144,7 +155,7 @@ def test_dead_letters_are_listed_with_their_reason_and_requeued(client, settings
     page = client.get("/dead-letters").text
     assert "not a valid phone number" in page and "dead-1" in page
     overview = client.get("/").text
-    assert f"0 not yet stored, in {settings.smsq_queue}" in overview  # the main queue's depth
+    assert f"0 waiting in {settings.smsq_queue}, not yet consumed" in overview
     response = client.post("/actions/requeue", data={"csrf_token": client.csrf,
                                                      "key": "dead-1", "next": "/dead-letters"})
     assert "1 dead letter sent back" in response.text

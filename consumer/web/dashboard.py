@@ -87,12 +87,11 @@ def _search(conn: psycopg.Connection, query: str, region: str | None) -> tuple[s
     if query[:2].upper() in ("SM", "MM") and len(query) == 34:
         return "Twilio SID", store.notifications_by_sid(conn, query)
     number = _as_e164(query, region)
-    if number is not None:
-        return f"phone number {number}", store.notifications_to(conn, number)
+    found = store.notifications_to(conn, number) if number is not None else []
     prefix = _as_id_prefix(query)
-    if prefix is not None:
+    if not found and prefix is not None:  # 8 decimal digits may be a number too
         return "id prefix", store.notifications_with_id_prefix(conn, prefix)
-    return "nothing", []
+    return (f"phone number {number}", found) if number is not None else ("nothing", [])
 
 
 def _as_uuid(text: str) -> uuid.UUID | None:
