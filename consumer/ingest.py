@@ -263,6 +263,8 @@ class Ingester:
         self.writer = BatchWriter(settings, stop, on_done=self._wake_for)
         self.batch: Batch | None = None
         self.in_flight: deque[Batch] = deque()  # handed to the writer, not yet acknowledged
+        # Handed to the writer on a connection since lost: still in memory until stored.
+        self.orphaned: list[Batch] = []
         self.arrived = 0  # deliveries since the loop last looked; 0 means the queue ran dry
         self.held_bytes = 0  # bodies delivered and not yet acknowledged
         self.batch_done = threading.Event()  # set by the writer after each batch
@@ -306,7 +308,7 @@ class Ingester:
         log.info("consuming", extra={"action": "consume_started",
                                      "queue": self.settings.smsq_queue})
         while not self.stop.requested:
-            if self.held_bytes >= MAX_HELD_BYTES and self.in_flight:
+            if self._holding_too_much():
                 self._wait_for_the_writer()
                 continue
             self.arrived = 0
@@ -314,6 +316,13 @@ class Ingester:
             if self.batch is not None and self._batch_is_due():
                 self._hand_over()
         self._finish()
+
+    def _holding_too_much(self) -> bool:
+        """MAX_HELD_BYTES or more in memory, and the writer busy with some of it."""
+        if self.orphaned:
+            self.orphaned = [b for b in self.orphaned if b.outcome is Outcome.WAITING]
+        held = self.held_bytes + sum(batch.body_bytes for batch in self.orphaned)
+        return held >= MAX_HELD_BYTES and bool(self.in_flight or self.orphaned)
 
     def _wait_for_the_writer(self) -> None:
         """Holding too many bytes: read nothing until the writer has stored a batch, then
@@ -428,6 +437,7 @@ class Ingester:
     def _open_amqp(self) -> bool:
         # Delivery tags never outlive their channel: what was held before is redelivered.
         self.batch = None
+        self.orphaned.extend(self.in_flight)
         self.in_flight.clear()
         self.held_bytes = 0
         try:

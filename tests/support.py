@@ -173,3 +173,26 @@ class StreamPublisher(threading.Thread):
         self.join(timeout=30)
         if self.error:
             raise self.error
+
+
+def close_amqp_connections_of(pid: int) -> int:
+    """Close, from the broker's side, the AMQP connections of one process; return how many."""
+    sockets = subprocess.run(["ss", "-tnpH", "state", "established", "( dport = :5672 )"],
+                             check=True, capture_output=True, text=True).stdout
+    local_ports = {line.split()[2].rsplit(":", 1)[1] for line in sockets.splitlines()
+                   if f"pid={pid}," in line}
+    connections = subprocess.run(
+        ["rabbitmqctl", "list_connections", "-q", "--no-table-headers", "pid", "peer_port"],
+        check=True, capture_output=True, text=True).stdout
+    closing = [line.split("\t")[0] for line in connections.splitlines()
+               if line.split("\t")[1] in local_ports]
+    for connection_pid in closing:
+        # Not checked: a connection whose client is not reading (consume holding its byte
+        # bound) cannot end its channels in time, and rabbitmqctl says so; it is closed anyway.
+        subprocess.run(["rabbitmqctl", "close_connection", connection_pid, "closed by test"],
+                       capture_output=True)
+    wait_until(lambda: not set(closing) & set(subprocess.run(
+        ["rabbitmqctl", "list_connections", "-q", "--no-table-headers", "pid"],
+        check=True, capture_output=True, text=True).stdout.split()),
+        message="the connections to close")
+    return len(closing)

@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ import pika
 import psycopg
 import pytest
 from hypothesis import HealthCheck, given
+from pydantic import PostgresDsn
 from hypothesis import settings as settings_of_hypothesis
 from hypothesis import strategies as st
 
@@ -24,6 +26,7 @@ from consumer.settings import Settings
 from consumer.signals import StopSignal
 from schemas.message import derive_id
 from tests.support import (
+    close_amqp_connections_of,
     count_rows,
     declare_queues,
     get_all,
@@ -273,18 +276,24 @@ def test_media_expiring_at_the_end_of_time_is_stored(settings, consumer):
     assert count_rows(settings, f"id = '{message['id']}'") == 1
 
 
-def test_holding_too_many_bytes_pauses_reading_until_they_are_stored(settings, monkeypatch):
-    """The prefetch counts messages, and inline media makes one 5 MB: memory is bounded in
-    bytes too. All queued before consuming starts, the broker sends them at once; the
-    consumer reads them as the writer stores, and none is handed back to be delivered again."""
+def queue_big_messages(settings: Settings, monkeypatch, count: int) -> list[bytes]:
+    """`count` messages of 270 KB queued, with a byte bound of 1 MB (batches of 256 KB)."""
     monkeypatch.setattr(ingest, "MAX_HELD_BYTES", 2**20)
     monkeypatch.setattr(ingest, "MAX_BATCH_BYTES", 2**18)
     image = base64.b64encode(b"\x89PNG\r\n\x1a\n" + os.urandom(200_000)).decode()
     bodies = [json.dumps(simple(sms={"to_phone_number": "+14155550123", "temporary_media": {
         "name": "a.png", "content_type": "image/png", "content_base64": image}})).encode()
-        for _ in range(40)]
+        for _ in range(count)]
     declare_queues(settings)
     publish_raw(settings, bodies)
+    return bodies
+
+
+def test_holding_too_many_bytes_pauses_reading_until_they_are_stored(settings, monkeypatch):
+    """The prefetch counts messages, and inline media makes one 5 MB: memory is bounded in
+    bytes too. All queued before consuming starts, the broker sends them at once; the
+    consumer reads them as the writer stores, and none is handed back to be delivered again."""
+    bodies = queue_big_messages(settings, monkeypatch, 40)
 
     ingester = Ingester(settings, StopSignal())
     peak_held, deliveries = 0, []
@@ -306,3 +315,19 @@ def test_holding_too_many_bytes_pauses_reading_until_they_are_stored(settings, m
     # Stopped: whatever was left unacknowledged would be back in the queue now.
     assert queue_depth(settings, settings.smsq_queue) == 0
     assert queue_depth(settings, settings.dead_queue) == 0
+
+
+def test_a_reconnect_during_a_postgres_outage_reads_nothing_while_old_batches_wait(
+        settings, monkeypatch):
+    """Batches handed over on a lost connection stay in memory until stored: they count."""
+    queue_big_messages(settings, monkeypatch, 20)
+    postgres_away = settings.model_copy(
+        update={"database_url": PostgresDsn("postgresql://postgres@127.0.0.1:1/smsq")})
+    with running(Ingester(postgres_away, StopSignal())) as ingester:
+        wait_until(lambda: ingester.held_bytes >= 2**20, message="the bound reached")
+        first_tag = ingester.consumer_tag
+        assert close_amqp_connections_of(os.getpid()) == 1
+        wait_until(lambda: ingester.consumer_tag not in ("", first_tag), message="a reconnect")
+        time.sleep(2)
+        assert ingester.held_bytes == 0  # the new connection took nothing
+        assert sum(batch.body_bytes for batch in ingester.orphaned) >= 2**18

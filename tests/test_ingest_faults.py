@@ -27,7 +27,14 @@ from pydantic import PostgresDsn
 
 from consumer.migrate import migrate
 from consumer.settings import Settings
-from tests.support import declare_queues, free_port, start_smsq, stop, wait_until
+from tests.support import (
+    close_amqp_connections_of,
+    declare_queues,
+    free_port,
+    start_smsq,
+    stop,
+    wait_until,
+)
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -211,25 +218,6 @@ def test_postgres_stopped_nothing_acknowledged_meanwhile_all_stored_once_back(
 
 
 # -- RabbitMQ connection closed ------------------------------------------------------------------
-
-def close_amqp_connections_of(pid: int) -> int:
-    """Close, from the broker's side, the AMQP connections of one process; return how many."""
-    sockets = subprocess.run(["ss", "-tnpH", "state", "established", "( dport = :5672 )"],
-                             check=True, capture_output=True, text=True).stdout
-    local_ports = {line.split()[2].rsplit(":", 1)[1] for line in sockets.splitlines()
-                   if f"pid={pid}," in line}
-    connections = subprocess.run(
-        ["rabbitmqctl", "list_connections", "-q", "--no-table-headers", "pid", "peer_port"],
-        check=True, capture_output=True, text=True).stdout
-    closed = 0
-    for line in connections.splitlines():
-        connection_pid, peer_port = line.split("\t")
-        if peer_port in local_ports:
-            subprocess.run(["rabbitmqctl", "close_connection", connection_pid, "closed by test"],
-                           check=True, capture_output=True)
-            closed += 1
-    return closed
-
 
 def test_rabbitmq_connection_closed_reconnects_and_loses_nothing(settings, tmp_path):
     log_path = tmp_path / "consume.log"
