@@ -25,7 +25,10 @@ message may carry 5 MB of inline media. Holding MAX_HELD_BYTES unacknowledged, t
 thread stops reading until the writer has stored a batch: what the broker sends meanwhile
 waits in the socket and the broker (TCP's own backpressure). Not a cancel: cancelling hands
 back everything the broker has already sent, up to the whole prefetch, only to have it
-delivered again, and a quorum queue drops a message redelivered too often.
+delivered again, and a quorum queue drops a message redelivered too often. While the
+writer is stuck (Postgres away), the thread still looks at the connection every
+HELD_WAKE_SECONDS for its heartbeats, and each look may read up to 100 KB more (pika's
+read per look): the bound creeps by that much, about 24 MB an hour, up to the prefetch.
 """
 
 from __future__ import annotations
@@ -60,15 +63,16 @@ log = logging.getLogger(__name__)
 
 MAX_ERROR_HEADER = 1000  # characters of x-error; the reason comes first, so little is lost
 IDLE_WAKE_SECONDS = 1.0  # how long an idle loop blocks before looking at the stop flag
-# Holding too much, the loop still looks at the connection this often: heartbeats, and the
-# stop flag. Each look may read a little more (pika reads at most 100 KB per look).
-HELD_WAKE_SECONDS = 5.0
+# Holding too much, the loop still looks at the connection this often, for its heartbeats
+# (pika sends one every half of the broker's timeout, 30 s by default). Each look may read
+# up to 100 KB more, so no more often than that needs.
+HELD_WAKE_SECONDS = 15.0
 # Postgres plans the foreign-key check of sms_notification once per session. Planned while
 # `notification` is nearly empty, that plan is a sequential scan, kept until the next ANALYZE
 # (never, where autovacuum is off), and every insert then reads the whole table: ingest
 # slows to a crawl as the table grows. Re-planning now and then keeps it an index lookup.
 REPLAN_EVERY_ROWS = 5_000
-# Bodies held unacknowledged, at most (plus one message): past it, consuming pauses.
+# Bodies held unacknowledged, at most (plus one message): past it, reading pauses.
 MAX_HELD_BYTES = 32 * 2**20
 MAX_BATCH_BYTES = 8 * 2**20  # one transaction's bodies, at most (plus one message)
 
@@ -266,7 +270,6 @@ class Ingester:
         # Handed to the writer on a connection since lost: still in memory until stored.
         self.orphaned: list[Batch] = []
         self.arrived = 0  # deliveries since the loop last looked; 0 means the queue ran dry
-        self.held_bytes = 0  # bodies delivered and not yet acknowledged
         self.batch_done = threading.Event()  # set by the writer after each batch
         self.amqp_connection: pika.BlockingConnection | None = None
         self.channel: BlockingChannel | None = None
@@ -317,12 +320,21 @@ class Ingester:
                 self._hand_over()
         self._finish()
 
+    @property
+    def held_bytes(self) -> int:
+        """Bodies in memory not yet acknowledged: the batch being gathered, those handed to
+        the writer, and those handed over on a connection since lost and not yet stored."""
+        gathering = self.batch.body_bytes if self.batch is not None else 0
+        return (gathering + sum(batch.body_bytes for batch in self.in_flight)
+                + sum(batch.body_bytes for batch in self._orphans_waiting()))
+
+    def _orphans_waiting(self) -> list[Batch]:
+        return [batch for batch in self.orphaned if batch.outcome is Outcome.WAITING]
+
     def _holding_too_much(self) -> bool:
         """MAX_HELD_BYTES or more in memory, and the writer busy with some of it."""
-        if self.orphaned:
-            self.orphaned = [b for b in self.orphaned if b.outcome is Outcome.WAITING]
-        held = self.held_bytes + sum(batch.body_bytes for batch in self.orphaned)
-        return held >= MAX_HELD_BYTES and bool(self.in_flight or self.orphaned)
+        writer_busy = self.in_flight or self._orphans_waiting()
+        return bool(writer_busy) and self.held_bytes >= MAX_HELD_BYTES
 
     def _wait_for_the_writer(self) -> None:
         """Holding too many bytes: read nothing until the writer has stored a batch, then
@@ -355,7 +367,6 @@ class Ingester:
 
     def _on_message(self, _channel: BlockingChannel, method, properties, body: bytes) -> None:
         self.arrived += 1
-        self.held_bytes += len(body)
         if self.batch is None:
             self.batch = Batch(self.amqp_connection)
         self.batch.deliveries.append(self._validate(method.delivery_tag, properties, body))
@@ -405,7 +416,6 @@ class Ingester:
                     if delivery.error is not None:
                         self._publish_dead(delivery)
                 self.channel.basic_ack(batch.deliveries[-1].tag, multiple=True)
-                self.held_bytes -= batch.body_bytes
 
     def _publish_dead(self, delivery: Delivery) -> None:
         original = delivery.properties
@@ -437,9 +447,8 @@ class Ingester:
     def _open_amqp(self) -> bool:
         # Delivery tags never outlive their channel: what was held before is redelivered.
         self.batch = None
-        self.orphaned.extend(self.in_flight)
+        self.orphaned = [*self._orphans_waiting(), *self.in_flight]
         self.in_flight.clear()
-        self.held_bytes = 0
         try:
             self.amqp_connection = amqp.connect(self.settings, "consume")
         except pika.exceptions.ProbableAuthenticationError as exc:

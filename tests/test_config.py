@@ -86,10 +86,15 @@ def test_settings_that_contradict_each_other_are_named(clean_env):
         load_settings()
 
 
-def test_a_prefetch_below_the_batch_is_named_only_when_both_are_set(clean_env):
+def test_batch_and_prefetch_set_alone_decide_the_other_and_set_both_must_agree(clean_env):
+    defaults = load_settings()
+    assert (defaults.smsq_ingest_batch_size, defaults.smsq_prefetch) == (2000, 4000)
     clean_env.setenv("SMSQ_PREFETCH", "1000")  # set before the default batch grew to 2000
     assert load_settings().smsq_ingest_batch_size == 500
-    clean_env.setenv("SMSQ_INGEST_BATCH_SIZE", "1500")
+    clean_env.delenv("SMSQ_PREFETCH")
+    clean_env.setenv("SMSQ_INGEST_BATCH_SIZE", "5000")
+    assert load_settings().smsq_prefetch == 10_000
+    clean_env.setenv("SMSQ_PREFETCH", "1500")
     with pytest.raises(ConfigError, match="SMSQ_PREFETCH must be at least"):
         load_settings()
 
