@@ -143,8 +143,8 @@ def backlog_family(rows: list[tuple[str, str, int]]) -> GaugeMetricFamily:
     family = GaugeMetricFamily("smsq_backlog", "Messages not done yet, by status and priority",
                                labels=["status", "priority"])
     found = {(status, priority): count for status, priority, count in rows}
-    for status in ("pending", "processing"):
-        for priority in ("high", "medium", "low"):
+    for status in store.NOT_DONE:
+        for priority in store.PRIORITIES:
             family.add_metric([status, priority], found.get((status, priority), 0))
     return family
 

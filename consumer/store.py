@@ -81,7 +81,6 @@ SELECT id FROM inserted
 # among them: due now, it may take them before what it holds; scheduled, it learns when
 # to wake.
 _WAKE_DISPATCHERS = "SELECT pg_notify('smsq_due', payload) FROM unnest(%s::text[]) AS payload"
-_PRIORITY_RANK = {"high": 0, "medium": 1, "low": 2}  # as notification.priority_rank
 
 _INSERT_MEDIA = """
 INSERT INTO sms_temporary_media (id, access_token, name, content_type, content, expire_datetime)
@@ -125,7 +124,10 @@ def insert_batch(conn: psycopg.Connection, rows: list[IngestRow]) -> list[uuid.U
 def _store(conn: psycopg.Connection, rows: list[IngestRow], insert) -> list[uuid.UUID]:
     media_ids = _insert_media(conn, rows)
     inserted = insert(conn, rows, media_ids)
-    if inserted:
+    if len(inserted) < len(rows):  # only the new ones are news to a dispatcher
+        new = set(inserted)
+        rows = [row for row in rows if row.id in new]
+    if rows:
         conn.execute(_WAKE_DISPATCHERS, (_wake_payloads(rows),))
     return inserted
 
@@ -177,7 +179,7 @@ def _wake_payloads(rows: list[IngestRow]) -> list[str]:
     """'<sender> <best rank>' for each sender of the batch."""
     best: dict[str, int] = {}
     for row in rows:
-        rank = _PRIORITY_RANK[row.notification.priority]
+        rank = PRIORITIES.index(row.notification.priority)
         if rank < best.get(row.sender, 3):
             best[row.sender] = rank
     return [f"{sender} {rank}" for sender, rank in best.items()]
@@ -209,7 +211,8 @@ def _media_expiry(n: Notification) -> datetime:
 
 
 STATUSES = ("pending", "processing", "sent", "errored", "failed", "canceled")
-PRIORITIES = ("high", "medium", "low")
+NOT_DONE = ("pending", "processing")  # the backlog
+PRIORITIES = ("high", "medium", "low")  # the order of notification.priority_rank
 
 
 def counts_by_status(conn: psycopg.Connection) -> list[tuple[str, str, int]]:
@@ -229,7 +232,7 @@ def counts_table(conn: psycopg.Connection) -> dict[str, dict[str, int]]:
 
 def backlog_counts(conn: psycopg.Connection) -> list[tuple[str, str, int]]:
     """(status, priority, count) of the messages not yet done: pending and processing."""
-    return [c for c in counts_by_status(conn) if c[0] in ("pending", "processing")]
+    return [c for c in counts_by_status(conn) if c[0] in NOT_DONE]
 
 
 FOLD_COUNTS_EVERY_SECONDS = 60.0

@@ -70,3 +70,7 @@ def test_dispatchers_are_told_each_sender_and_its_best_priority(conn, settings):
         # a batch with nothing new wakes nobody (insert_batch commits: it would be heard)
         store.insert_batch(conn, [row(notification_id=batch[0].id)])
         assert list(listener.notifies(timeout=0.5)) == []
+        # and a batch with something new wakes only the senders of the new rows
+        store.insert_batch(conn, [row("high", "a", notification_id=batch[0].id), row("low", "c")])
+        assert [n.payload for n in listener.notifies(timeout=2, stop_after=1)] == ["c 2"]
+        assert list(listener.notifies(timeout=0.5)) == []
