@@ -144,16 +144,6 @@ def test_a_callback_that_beats_the_dispatchers_commit_is_applied_once_the_sid_is
     assert events == [("sent",), ("undelivered",)]
 
 
-def test_serve_applies_early_callbacks_by_itself(web):
-    client, conn = web
-    notification_id = insert_notification(conn, status="processing")
-    assert callback(client, params("delivered")) == 200
-    conn.execute("UPDATE sms_notification SET twilio_sid = %s WHERE notification_id = %s",
-                 (SID, notification_id))
-    wait_until(lambda: delivery(conn)[0] == "delivered", timeout=10,
-               message="the parked receipt to be applied")
-
-
 def test_a_status_smsq_does_not_track_is_acknowledged_and_ignored(web):
     client, conn = web
     insert_notification(conn, status="sent", twilio_sid=SID)

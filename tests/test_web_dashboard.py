@@ -75,6 +75,9 @@ def test_search_finds_a_notification_by_number_sid_and_id(client, conn):
                        follow_redirects=False)
     assert by_id.headers["location"] == f"/notifications/{notification_id}"
     assert "not an id" in client.get("/notifications", params={"q": "hello"}).text
+    # digits that match no id: the hint about numbers, not "0 found by id prefix"
+    assert "with its + and country code" in client.get(
+        "/notifications", params={"q": "4155550123"}).text
 
 
 def test_search_by_the_short_id_the_lists_show(client, conn):

@@ -43,6 +43,11 @@ def dashboard_enabled(settings: Settings) -> bool:
                 and settings.smsq_dashboard_password.get_secret_value())
 
 
+def client_address(conn: HTTPConnection) -> str:
+    """Who is asking: the peer's address (behind a proxy on this host, the forwarded one)."""
+    return conn.client.host if conn.client else ""
+
+
 def session_secret(settings: Settings) -> str:
     """Derived from the credentials: every `serve` copy agrees, a new password ends all sessions."""
     if not dashboard_enabled(settings):

@@ -17,6 +17,7 @@ from starlette.responses import RedirectResponse, Response
 
 from consumer import amqp, dead_letters, operations
 from consumer import store as status_store
+from consumer.logs import error_text
 from consumer.settings import Settings
 from consumer.web import auth, charts, db, render, store
 from schemas.message import normalise_phone_number
@@ -60,7 +61,7 @@ def _queue_view(settings: Settings, limit: int, with_depths: bool = True) -> Que
         return QueueView(depths, dead_letters.list_dead(settings, limit))
     except Exception as exc:  # noqa: BLE001 - the page still shows what Postgres knows
         log.warning("dashboard could not read RabbitMQ", extra={"action": "dashboard_amqp_error",
-                                                                  "error": str(exc)})
+                                                                  "error": error_text(exc)})
         return QueueView({}, [], f"RabbitMQ unreachable ({type(exc).__name__})")
 
 
@@ -90,7 +91,8 @@ def _search(conn: psycopg.Connection, query: str, region: str | None) -> tuple[s
     found = store.notifications_to(conn, number) if number is not None else []
     prefix = _as_id_prefix(query)
     if not found and prefix is not None:  # 8 decimal digits may be a number too
-        return "id prefix", store.notifications_with_id_prefix(conn, prefix)
+        if by_prefix := store.notifications_with_id_prefix(conn, prefix):
+            return "id prefix", by_prefix
     return (f"phone number {number}", found) if number is not None else ("nothing", [])
 
 
@@ -184,7 +186,7 @@ def _report(request: Request, action: str, done: list, noun: str, outcome: str,
     log.info("operator action", extra={
         "action": f"dashboard_{action}", "count": len(done),
         "user": request.session.get("user"),
-        "client": request.client.host if request.client else "",
+        "client": auth.client_address(request),
         "ids": " ".join(str(item) for item in done[:AUDITED_IDS])
                + (f" and {len(done) - AUDITED_IDS} more" if len(done) > AUDITED_IDS else "")})
     text = f"{len(done)} {noun}{'' if len(done) == 1 else 's'} {outcome}."

@@ -51,5 +51,7 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    exported = generate_latest(request.app.state.metrics_registry)
+    # In a thread: the backlog is read from Postgres at each scrape, and the event loop must
+    # not wait for it (status callbacks, media and the dashboard share it).
+    exported = await run_in_threadpool(generate_latest, request.app.state.metrics_registry)
     return Response(exported, headers={"Content-Type": CONTENT_TYPE_LATEST})

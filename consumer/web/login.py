@@ -26,7 +26,7 @@ async def login(request: Request, form: FormData) -> Response:
     settings: Settings = request.app.state.settings
     throttle: auth.LoginThrottle = request.app.state.login_throttle
     target = auth.safe_next(form.get("next"))
-    client = request.client.host if request.client else ""
+    client = auth.client_address(request)
     # Checked before the password, so a guess made while refused tells nothing.
     if (wait := throttle.wait_seconds(client)) > 0:
         log.warning("dashboard login refused: too many failures",

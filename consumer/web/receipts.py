@@ -11,7 +11,7 @@ from twilio.request_validator import RequestValidator
 
 from consumer.metrics import STATUS_CALLBACKS
 from consumer.settings import Settings
-from consumer.web import db, delivery, store
+from consumer.web import auth, db, delivery, store
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ async def status_callback(request: Request) -> Response:
         STATUS_CALLBACKS.labels("forbidden").inc()
         log.warning("status callback with a missing or wrong signature, refused",
                     extra={"action": "status_callback_forbidden",
-                           "client": request.client.host if request.client else None})
+                           "client": auth.client_address(request)})
         return PlainTextResponse("invalid or missing X-Twilio-Signature\n", status_code=403)
     twilio_sid = form.get("MessageSid") or form.get("SmsSid")
     twilio_status = form.get("MessageStatus") or form.get("SmsStatus")
