@@ -118,11 +118,6 @@ class BacklogCollector(Collector):
     def __init__(self, database_dsn: str) -> None:
         self.database_dsn = database_dsn
 
-    def describe(self) -> Iterator[GaugeMetricFamily]:
-        """The names, for registration; without it, registering would query Postgres."""
-        yield backlog_family([])
-        yield GaugeMetricFamily("smsq_oldest_due_age_seconds", "")
-
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
             with psycopg.connect(self.database_dsn, connect_timeout=2,

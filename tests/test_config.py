@@ -168,5 +168,5 @@ def test_an_operator_command_without_its_service_ends_with_one_line_exit_1(
         settings, argv, env, reason):
     done = run_smsq(settings, *argv, **env)
     assert done.returncode == 1
-    assert done.stderr.splitlines()[-1].startswith(reason)
+    assert done.stderr.startswith(reason) and done.stderr.count("\n") == 1
     assert "s3cret" not in done.stderr
