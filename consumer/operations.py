@@ -89,6 +89,8 @@ def cancel(conn: psycopg.Connection, ids: Sequence[uuid.UUID],
 
 def statuses_of(conn: psycopg.Connection, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
     """The status of each id; 'unknown' for an id not stored."""
+    if not ids:
+        return {}
     found = dict(conn.execute("SELECT id, status FROM notification WHERE id = ANY(%s)",
                               (list(ids),)).fetchall())
     return {i: found.get(i, "unknown") for i in ids}

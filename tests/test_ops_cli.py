@@ -98,7 +98,7 @@ def test_retry_by_filter_touches_only_the_matching_rows(smsq, db):
     code, out = smsq("retry", "--status", "errored", "--error-code", "21611", "--since", "1d",
                      "--json")
 
-    assert (code, json.loads(out)) == (0, {"retried": [str(queue_full)]})
+    assert (code, json.loads(out)) == (0, {"retried": [str(queue_full)], "not_retried": []})
     assert [status_of(db, i) for i in (queue_full, old_queue_full, bad_number, crashed)] == [
         "pending", "errored", "errored", "failed"]
 
@@ -109,7 +109,7 @@ def test_retry_by_id_and_all(smsq, db):
     assert code == 0 and f"1 notification(s) back to pending\n  {first}" in out
     assert "not retried" not in out
     code, out = smsq("retry", "--all", "--json")
-    assert json.loads(out) == {"retried": [str(second)]}
+    assert json.loads(out) == {"retried": [str(second)], "not_retried": []}
     assert status_of(db, sent) == "sent"
 
 

@@ -7,12 +7,11 @@ history. Exit status 1 when some of the ids given were not canceled.
 from __future__ import annotations
 
 import argparse
-import json
 
 import psycopg
 
 from consumer import operations
-from consumer.commands import arguments
+from consumer.commands import arguments, report
 from consumer.settings import Settings
 
 
@@ -29,16 +28,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     wanted = list(dict.fromkeys(arguments.notification_id(i) for i in args.ids))
     with psycopg.connect(settings.database_dsn, autocommit=True) as conn:
         canceled = operations.cancel(conn, wanted, reason=args.reason)
-        refused = operations.statuses_of(conn, [i for i in wanted if i not in set(canceled)])
-    if args.json:
-        print(json.dumps({"canceled": [str(i) for i in canceled],
-                          "not_canceled": [str(i) for i in refused]}))
-    else:
-        print(f"{len(canceled)} notification(s) canceled")
-        for notification_id in canceled:
-            print(f"  {notification_id}")
-        if refused:
-            print(f"{len(refused)} not canceled (only pending ones can be)")
-            for notification_id, status in refused.items():
-                print(f"  {notification_id}  {status}")
-    return 1 if refused else 0
+        refused = operations.statuses_of(conn, report.left_over(wanted, canceled))
+    return report.print_outcome(canceled, refused, as_json=args.json,
+                                json_keys=("canceled", "not_canceled"), done_text="canceled",
+                                refused_text="not canceled (only pending ones can be)")

@@ -8,13 +8,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from datetime import datetime, timezone
 
 import psycopg
 
 from consumer import operations
-from consumer.commands import UsageError, arguments
+from consumer.commands import UsageError, arguments, report
 from consumer.settings import Settings
 
 
@@ -48,19 +47,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
             error_code=args.error_code,
             since=arguments.since(args.since, datetime.now(timezone.utc)) if args.since else None,
         )
-        refused = operations.statuses_of(conn, [i for i in wanted if i not in set(retried)])
-    if args.json:
-        report = {"retried": [str(i) for i in retried]}
-        if wanted:
-            report["not_retried"] = [str(i) for i in refused]
-        print(json.dumps(report))
-    else:
-        print(f"{len(retried)} notification(s) back to pending")
-        for notification_id in retried:
-            print(f"  {notification_id}")
-        if refused:
-            print(f"{len(refused)} not retried (only errored or failed ones matching the "
-                  "filter can be)")
-            for notification_id, status in refused.items():
-                print(f"  {notification_id}  {status}")
-    return 1 if refused else 0
+        refused = operations.statuses_of(conn, report.left_over(wanted, retried))
+    return report.print_outcome(
+        retried, refused, as_json=args.json, json_keys=("retried", "not_retried"),
+        done_text="back to pending",
+        refused_text="not retried (only errored or failed ones matching the filter can be)")
