@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args.verb, f"DATABASE_URL: the database lacks smsq's tables or columns "
                                 f"({_first_line(exc)}): run `smsq migrate` first", 2)
     except psycopg.OperationalError as exc:
-        return _fail(args.verb, f"DATABASE_URL: Postgres unreachable: {_first_line(exc)}", 1)
+        # With a SQLSTATE, Postgres answered (a timeout, a lock, a full disk): not unreachable.
+        problem = "Postgres error" if exc.sqlstate else "DATABASE_URL: Postgres unreachable"
+        return _fail(args.verb, f"{problem}: {_first_line(exc)}", 1)
     except pika.exceptions.AMQPConnectionError as exc:
         return _fail(args.verb, f"AMQP_URL: RabbitMQ unreachable: {error_text(exc)}", 1)
     except BrokenPipeError:

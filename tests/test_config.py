@@ -170,3 +170,14 @@ def test_an_operator_command_without_its_service_ends_with_one_line_exit_1(
     assert done.returncode == 1
     assert done.stderr.startswith(reason) and done.stderr.count("\n") == 1
     assert "s3cret" not in done.stderr
+
+
+def test_a_postgres_error_is_not_called_unreachable(settings):
+    """Postgres answered (here: a lock it would not wait for), so its words are given."""
+    separator = "&" if "?" in settings.database_dsn else "?"
+    impatient = f"{settings.database_dsn}{separator}options=-c%20lock_timeout%3D200"
+    with psycopg.connect(settings.database_dsn) as locker:
+        locker.execute("LOCK TABLE notification IN ACCESS EXCLUSIVE MODE")
+        done = run_smsq(settings, "status", DATABASE_URL=impatient)
+    assert done.returncode == 1
+    assert done.stderr == "smsq status: Postgres error: canceling statement due to lock timeout\n"
