@@ -52,7 +52,7 @@ import tenacity
 from pika.adapters.blocking_connection import BlockingChannel
 
 from consumer import amqp, dead_letters, metrics, store
-from consumer.logs import error_text
+from consumer.logs import error_text, some_ids
 from consumer.senders import sender_for
 from consumer.settings import Settings
 from consumer.signals import StopSignal
@@ -487,10 +487,10 @@ def _log_already_stored(rows: list[store.IngestRow], new_ids: list[UUID]) -> Non
         if row.id in first_stored:
             first_stored.discard(row.id)
         else:
-            again.append(str(row.id))
+            again.append(row.id)
     log.info("already stored, acknowledged without storing again", extra={
         "action": "duplicates_acknowledged", "count": len(again),
-        "ids": " ".join(again[:10]) + (f" and {len(again) - 10} more" if len(again) > 10 else "")})
+        "ids": some_ids(again, 10)})
 
 
 def _log_retry(dependency: str):

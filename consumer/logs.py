@@ -17,6 +17,12 @@ _PHONE = re.compile(r"\+\d{3,11}(\d{4})\b")
 _STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
+def some_ids(ids: list, at_most: int) -> str:
+    """Ids for one log line: the first `at_most`, and how many more."""
+    more = len(ids) - at_most
+    return " ".join(str(i) for i in ids[:at_most]) + (f" and {more} more" if more > 0 else "")
+
+
 def mask_phone(text: str) -> str:
     return _PHONE.sub(lambda m: "+" + "*" * (len(m.group(0)) - 5) + m.group(1), text)
 

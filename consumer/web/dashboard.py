@@ -17,7 +17,7 @@ from starlette.responses import RedirectResponse, Response
 
 from consumer import amqp, dead_letters, operations
 from consumer import store as status_store
-from consumer.logs import error_text
+from consumer.logs import error_text, some_ids
 from consumer.settings import Settings
 from consumer.web import auth, charts, db, render, store
 from schemas.message import normalise_phone_number
@@ -187,8 +187,7 @@ def _report(request: Request, action: str, done: list, noun: str, outcome: str,
         "action": f"dashboard_{action}", "count": len(done),
         "user": request.session.get("user"),
         "client": auth.client_address(request),
-        "ids": " ".join(str(item) for item in done[:AUDITED_IDS])
-               + (f" and {len(done) - AUDITED_IDS} more" if len(done) > AUDITED_IDS else "")})
+        "ids": some_ids(done, AUDITED_IDS)})
     text = f"{len(done)} {noun}{'' if len(done) == 1 else 's'} {outcome}."
     auth.flash(request, "success" if done else "warning",
                text if done else f"{text} {hint_when_none}")
