@@ -260,3 +260,11 @@ def test_prune_takes_the_oldest_through_the_finished_index(db):
 def test_prune_needs_a_point_in_time(smsq, db):
     with pytest.raises(UsageError, match="--older-than: not a duration"):
         smsq("prune", "--older-than", "ninety days")
+
+
+def test_retry_since_a_time_finds_errored_rows_through_the_finished_index(db):
+    db.execute("SET enable_seqscan = off")  # an empty table: show what the index allows
+    plan = "\n".join(row[0] for row in db.execute("EXPLAIN " + operations._RETRY, {
+        "statuses": list(operations.RETRYABLE), "ids": None, "error_code": None,
+        "since": datetime.now(timezone.utc) - timedelta(hours=2)}))
+    assert "notification_finished_idx" in plan
