@@ -215,12 +215,13 @@ def rabbitmq_pid() -> int | None:
     return None
 
 
-def backend_pid(dsn: str, application_name: str) -> int | None:
+def backend_cpu_seconds(dsn: str, application_name: str) -> float:
+    """CPU of the database's backends serving that application (consume has a few)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(
+        rows = conn.execute(
             "SELECT pid FROM pg_stat_activity WHERE application_name = %s"
-            " AND datname = current_database()", (application_name,)).fetchone()
-    return row[0] if row else None
+            " AND datname = current_database()", (application_name,)).fetchall()
+    return sum(cpu_seconds(pid) for (pid,) in rows)
 
 
 @dataclass
@@ -293,8 +294,8 @@ def measure_naive(settings: Settings, count: int) -> Measurement:
 
     try:
         measurement = consume_in_process(settings, count, on_message)
-        measurement.cpu["postgres"] = cpu_seconds(
-            backend_pid(settings.database_dsn, "smsq bench naive"))
+        measurement.cpu["postgres"] = backend_cpu_seconds(settings.database_dsn,
+                                                          "smsq bench naive")
     finally:
         db.close()
     return measurement
@@ -308,6 +309,7 @@ def measure_smsq(settings: Settings, count: int, last_id: uuid.UUID) -> Measurem
                SMSQ_LOG_LEVEL="WARNING",
                SMSQ_INGEST_BATCH_SIZE=str(settings.smsq_ingest_batch_size),
                SMSQ_INGEST_BATCH_MS=str(settings.smsq_ingest_batch_ms),
+               SMSQ_INGEST_WRITERS=str(settings.smsq_ingest_writers),
                SMSQ_PREFETCH=str(settings.smsq_prefetch))
     process = subprocess.Popen([sys.executable, "-m", "consumer.cli", "consume"], env=env,
                                cwd=ROOT)
@@ -316,9 +318,9 @@ def measure_smsq(settings: Settings, count: int, last_id: uuid.UUID) -> Measurem
         started = wait_for_consumer(settings, process)
         consumer_cpu, broker_cpu = cpu_seconds(process.pid), cpu_seconds(broker)
         committed = wait_for_commit(settings.database_dsn, last_id, process)
-        # The backend was born with the consumer's first batch: all its CPU is the run's.
+        # The backends were born with the consumer's first batches: all their CPU is the run's.
         cpu = {"python": cpu_seconds(process.pid) - consumer_cpu,
-               "postgres": cpu_seconds(backend_pid(settings.database_dsn, "smsq consume")),
+               "postgres": backend_cpu_seconds(settings.database_dsn, "smsq consume"),
                "rabbitmq": cpu_seconds(broker) - broker_cpu}
         peak_rss = peak_rss_of(process.pid)
     finally:

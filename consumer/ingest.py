@@ -43,7 +43,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pika
 import pika.exceptions
@@ -52,6 +52,7 @@ import tenacity
 from pika.adapters.blocking_connection import BlockingChannel
 
 from consumer import amqp, dead_letters, metrics, store
+from consumer.delivery_reader import DeliveryReader, decode_properties
 from consumer.logs import error_text, some_ids
 from consumer.senders import sender_for
 from consumer.settings import Settings
@@ -89,10 +90,18 @@ class FatalBrokerError(Exception):
 @dataclass(slots=True)
 class Delivery:
     tag: int
+    redelivered: bool
+    # As the reader leaves them (bytes), decoded on first use: most messages never need them.
+    raw_properties: pika.BasicProperties | bytes
     body: bytes
-    properties: pika.BasicProperties
     row: store.IngestRow | None = None
     error: str | None = None  # why it goes to the dead-letter queue instead
+
+    @property
+    def properties(self) -> pika.BasicProperties:
+        if isinstance(self.raw_properties, bytes):
+            self.raw_properties = decode_properties(self.raw_properties)
+        return self.raw_properties
 
 
 class Outcome(enum.Enum):
@@ -122,10 +131,40 @@ class Batch:
         return [d.row for d in self.deliveries if d.row is not None]
 
 
-class BatchWriter:
-    """Stores batches in a thread and a database connection of its own, one at a time, in order.
+class WriterSession:
+    """One writer thread's database connection, opened on first use and after a loss."""
 
-    `on_done(batch)` is called from the writer thread once the batch's outcome is set.
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.db: psycopg.Connection | None = None
+        self.rows_since_replan = 0
+
+    def connection(self) -> psycopg.Connection:
+        if self.db is None or self.db.closed:
+            self.db = psycopg.connect(self.settings.database_dsn, autocommit=False,
+                                      connect_timeout=5, application_name="smsq consume")
+            store.prepare_ingest(self.db)
+            metrics.DEPENDENCY_UP.labels("postgres").set(1)
+        if self.rows_since_replan >= REPLAN_EVERY_ROWS:
+            self.db.execute("DISCARD PLANS")
+            self.rows_since_replan = 0
+        return self.db
+
+    def close(self) -> None:
+        if self.db is not None:
+            try:
+                self.db.close()
+            except psycopg.Error:
+                pass
+            self.db = None
+
+
+class BatchWriter:
+    """Stores batches in SMSQ_INGEST_WRITERS threads, each with a database connection of its
+    own, so that one batch's commit (a wait for the disk) overlaps the next one's COPY.
+
+    Batches may commit out of order; the pika thread still acknowledges them in order.
+    `on_done(batch)` is called from a writer thread once the batch's outcome is set.
     """
 
     def __init__(self, settings: Settings, stop: StopSignal,
@@ -134,36 +173,42 @@ class BatchWriter:
         self.stop = stop
         self.on_done = on_done
         self.pending: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
-        self.db: psycopg.Connection | None = None
-        self.rows_since_replan = 0
         self.gave_up = False
-        self.thread = threading.Thread(target=self._run, name="smsq-ingest-writer", daemon=True)
+        self.threads = [
+            threading.Thread(target=self._run, name=f"smsq-ingest-writer-{number}", daemon=True)
+            for number in range(1, settings.smsq_ingest_writers + 1)]
 
     def start(self) -> None:
-        self.thread.start()
+        for thread in self.threads:
+            thread.start()
 
     def submit(self, batch: Batch) -> None:
         self.pending.put(batch)
 
     def close(self) -> None:
         """Store what was submitted (or give it up if stopping during an outage), then end."""
-        self.pending.put(None)
-        self.thread.join()
-        self._close_db()
+        for _thread in self.threads:
+            self.pending.put(None)
+        for thread in self.threads:
+            thread.join()
 
     def _run(self) -> None:
-        while (batch := self.pending.get()) is not None:
-            self._store(batch)
-            self.on_done(batch)
+        session = WriterSession(self.settings)
+        try:
+            while (batch := self.pending.get()) is not None:
+                self._store(session, batch)
+                self.on_done(batch)
+        finally:
+            session.close()
 
-    def _store(self, batch: Batch) -> None:
-        # Once one batch is given up, every later one is too: acknowledging a later batch
-        # (multiple=True) would acknowledge the one given up with it.
+    def _store(self, session: WriterSession, batch: Batch) -> None:
+        # Once a batch is given up (stopping while Postgres is away), so is every batch
+        # taken after it: nothing would be gained by storing them, as none is acknowledged.
         if self.gave_up:
             batch.outcome = Outcome.ABANDONED
             return
         try:
-            self._store_with_retry(batch)
+            self._store_with_retry(session, batch)
             batch.outcome = Outcome.STORED
         except psycopg.OperationalError:  # raised only once a stop has ended the retries
             self.gave_up = True
@@ -172,7 +217,7 @@ class BatchWriter:
             batch.failure = exc
             batch.outcome = Outcome.FAILED
 
-    def _store_with_retry(self, batch: Batch) -> None:
+    def _store_with_retry(self, session: WriterSession, batch: Batch) -> None:
         """Commit the batch's valid rows, retrying while Postgres is away, until stopped."""
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(psycopg.OperationalError),
@@ -184,20 +229,19 @@ class BatchWriter:
         )
         for attempt in retrying:
             with attempt:
-                self._store_once(batch)
+                self._store_once(session, batch)
 
-    def _store_once(self, batch: Batch) -> None:
+    def _store_once(self, session: WriterSession, batch: Batch) -> None:
         started = time.perf_counter()
         try:
-            db = self._connection()
-            self._replan_now_and_then(db)
+            db = session.connection()
             new_ids = self._insert(db, batch)
             db.commit()
         except psycopg.OperationalError:
-            self._close_db()
+            session.close()
             metrics.DEPENDENCY_UP.labels("postgres").set(0)
             raise
-        self.rows_since_replan += len(new_ids)
+        session.rows_since_replan += len(new_ids)
         rows = batch.rows()
         metrics.MESSAGES_INGESTED.inc(len(new_ids))
         metrics.MESSAGES_DUPLICATE.inc(len(rows) - len(new_ids))
@@ -236,27 +280,6 @@ class BatchWriter:
                     delivery.error = f"message: refused by the database ({exc})"
         return inserted
 
-    def _replan_now_and_then(self, db: psycopg.Connection) -> None:
-        if self.rows_since_replan >= REPLAN_EVERY_ROWS:
-            db.execute("DISCARD PLANS")
-            self.rows_since_replan = 0
-
-    def _connection(self) -> psycopg.Connection:
-        if self.db is None or self.db.closed:
-            self.db = psycopg.connect(self.settings.database_dsn, autocommit=False,
-                                      connect_timeout=5, application_name="smsq consume")
-            store.prepare_ingest(self.db)
-            metrics.DEPENDENCY_UP.labels("postgres").set(1)
-        return self.db
-
-    def _close_db(self) -> None:
-        if self.db is not None:
-            try:
-                self.db.close()
-            except psycopg.Error:
-                pass
-            self.db = None
-
 
 class Ingester:
     def __init__(self, settings: Settings, stop: StopSignal) -> None:
@@ -274,6 +297,8 @@ class Ingester:
         self.amqp_connection: pika.BlockingConnection | None = None
         self.channel: BlockingChannel | None = None
         self.dead_channel: BlockingChannel | None = None
+        self.reader: DeliveryReader | None = None  # None: pika hands us the deliveries
+        self.acks_withheld = False  # a batch of this connection was given up
         self.consumer_tag = ""
 
     # -- the outer loop: connect, consume, reconnect -----------------------------------------
@@ -315,7 +340,7 @@ class Ingester:
                 self._wait_for_the_writer()
                 continue
             self.arrived = 0
-            self.amqp_connection.process_data_events(time_limit=self._wait_seconds())
+            self._process_events(self._wait_seconds())
             if self.batch is not None and self._batch_is_due():
                 self._hand_over()
         self._finish()
@@ -341,7 +366,14 @@ class Ingester:
         run its acknowledgement (and send heartbeats, at least every HELD_WAKE_SECONDS)."""
         self.batch_done.wait(HELD_WAKE_SECONDS)
         self.batch_done.clear()
-        self.amqp_connection.process_data_events(time_limit=0)
+        self._process_events(0)
+
+    def _process_events(self, time_limit: float) -> None:
+        """Let pika read, write and run callbacks; then take what the reader has read."""
+        self.amqp_connection.process_data_events(time_limit=time_limit)
+        if self.reader is not None:
+            for delivery in self.reader.take():
+                self._take(*delivery)
 
     def _wait_seconds(self) -> float:
         if self.batch is None:
@@ -356,27 +388,38 @@ class Ingester:
 
     def _finish(self) -> None:
         """Stopping: take no more, store what we hold, acknowledge what got committed."""
-        # Deliveries not yet dispatched to us are handed back to the broker by the cancel.
+        # Deliveries not yet dispatched to us are handed back to the broker by the cancel;
+        # those the reader has already read are ours to store.
+        if self.reader is not None:
+            self.reader.stop()
         self.channel.basic_cancel(self.consumer_tag)
+        if self.reader is not None:
+            for delivery in self.reader.take():
+                self._take(*delivery)
         if self.batch is not None:
             self._hand_over()
         while self.in_flight:
-            self.amqp_connection.process_data_events(time_limit=IDLE_WAKE_SECONDS)
+            self._process_events(IDLE_WAKE_SECONDS)
 
     # -- one delivery -----------------------------------------------------------------------
 
     def _on_message(self, _channel: BlockingChannel, method, properties, body: bytes) -> None:
+        """pika's path, where the delivery reader could not attach."""
+        self._take(method.delivery_tag, method.redelivered, properties, body)
+
+    def _take(self, tag: int, redelivered: bool, properties: pika.BasicProperties | bytes,
+              body: bytes) -> None:
         self.arrived += 1
         if self.batch is None:
             self.batch = Batch(self.amqp_connection)
-        self.batch.deliveries.append(self._validate(method.delivery_tag, properties, body))
+        self.batch.deliveries.append(self._validate(Delivery(tag, redelivered, properties, body)))
         self.batch.body_bytes += len(body)
         if (len(self.batch) >= self.settings.smsq_ingest_batch_size
                 or self.batch.body_bytes >= MAX_BATCH_BYTES):
             self._hand_over()
 
-    def _validate(self, tag: int, properties: pika.BasicProperties, body: bytes) -> Delivery:
-        delivery = Delivery(tag, body, properties)
+    def _validate(self, delivery: Delivery) -> Delivery:
+        body = delivery.body
         try:
             notification = parse_notification(body, self.settings.smsq_default_region)
         except InvalidMessage as exc:
@@ -386,7 +429,8 @@ class Ingester:
             log.exception("validation failed unexpectedly", extra={"action": "validation_bug"})
             delivery.error = "message: smsq could not validate it (a bug; see its log)"
             return delivery
-        fallback_id = derive_id(properties.message_id, body) if notification.id is None else None
+        fallback_id = (derive_id(delivery.properties.message_id, body)
+                       if notification.id is None else None)
         sender = sender_for(notification.sms.to_phone_number, self.senders)
         delivery.row = store.IngestRow(notification, sender, fallback_id)
         return delivery
@@ -411,7 +455,11 @@ class Ingester:
             batch = self.in_flight.popleft()
             if batch.outcome is Outcome.FAILED:
                 raise batch.failure
-            if batch.outcome is Outcome.STORED:
+            if batch.outcome is Outcome.ABANDONED:
+                # Writers run side by side: a batch after this one may have been stored,
+                # and its basic_ack(multiple=True) would acknowledge this one's messages too.
+                self.acks_withheld = True
+            if batch.outcome is Outcome.STORED and not self.acks_withheld:
                 for delivery in batch.deliveries:
                     if delivery.error is not None:
                         self._publish_dead(delivery)
@@ -447,6 +495,7 @@ class Ingester:
     def _open_amqp(self) -> bool:
         # Delivery tags never outlive their channel: what was held before is redelivered.
         self.batch = None
+        self.acks_withheld = False
         self.orphaned = [*self._orphans_waiting(), *self.in_flight]
         self.in_flight.clear()
         try:
@@ -461,8 +510,11 @@ class Ingester:
             self.channel.basic_qos(prefetch_count=self.settings.smsq_prefetch)
             self.dead_channel = self.amqp_connection.channel()
             self.dead_channel.confirm_delivery()
+            # The tag is chosen here: the reader must know it before the first delivery.
+            tag = f"smsq-consume-{uuid4().hex}"
+            self.reader = DeliveryReader.attach(self.amqp_connection, self.channel, tag)
             self.consumer_tag = self.channel.basic_consume(self.settings.smsq_queue,
-                                                           self._on_message)
+                                                           self._on_message, consumer_tag=tag)
         except BaseException:
             self._close_amqp()
             raise
@@ -476,7 +528,7 @@ class Ingester:
                 self.amqp_connection.close()
             except pika.exceptions.AMQPError:
                 pass
-        self.amqp_connection = self.channel = self.dead_channel = None
+        self.amqp_connection = self.channel = self.dead_channel = self.reader = None
 
 
 def _log_already_stored(rows: list[store.IngestRow], new_ids: list[UUID]) -> None:

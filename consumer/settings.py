@@ -100,12 +100,13 @@ class Settings(BaseSettings):
     smsq_quorum_queues: bool = False
 
     # Ingest batching: a batch is flushed at this many messages or after this many
-    # milliseconds, whichever comes first, and at once when the queue runs dry. The prefetch
-    # is two batches unless set, so the next one arrives while the writer stores one. In
-    # bench/ingest.py 2000/4000 stored 24.0-24.8k msg/s where 1000/2000 stored 22.1-22.5k,
-    # for 5 MB more RSS.
-    smsq_ingest_batch_size: int = Field(2000, ge=1, le=50_000)
+    # milliseconds, whichever comes first, and at once when the queue runs dry. Batches are
+    # stored side by side by SMSQ_INGEST_WRITERS threads, each with a connection of its own.
+    # The prefetch is that many batches and two more unless set: one being gathered, one on
+    # its way from the broker, one with each writer.
+    smsq_ingest_batch_size: int = Field(1000, ge=1, le=50_000)
     smsq_ingest_batch_ms: int = Field(50, ge=1, le=60_000)
+    smsq_ingest_writers: int = Field(2, ge=1, le=16)
     smsq_prefetch: int | None = Field(None, ge=1, le=65_535)
 
     # Extra From numbers; each recipient sticks to one of them (see consumer.senders).
@@ -211,13 +212,14 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _prefetch_of_two_batches(self) -> Settings:
+    def _prefetch_of_batches(self) -> Settings:
         """Whichever of the two is set decides the other; both set must agree."""
+        batches = self.smsq_ingest_writers + 2
         if self.smsq_prefetch is None:
-            self.smsq_prefetch = min(2 * self.smsq_ingest_batch_size, 65_535)
+            self.smsq_prefetch = min(batches * self.smsq_ingest_batch_size, 65_535)
         elif "smsq_ingest_batch_size" not in self.model_fields_set:
             self.smsq_ingest_batch_size = min(self.smsq_ingest_batch_size,
-                                              max(1, self.smsq_prefetch // 2))
+                                              max(1, self.smsq_prefetch // batches))
         elif self.smsq_prefetch < self.smsq_ingest_batch_size:
             raise ValueError("SMSQ_PREFETCH must be at least SMSQ_INGEST_BATCH_SIZE")
         return self

@@ -88,12 +88,15 @@ def test_settings_that_contradict_each_other_are_named(clean_env):
 
 def test_batch_and_prefetch_set_alone_decide_the_other_and_set_both_must_agree(clean_env):
     defaults = load_settings()
-    assert (defaults.smsq_ingest_batch_size, defaults.smsq_prefetch) == (2000, 4000)
-    clean_env.setenv("SMSQ_PREFETCH", "1000")  # set before the default batch grew to 2000
-    assert load_settings().smsq_ingest_batch_size == 500
+    assert (defaults.smsq_ingest_batch_size, defaults.smsq_ingest_writers,
+            defaults.smsq_prefetch) == (1000, 2, 4000)  # a batch per writer, and two more
+    clean_env.setenv("SMSQ_PREFETCH", "1000")
+    assert load_settings().smsq_ingest_batch_size == 250
+    clean_env.setenv("SMSQ_INGEST_WRITERS", "1")
+    assert load_settings().smsq_ingest_batch_size == 333
     clean_env.delenv("SMSQ_PREFETCH")
     clean_env.setenv("SMSQ_INGEST_BATCH_SIZE", "5000")
-    assert load_settings().smsq_prefetch == 10_000
+    assert load_settings().smsq_prefetch == 15_000
     clean_env.setenv("SMSQ_PREFETCH", "1500")
     with pytest.raises(ConfigError, match="SMSQ_PREFETCH must be at least"):
         load_settings()

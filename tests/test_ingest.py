@@ -21,6 +21,7 @@ from hypothesis import settings as settings_of_hypothesis
 from hypothesis import strategies as st
 
 from consumer import ingest
+from consumer.delivery_reader import DeliveryReader
 from consumer.ingest import Ingester
 from consumer.settings import Settings
 from consumer.signals import StopSignal
@@ -149,6 +150,18 @@ def store_and_wait(settings: Settings, bodies: list[bytes], **publish) -> None:
     publish_raw(settings, bodies, **publish)
     publish_raw(settings, [json.dumps(marker).encode()])
     wait_until(lambda: count_rows(settings, f"id = '{marker['id']}'") == 1, message="marker")
+
+
+def test_deliveries_are_read_by_the_delivery_reader(settings, consumer):
+    store_and_wait(settings, [json.dumps(simple()).encode()])
+    assert consumer.reader is not None and count_rows(settings) == 2
+
+
+def test_where_the_reader_cannot_attach_pika_delivers_them(settings, monkeypatch):
+    monkeypatch.setattr(DeliveryReader, "attach", classmethod(lambda cls, *args: None))
+    with running(Ingester(settings, StopSignal())) as ingester:
+        store_and_wait(settings, [json.dumps(simple()).encode()])
+        assert ingester.reader is None and count_rows(settings) == 2
 
 
 def test_a_duplicate_id_is_acknowledged_and_stored_once(settings, consumer, caplog):
@@ -297,15 +310,15 @@ def test_holding_too_many_bytes_pauses_reading_until_they_are_stored(settings, m
 
     ingester = Ingester(settings, StopSignal())
     peak_held, deliveries = 0, []
-    deliver = ingester._on_message
+    take = ingester._take
 
-    def on_message(channel, method, properties, body) -> None:
+    def take_and_look(tag, redelivered, properties, body) -> None:
         nonlocal peak_held
-        deliver(channel, method, properties, body)
+        take(tag, redelivered, properties, body)
         peak_held = max(peak_held, ingester.held_bytes)
-        deliveries.append(method.redelivered)
+        deliveries.append(redelivered)
 
-    ingester._on_message = on_message
+    ingester._take = take_and_look
     with running(ingester):
         wait_until(lambda: count_rows(settings) == 40, message="every message stored")
         # The bound, plus what one look at the socket reads (pika: at most 100 KB) and the
