@@ -26,7 +26,7 @@ from consumer import store  # noqa: E402
 from schemas.message import Notification  # noqa: E402
 
 def batch(size: int) -> list[store.IngestRow]:
-    return [store.IngestRow(Notification.model_validate(
+    return [store.IngestRow.of(Notification.model_validate(
         {"body": "Your code is 482910", "sms": {"to_phone_number": "+14155550123"}},
     ).with_defaults(uuid.uuid4())) for _ in range(size)]
 

@@ -429,10 +429,9 @@ class Ingester:
             log.exception("validation failed unexpectedly", extra={"action": "validation_bug"})
             delivery.error = "message: smsq could not validate it (a bug; see its log)"
             return delivery
-        fallback_id = (derive_id(delivery.properties.message_id, body)
-                       if notification.id is None else None)
+        notification_id = notification.id or derive_id(delivery.properties.message_id, body)
         sender = sender_for(notification.sms.to_phone_number, self.senders)
-        delivery.row = store.IngestRow(notification, sender, fallback_id)
+        delivery.row = store.IngestRow(notification, notification_id, sender)
         return delivery
 
     # -- hand over, then acknowledge what the writer stored ---------------------------------

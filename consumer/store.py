@@ -89,17 +89,18 @@ ON CONFLICT (id) DO NOTHING
 """
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class IngestRow:
     """A validated message ready to be stored."""
 
     notification: Notification
+    id: uuid.UUID  # its own, or the one derived for a message that carries none
     sender: str = ""
-    fallback_id: uuid.UUID | None = None  # the id of a message that carries none
 
-    @property
-    def id(self) -> uuid.UUID:
-        return self.notification.id or self.fallback_id
+    @classmethod
+    def of(cls, notification: Notification, sender: str = "") -> IngestRow:
+        """The row of a notification that carries its id."""
+        return cls(notification, notification.id, sender)
 
 
 def prepare_ingest(conn: psycopg.Connection) -> None:
@@ -134,15 +135,19 @@ def _store(conn: psycopg.Connection, rows: list[IngestRow], insert) -> list[uuid
 
 def _copy_new(conn: psycopg.Connection, rows: list[IngestRow],
               media_ids: dict[uuid.UUID, uuid.UUID]) -> list[uuid.UUID]:
-    due_now = [_notification_tuple(row) for row in rows
-               if row.notification.publish_datetime is None]
-    scheduled = [(*_notification_tuple(row), row.notification.publish_datetime) for row in rows
-                 if row.notification.publish_datetime is not None]
+    due_now, scheduled, sms = [], [], []
+    for row in rows:  # one pass: this runs for every message stored
+        values = _notification_tuple(row)
+        publish_datetime = row.notification.publish_datetime
+        if publish_datetime is None:
+            due_now.append(values)
+        else:
+            scheduled.append((*values, publish_datetime))
+        sms.append(_sms_tuple(row, media_ids.get(row.id) if media_ids else None))
     with conn.cursor() as cur:
         _copy(cur, _COPY_DUE_NOW, _NOTIFICATION_TYPES, due_now)
         _copy(cur, _COPY_SCHEDULED, (*_NOTIFICATION_TYPES, "timestamptz"), scheduled)
-        _copy(cur, _COPY_SMS, _SMS_TYPES,
-              [_sms_tuple(row, media_ids.get(row.id)) for row in rows])
+        _copy(cur, _COPY_SMS, _SMS_TYPES, sms)
     return [row.id for row in rows]
 
 

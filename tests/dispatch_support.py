@@ -48,7 +48,7 @@ def add_notifications(settings: Settings, *messages: dict, sender: str = "") -> 
     for message in messages:
         message = {"body": "hello", "sms": {"to_phone_number": TO}} | message
         notification = Notification.model_validate(message).with_defaults(uuid.uuid4(), now)
-        rows.append(store.IngestRow(notification, sender))
+        rows.append(store.IngestRow.of(notification, sender))
     with psycopg.connect(settings.database_dsn) as conn:
         store.prepare_ingest(conn)
         store.insert_batch(conn, rows)

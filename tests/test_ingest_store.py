@@ -17,7 +17,7 @@ def row(priority: str = "low", sender: str = "", publish: datetime | None = None
     notification = Notification.model_validate({
         "id": notification_id or uuid.uuid4(), "body": "hello", "priority": priority,
         "publish_datetime": publish, "sms": {"to_phone_number": "+14155550123"}})
-    return store.IngestRow(notification, sender)
+    return store.IngestRow.of(notification, sender)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from schemas.message import Notification
 
 def ingest(conn: psycopg.Connection, count: int, priority: str) -> list[uuid.UUID]:
     """Store through ingest's own statements, twice: COPY, then the staged path of a redelivery."""
-    rows = [ingest_store.IngestRow(Notification.model_validate({
+    rows = [ingest_store.IngestRow.of(Notification.model_validate({
         "body": "hello", "priority": priority, "sms": {"to_phone_number": "+14155550123"},
     }).with_defaults(uuid.uuid4())) for _ in range(count)]
     ingest_store.prepare_ingest(conn)
