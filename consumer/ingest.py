@@ -286,6 +286,7 @@ class Ingester:
         self.settings = settings
         self.stop = stop
         self.senders = settings.extra_senders
+        self.batch_size = settings.smsq_ingest_batch_size
         self.batch_seconds = settings.smsq_ingest_batch_ms / 1000
         self.writer = BatchWriter(settings, stop, on_done=self._wake_for)
         self.batch: Batch | None = None
@@ -412,10 +413,10 @@ class Ingester:
         self.arrived += 1
         if self.batch is None:
             self.batch = Batch(self.amqp_connection)
-        self.batch.deliveries.append(self._validate(Delivery(tag, redelivered, properties, body)))
-        self.batch.body_bytes += len(body)
-        if (len(self.batch) >= self.settings.smsq_ingest_batch_size
-                or self.batch.body_bytes >= MAX_BATCH_BYTES):
+        batch = self.batch
+        batch.deliveries.append(self._validate(Delivery(tag, redelivered, properties, body)))
+        batch.body_bytes += len(body)
+        if len(batch.deliveries) >= self.batch_size or batch.body_bytes >= MAX_BATCH_BYTES:
             self._hand_over()
 
     def _validate(self, delivery: Delivery) -> Delivery:

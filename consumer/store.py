@@ -184,7 +184,7 @@ def _wake_payloads(rows: list[IngestRow]) -> list[str]:
     """'<sender> <best rank>' for each sender of the batch."""
     best: dict[str, int] = {}
     for row in rows:
-        rank = PRIORITIES.index(row.notification.priority)
+        rank = _PRIORITY_RANK[row.notification.priority]
         if rank < best.get(row.sender, 3):
             best[row.sender] = rank
     return [f"{sender} {rank}" for sender, rank in best.items()]
@@ -193,10 +193,8 @@ def _wake_payloads(rows: list[IngestRow]) -> list[str]:
 def _insert_media(conn: psycopg.Connection, rows: list[IngestRow]) -> dict[uuid.UUID, uuid.UUID]:
     """Store inline media; ids derive from the notification id so a redelivery adds nothing."""
     media_ids = {}
-    for row in rows:
+    for row in [row for row in rows if row.notification.sms.temporary_media is not None]:
         media = row.notification.sms.temporary_media
-        if media is None:
-            continue
         media_id = uuid.uuid5(MEDIA_ID_NAMESPACE, str(row.id))
         conn.execute(
             _INSERT_MEDIA,
@@ -218,6 +216,7 @@ def _media_expiry(n: Notification) -> datetime:
 STATUSES = ("pending", "processing", "sent", "errored", "failed", "canceled")
 NOT_DONE = ("pending", "processing")  # the backlog
 PRIORITIES = ("high", "medium", "low")  # the order of notification.priority_rank
+_PRIORITY_RANK = {priority: rank for rank, priority in enumerate(PRIORITIES)}
 
 
 def counts_by_status(conn: psycopg.Connection) -> list[tuple[str, str, int]]:
