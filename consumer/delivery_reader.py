@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import struct
 from collections import deque
-from typing import NamedTuple
 
 import pika
 import pika.exceptions
@@ -48,11 +47,9 @@ _HEADER_FRAME = struct.Struct(">BHLHHQ")  # the frame header, then the content h
 _DELIVER = spec.Basic.Deliver.INDEX
 
 
-class RawDelivery(NamedTuple):
-    tag: int
-    redelivered: bool
-    properties: bytes  # the content header's property flags and list, as sent
-    body: bytes
+# (delivery tag, redelivered, properties as sent: the content header's flags and list, body);
+# a plain tuple, as building a named one costs a Python call per message.
+RawDelivery = tuple[int, bool, bytes, bytes]
 
 
 def decode_properties(raw: bytes) -> pika.BasicProperties:
@@ -222,5 +219,4 @@ class DeliveryReader:
     def _deliver(self, content: _Content) -> None:
         parts = content.parts
         body = parts[0] if len(parts) == 1 else b"".join(parts)
-        self.deliveries.append(
-            RawDelivery(content.tag, content.redelivered, content.properties, body))
+        self.deliveries.append((content.tag, content.redelivered, content.properties, body))

@@ -1,17 +1,19 @@
 """`smsq consume`: RabbitMQ -> validate -> Postgres, in batches, acknowledged after commit.
 
-Two threads, each owning one connection:
+Threads, each owning its connection:
 
 - the pika thread (the caller's) owns the AMQP connection. It consumes with a bounded
-  prefetch, validates each delivery as it arrives, gathers deliveries into a batch and hands
-  the batch to the writer. When the writer reports a batch committed, this thread publishes
-  the batch's dead letters (confirmed by the broker) and then acknowledges the whole batch
-  with one `basic_ack(multiple=True)`.
-- the writer thread owns the database connection and stores batches one at a time, in the
-  order they were handed over, retrying through a Postgres outage.
+  prefetch (its deliveries read by `consumer.delivery_reader`, at a fraction of pika's
+  cost), validates each delivery as it arrives, gathers deliveries into a batch and hands
+  the batch to the writers. Once a batch and every batch before it are committed, this
+  thread publishes the batch's dead letters (confirmed by the broker) and then
+  acknowledges the whole batch with one `basic_ack(multiple=True)`.
+- SMSQ_INGEST_WRITERS writer threads, each with a database connection of its own, store
+  batches side by side (one commits while the next is copied in), retrying through a
+  Postgres outage.
 
 So pika keeps reading while Postgres commits (psycopg releases the GIL while it waits),
-and pika is only ever touched from its own thread: the writer merely wakes it with
+and pika is only ever touched from its own thread: a writer merely wakes it with
 `add_callback_threadsafe`. Nothing is acknowledged before it is
 committed or dead-lettered, and nothing is acknowledged on a channel other than the one it
 came from: after a reconnect the broker redelivers, and the ids make a second store a no-op.

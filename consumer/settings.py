@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     # its way from the broker, one with each writer.
     smsq_ingest_batch_size: int = Field(1000, ge=1, le=50_000)
     smsq_ingest_batch_ms: int = Field(50, ge=1, le=60_000)
-    smsq_ingest_writers: int = Field(2, ge=1, le=16)
+    smsq_ingest_writers: int = Field(3, ge=1, le=16)
     smsq_prefetch: int | None = Field(None, ge=1, le=65_535)
 
     # Extra From numbers; each recipient sticks to one of them (see consumer.senders).

@@ -89,9 +89,9 @@ def test_settings_that_contradict_each_other_are_named(clean_env):
 def test_batch_and_prefetch_set_alone_decide_the_other_and_set_both_must_agree(clean_env):
     defaults = load_settings()
     assert (defaults.smsq_ingest_batch_size, defaults.smsq_ingest_writers,
-            defaults.smsq_prefetch) == (1000, 2, 4000)  # a batch per writer, and two more
+            defaults.smsq_prefetch) == (1000, 3, 5000)  # a batch per writer, and two more
     clean_env.setenv("SMSQ_PREFETCH", "1000")
-    assert load_settings().smsq_ingest_batch_size == 250
+    assert load_settings().smsq_ingest_batch_size == 200
     clean_env.setenv("SMSQ_INGEST_WRITERS", "1")
     assert load_settings().smsq_ingest_batch_size == 333
     clean_env.delenv("SMSQ_PREFETCH")

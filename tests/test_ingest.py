@@ -347,3 +347,30 @@ def test_a_reconnect_during_a_postgres_outage_reads_nothing_while_old_batches_wa
         time.sleep(1)
         assert ingester.batch is None and not ingester.in_flight  # the new one took nothing
         assert ingester.held_bytes >= 2**20  # the old connection's batches still count
+
+
+def test_after_a_batch_given_up_no_later_batch_is_acknowledged(settings):
+    """Writers run side by side: stopping during an outage, a batch may be given up while a
+    later one got stored. Acknowledging the later one (multiple=True) would acknowledge the
+    given-up one too, and lose it: both must go back to the queue."""
+    declare_queues(settings)
+    publish_raw(settings, [json.dumps(simple()).encode() for _ in range(4)])
+    ingester = Ingester(settings, StopSignal())
+    assert ingester._open_amqp()
+    try:
+        wait_until(lambda: ingester._process_events(0.1) or (
+            ingester.batch is not None and len(ingester.batch) == 4), message="4 deliveries")
+        deliveries = ingester.batch.deliveries
+        given_up = ingester_batch(ingester, deliveries[:2], ingest.Outcome.ABANDONED)
+        stored = ingester_batch(ingester, deliveries[2:], ingest.Outcome.STORED)
+        ingester.in_flight.extend([given_up, stored])
+        ingester._acknowledge_done()
+        assert not ingester.in_flight
+    finally:
+        ingester._close_amqp()
+    wait_until(lambda: queue_depth(settings, settings.smsq_queue) == 4,
+               message="all four back in the queue")
+
+
+def ingester_batch(ingester: Ingester, deliveries, outcome) -> ingest.Batch:
+    return ingest.Batch(ingester.amqp_connection, list(deliveries), outcome=outcome)
