@@ -24,7 +24,7 @@ writer is idle, so a lone message is not delayed.
 
 Memory is bounded in bytes as well as in messages: the prefetch counts messages, and a
 message may carry 5 MB of inline media. Holding MAX_HELD_BYTES unacknowledged, the pika
-thread stops reading until the writer has stored a batch: what the broker sends meanwhile
+thread stops reading until a writer has stored a batch: what the broker sends meanwhile
 waits in the socket and the broker (TCP's own backpressure). Not a cancel: cancelling hands
 back everything the broker has already sent, up to the whole prefetch, only to have it
 delivered again, and a quorum queue drops a message redelivered too often. While the
@@ -292,11 +292,11 @@ class Ingester:
         self.batch_seconds = settings.smsq_ingest_batch_ms / 1000
         self.writer = BatchWriter(settings, stop, on_done=self._wake_for)
         self.batch: Batch | None = None
-        self.in_flight: deque[Batch] = deque()  # handed to the writer, not yet acknowledged
-        # Handed to the writer on a connection since lost: still in memory until stored.
+        self.in_flight: deque[Batch] = deque()  # handed to the writers, not yet acknowledged
+        # Handed to the writers on a connection since lost: still in memory until stored.
         self.orphaned: list[Batch] = []
         self.arrived = 0  # deliveries since the loop last looked; 0 means the queue ran dry
-        self.batch_done = threading.Event()  # set by the writer after each batch
+        self.batch_done = threading.Event()  # set by a writer after each batch
         self.amqp_connection: pika.BlockingConnection | None = None
         self.channel: BlockingChannel | None = None
         self.dead_channel: BlockingChannel | None = None
@@ -319,7 +319,7 @@ class Ingester:
                 finally:
                     self._close_amqp()
         finally:
-            self.stop.request()  # however the loop ended, the writer must not retry forever
+            self.stop.request()  # however the loop ended, the writers must not retry forever
             self.writer.close()
         log.info("consumer stopped", extra={"action": "consume_stopped"})
 
