@@ -129,13 +129,12 @@ class DeliveryReader:
                     break  # the rest of this frame is still on its way
                 if buffer[end - 1] != spec.FRAME_END:
                     raise pika.exceptions.InvalidFrameError("Invalid FRAME_END marker")
-                if frame_type == spec.FRAME_METHOD and channel == self._channel_number:
-                    whole = self._whole_delivery(buffer, position, end)
-                    if whole:
-                        position = whole
-                        continue
-                if not (channel == self._channel_number
-                        and self._take_frame(frame_type, buffer, position + 7, size)):
+                ours = channel == self._channel_number
+                whole = ours and frame_type == spec.FRAME_METHOD and self._whole_delivery(
+                    buffer, position, end)
+                if whole:
+                    end = whole
+                elif not (ours and self._take_frame(frame_type, buffer, position + 7, size)):
                     _consumed, value = pika_frame.decode_frame(bytes(buffer[position:end]))
                     self._impl._process_frame(value)
                 self._impl.bytes_received += end - position  # heartbeats count these
@@ -150,13 +149,9 @@ class DeliveryReader:
         """The common case, read in one go: a Basic.Deliver of ours with its header and a
         one-frame body all in the buffer. Returns where the next frame starts, or 0 when
         anything differs (the frames are then taken one by one)."""
-        if (self._content is not None or not self._active
-                or _METHOD_ID.unpack_from(buffer, start + 7)[0] != _DELIVER):
+        deliver = self._content is None and self._deliver_at(buffer, start + 7)
+        if not deliver or not deliver[0]:
             return 0
-        tag = self._consumer_tag
-        if buffer[start + 11] != len(tag) or not buffer.startswith(tag, start + 12):
-            return 0
-        tag_end = start + 12 + len(tag)
         length = len(buffer)
         if method_end + 19 > length:
             return 0
@@ -173,11 +168,10 @@ class DeliveryReader:
                 or buffer[header_end - 1] != spec.FRAME_END
                 or buffer[body_end - 1] != spec.FRAME_END):
             return 0
-        delivery_tag, bits = _DELIVERY_TAG.unpack_from(buffer, tag_end)
-        self.deliveries.append((
-            delivery_tag, bool(bits & 1), bytes(buffer[method_end + 19:header_end - 1]),
-            bytes(buffer[header_end + 7:body_end - 1])))
-        self._impl.bytes_received += body_end - start
+        _ours, delivery_tag, redelivered = deliver
+        self.deliveries.append((delivery_tag, redelivered,
+                                bytes(buffer[method_end + 19:header_end - 1]),
+                                bytes(buffer[header_end + 7:body_end - 1])))
         return body_end
 
     def _take_frame(self, frame_type: int, buffer: bytearray, payload: int, size: int) -> bool:
@@ -206,15 +200,23 @@ class DeliveryReader:
         return content.ours
 
     def _take_deliver(self, buffer: bytearray, payload: int) -> bool:
-        if _METHOD_ID.unpack_from(buffer, payload)[0] != _DELIVER:
+        deliver = self._deliver_at(buffer, payload)
+        if deliver is None:
             return False
+        self._content = _Content(*deliver)
+        return self._content.ours
+
+    def _deliver_at(self, buffer: bytearray, payload: int) -> tuple[bool, int, bool] | None:
+        """(ours, delivery tag, redelivered) of a Basic.Deliver method; None for another
+        method. Ours: for our consumer tag, and not stopped."""
+        if _METHOD_ID.unpack_from(buffer, payload)[0] != _DELIVER:
+            return None
         tag_length = buffer[payload + 4]
         tag_end = payload + 5 + tag_length
         ours = self._active and buffer[payload + 5:tag_end] == self._consumer_tag
         delivery_tag, bits = _DELIVERY_TAG.unpack_from(buffer, tag_end)
         # Exchange and routing key follow; smsq needs neither.
-        self._content = _Content(ours, delivery_tag, bool(bits & 1))
-        return ours
+        return ours, delivery_tag, bool(bits & 1)
 
     def _deliver(self, content: _Content) -> None:
         parts = content.parts
