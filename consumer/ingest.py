@@ -19,8 +19,8 @@ committed or dead-lettered, and nothing is acknowledged on a channel other than 
 came from: after a reconnect the broker redelivers, and the ids make a second store a no-op.
 
 A batch is handed over when it holds SMSQ_INGEST_BATCH_SIZE messages (or MAX_BATCH_BYTES of
-them), when it is SMSQ_INGEST_BATCH_MS old, or at once when the queue has run dry and the
-writer is idle, so a lone message is not delayed.
+them), when it is SMSQ_INGEST_BATCH_MS old, or at once when the queue has run dry and no
+writer is busy, so a lone message is not delayed.
 
 Memory is bounded in bytes as well as in messages: the prefetch counts messages, and a
 message may carry 5 MB of inline media. Holding MAX_HELD_BYTES unacknowledged, the pika
@@ -92,7 +92,6 @@ class FatalBrokerError(Exception):
 @dataclass(slots=True)
 class Delivery:
     tag: int
-    redelivered: bool
     # As the reader leaves them (bytes), decoded on first use: most messages never need them.
     raw_properties: pika.BasicProperties | bytes
     body: bytes
@@ -134,7 +133,8 @@ class Batch:
 
 
 class WriterSession:
-    """One writer thread's database connection, opened on first use and after a loss."""
+    """One writer thread's database connection: opened on first use and after a loss, its
+    plans discarded every REPLAN_EVERY_ROWS rows stored."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -151,6 +151,9 @@ class WriterSession:
             self.db.execute("DISCARD PLANS")
             self.rows_since_replan = 0
         return self.db
+
+    def stored(self, rows: int) -> None:
+        self.rows_since_replan += rows
 
     def close(self) -> None:
         if self.db is not None:
@@ -243,7 +246,7 @@ class BatchWriter:
             session.close()
             metrics.DEPENDENCY_UP.labels("postgres").set(0)
             raise
-        session.rows_since_replan += len(new_ids)
+        session.stored(len(new_ids))
         rows = batch.rows()
         metrics.MESSAGES_INGESTED.inc(len(new_ids))
         metrics.MESSAGES_DUPLICATE.inc(len(rows) - len(new_ids))
@@ -351,7 +354,7 @@ class Ingester:
     @property
     def held_bytes(self) -> int:
         """Bodies in memory not yet acknowledged: the batch being gathered, those handed to
-        the writer, and those handed over on a connection since lost and not yet stored."""
+        the writers, and those handed over on a connection since lost and not yet stored."""
         gathering = self.batch.body_bytes if self.batch is not None else 0
         return (gathering + sum(batch.body_bytes for batch in self.in_flight)
                 + sum(batch.body_bytes for batch in self._orphans_waiting()))
@@ -360,12 +363,12 @@ class Ingester:
         return [batch for batch in self.orphaned if batch.outcome is Outcome.WAITING]
 
     def _holding_too_much(self) -> bool:
-        """MAX_HELD_BYTES or more in memory, and the writer busy with some of it."""
+        """MAX_HELD_BYTES or more in memory, and the writers busy with some of it."""
         writer_busy = self.in_flight or self._orphans_waiting()
         return bool(writer_busy) and self.held_bytes >= MAX_HELD_BYTES
 
     def _wait_for_the_writer(self) -> None:
-        """Holding too many bytes: read nothing until the writer has stored a batch, then
+        """Holding too many bytes: read nothing until a writer has stored a batch, then
         run its acknowledgement (and send heartbeats, at least every HELD_WAKE_SECONDS)."""
         self.batch_done.wait(HELD_WAKE_SECONDS)
         self.batch_done.clear()
@@ -374,15 +377,18 @@ class Ingester:
     def _process_events(self, time_limit: float) -> None:
         """Let pika read, write and run callbacks; then take what the reader has read."""
         self.amqp_connection.process_data_events(time_limit=time_limit)
+        self._take_from_reader()
+
+    def _take_from_reader(self) -> None:
         if self.reader is not None:
-            for delivery in self.reader.take():
-                self._take(*delivery)
+            for tag, _redelivered, properties, body in self.reader.take():
+                self._take(tag, properties, body)
 
     def _wait_seconds(self) -> float:
         if self.batch is None:
             return IDLE_WAKE_SECONDS
         if not self.in_flight:
-            return 0  # look once: if nothing came, the queue ran dry and the writer is free
+            return 0  # look once: if nothing came, the queue ran dry and no writer is busy
         return max(0.0, self.batch_seconds - self.batch.age_seconds())
 
     def _batch_is_due(self) -> bool:
@@ -396,9 +402,7 @@ class Ingester:
         if self.reader is not None:
             self.reader.stop()
         self.channel.basic_cancel(self.consumer_tag)
-        if self.reader is not None:
-            for delivery in self.reader.take():
-                self._take(*delivery)
+        self._take_from_reader()
         if self.batch is not None:
             self._hand_over()
         while self.in_flight:
@@ -408,15 +412,14 @@ class Ingester:
 
     def _on_message(self, _channel: BlockingChannel, method, properties, body: bytes) -> None:
         """pika's path, where the delivery reader could not attach."""
-        self._take(method.delivery_tag, method.redelivered, properties, body)
+        self._take(method.delivery_tag, properties, body)
 
-    def _take(self, tag: int, redelivered: bool, properties: pika.BasicProperties | bytes,
-              body: bytes) -> None:
+    def _take(self, tag: int, properties: pika.BasicProperties | bytes, body: bytes) -> None:
         self.arrived += 1
         if self.batch is None:
             self.batch = Batch(self.amqp_connection)
         batch = self.batch
-        batch.deliveries.append(self._validate(Delivery(tag, redelivered, properties, body)))
+        batch.deliveries.append(self._validate(Delivery(tag, properties, body)))
         batch.body_bytes += len(body)
         if len(batch.deliveries) >= self.batch_size or batch.body_bytes >= MAX_BATCH_BYTES:
             self._hand_over()
@@ -437,7 +440,7 @@ class Ingester:
         delivery.row = store.IngestRow(notification, notification_id, sender)
         return delivery
 
-    # -- hand over, then acknowledge what the writer stored ---------------------------------
+    # -- hand over, then acknowledge what the writers stored --------------------------------
 
     def _hand_over(self) -> None:
         batch, self.batch = self.batch, None

@@ -152,16 +152,23 @@ def store_and_wait(settings: Settings, bodies: list[bytes], **publish) -> None:
     wait_until(lambda: count_rows(settings, f"id = '{marker['id']}'") == 1, message="marker")
 
 
-def test_deliveries_are_read_by_the_delivery_reader(settings, consumer):
-    store_and_wait(settings, [json.dumps(simple()).encode()])
-    assert consumer.reader is not None and count_rows(settings) == 2
+@pytest.mark.parametrize("reader_attaches", [True, False])
+def test_deliveries_come_through_the_reader_or_else_through_pika(
+        settings, monkeypatch, reader_attaches):
+    if not reader_attaches:  # a pika without the reader's hook
+        monkeypatch.setattr(DeliveryReader, "attach", classmethod(lambda cls, *args: None))
+    through_pika, on_message = [], Ingester._on_message
 
+    def on_message_from_pika(self, channel, method, properties, body) -> None:
+        through_pika.append(method.delivery_tag)
+        on_message(self, channel, method, properties, body)
 
-def test_where_the_reader_cannot_attach_pika_delivers_them(settings, monkeypatch):
-    monkeypatch.setattr(DeliveryReader, "attach", classmethod(lambda cls, *args: None))
+    monkeypatch.setattr(Ingester, "_on_message", on_message_from_pika)
     with running(Ingester(settings, StopSignal())) as ingester:
         store_and_wait(settings, [json.dumps(simple()).encode()])
-        assert ingester.reader is None and count_rows(settings) == 2
+        assert (ingester.reader is not None) == reader_attaches
+    assert count_rows(settings) == 2  # the message and store_and_wait's marker
+    assert len(through_pika) == (0 if reader_attaches else 2)
 
 
 def test_a_duplicate_id_is_acknowledged_and_stored_once(settings, consumer, caplog):
@@ -309,22 +316,27 @@ def test_holding_too_many_bytes_pauses_reading_until_they_are_stored(settings, m
     bodies = queue_big_messages(settings, monkeypatch, 40)
 
     ingester = Ingester(settings, StopSignal())
-    peak_held, deliveries = 0, []
-    take = ingester._take
+    peak_held, redelivered = 0, []
+    take, read = ingester._take, DeliveryReader.take
 
-    def take_and_look(tag, redelivered, properties, body) -> None:
+    def take_and_look(tag, properties, body) -> None:
         nonlocal peak_held
-        take(tag, redelivered, properties, body)
+        take(tag, properties, body)
         peak_held = max(peak_held, ingester.held_bytes)
-        deliveries.append(redelivered)
+
+    def read_and_look(reader) -> list:
+        deliveries = read(reader)
+        redelivered.extend(again for _, again, _, _ in deliveries)
+        return deliveries
 
     ingester._take = take_and_look
+    monkeypatch.setattr(DeliveryReader, "take", read_and_look)
     with running(ingester):
         wait_until(lambda: count_rows(settings) == 40, message="every message stored")
         # The bound, plus what one look at the socket reads (pika: at most 100 KB) and the
         # message it completes.
         assert peak_held <= 2**20 + 100 * 1024 + len(bodies[0]), peak_held
-        assert deliveries == [False] * 40
+        assert redelivered == [False] * 40
     # Stopped: whatever was left unacknowledged would be back in the queue now.
     assert queue_depth(settings, settings.smsq_queue) == 0
     assert queue_depth(settings, settings.dead_queue) == 0
@@ -357,9 +369,13 @@ def test_after_a_batch_given_up_no_later_batch_is_acknowledged(settings):
     publish_raw(settings, [json.dumps(simple()).encode() for _ in range(4)])
     ingester = Ingester(settings, StopSignal())
     assert ingester._open_amqp()
+
+    def taken_all_four() -> bool:
+        ingester._process_events(0.1)
+        return ingester.batch is not None and len(ingester.batch) == 4
+
     try:
-        wait_until(lambda: ingester._process_events(0.1) or (
-            ingester.batch is not None and len(ingester.batch) == 4), message="4 deliveries")
+        wait_until(taken_all_four, message="4 deliveries")
         deliveries = ingester.batch.deliveries
         given_up = ingester_batch(ingester, deliveries[:2], ingest.Outcome.ABANDONED)
         stored = ingester_batch(ingester, deliveries[2:], ingest.Outcome.STORED)
