@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pika
+from pika.adapters.blocking_connection import BlockingChannel
 import psycopg
 from pydantic import PostgresDsn
 
@@ -246,17 +247,32 @@ class Measurement:
 
 def consume_in_process(settings: Settings, count: int, on_message) -> Measurement:
     """Run a pika consumer here until `on_message` has stopped it; time and CPU of it."""
+    with consuming_channel(settings) as (_connection, channel):
+        channel.basic_consume(settings.smsq_queue, on_message)
+        return timed(count, channel.start_consuming)
+
+
+@contextmanager
+def consuming_channel(
+        settings: Settings) -> Iterator[tuple[pika.BlockingConnection, BlockingChannel]]:
+    """A connection and a channel with the consumer's prefetch, closed at the end."""
     connection = connect_amqp(settings)
-    channel = connection.channel()
-    channel.basic_qos(prefetch_count=settings.smsq_prefetch)
-    channel.basic_consume(settings.smsq_queue, on_message)
+    try:
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=settings.smsq_prefetch)
+        yield connection, channel
+    finally:
+        connection.close()
+
+
+def timed(count: int, consume) -> Measurement:
+    """Time `consume()`, and the CPU this process and the broker spend on it."""
     broker = rabbitmq_pid()
     broker_cpu, own_cpu = cpu_seconds(broker), time.process_time()
     started = time.perf_counter()
-    channel.start_consuming()
+    consume()
     elapsed = time.perf_counter() - started
     cpu = {"python": time.process_time() - own_cpu, "rabbitmq": cpu_seconds(broker) - broker_cpu}
-    connection.close()
     return Measurement(count, elapsed, cpu)
 
 
@@ -278,26 +294,22 @@ def measure_ceiling(settings: Settings, count: int) -> Measurement:
 
 def measure_reader_ceiling(settings: Settings, count: int) -> Measurement:
     """The bare consumer again, its deliveries read by smsq's delivery reader."""
-    connection = connect_amqp(settings)
-    channel = connection.channel()
-    channel.basic_qos(prefetch_count=settings.smsq_prefetch)
-    tag = f"bench-{uuid.uuid4().hex}"
-    reader = DeliveryReader.attach(connection, channel, tag)
-    channel.basic_consume(settings.smsq_queue, lambda *_: None, consumer_tag=tag)
-    batch, seen = settings.smsq_ingest_batch_size, 0
-    broker = rabbitmq_pid()
-    broker_cpu, own_cpu = cpu_seconds(broker), time.process_time()
-    started = time.perf_counter()
-    while seen < count:
-        connection.process_data_events(time_limit=1)
-        for delivery_tag, *_ in reader.take():
-            seen += 1
-            if seen % batch == 0 or seen == count:
-                channel.basic_ack(delivery_tag, multiple=True)
-    elapsed = time.perf_counter() - started
-    cpu = {"python": time.process_time() - own_cpu, "rabbitmq": cpu_seconds(broker) - broker_cpu}
-    connection.close()
-    return Measurement(count, elapsed, cpu)
+    batch = settings.smsq_ingest_batch_size
+    with consuming_channel(settings) as (connection, channel):
+        tag = f"bench-{uuid.uuid4().hex}"
+        reader = DeliveryReader.attach(connection, channel, tag)
+        channel.basic_consume(settings.smsq_queue, lambda *_: None, consumer_tag=tag)
+
+        def consume() -> None:
+            seen = 0
+            while seen < count:
+                connection.process_data_events(time_limit=1)
+                for delivery_tag, *_ in reader.take():
+                    seen += 1
+                    if seen % batch == 0 or seen == count:
+                        channel.basic_ack(delivery_tag, multiple=True)
+
+        return timed(count, consume)
 
 
 def measure_naive(settings: Settings, count: int) -> Measurement:
