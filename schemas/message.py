@@ -26,7 +26,6 @@ from pydantic import (
     ValidationInfo,
     WithJsonSchema,
     field_validator,
-    model_validator,
 )
 
 MAX_MEDIA_URLS = 10
@@ -160,12 +159,16 @@ class Notification(_Strict):
             raise ValueError(f"channel {value!r} is not served here: smsq sends sms only")
         return value
 
-    @model_validator(mode="after")
-    def _expiry_after_publish(self) -> Notification:
-        if self.expire_datetime and self.publish_datetime:
-            if self.expire_datetime <= self.publish_datetime:
-                raise ValueError("expire_datetime must be after publish_datetime")
-        return self
+    # A field validator, not a model one: it runs only for messages that set an expiry
+    # (pydantic validates fields in order, so publish_datetime is already in info.data),
+    # and its error names the field.
+    @field_validator("expire_datetime")
+    @classmethod
+    def _after_publish(cls, value: datetime | None, info: ValidationInfo) -> datetime | None:
+        publish_datetime = info.data.get("publish_datetime")
+        if value is not None and publish_datetime is not None and value <= publish_datetime:
+            raise ValueError(f"must be after publish_datetime ({publish_datetime.isoformat()})")
+        return value
 
     def with_defaults(self, fallback_id: uuid.UUID, now: datetime | None = None) -> Notification:
         """The message as stored: with its id and publish time filled in."""

@@ -75,7 +75,7 @@ def test_one_media_url_becomes_a_list():
     (message(sms={"media_url": ["https://e.com/a.png"] * 11}), "sms.media_url: at most 10 items, got 11"),
     (message(sms={"media_url": "ftp://e.com/a.png"}), "sms.media_url: must be an http or https URL"),
     (message(publish_datetime="2026-11-24T12:00:00Z", expire_datetime="2026-11-24T11:00:00Z"),
-     "expire_datetime must be after publish_datetime"),
+     "expire_datetime: must be after publish_datetime (2026-11-24T12:00:00+00:00)"),
 ])
 def test_bad_input_is_rejected_naming_the_field(raw, expected):
     assert expected in reason(raw)
