@@ -229,7 +229,7 @@ class BatchWriter:
             wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=5),
             stop=lambda _state: self.stop.requested,
             sleep=self.stop.wait,
-            before_sleep=_log_retry("postgres"),
+            before_sleep=_log_store_retry,
             reraise=True,
         )
         for attempt in retrying:
@@ -242,6 +242,11 @@ class BatchWriter:
             db = session.connection()
             new_ids = self._insert(db, batch)
             db.commit()
+        except psycopg.errors.DeadlockDetected:
+            # A deadlock with another writer (batches holding the same ids in crossing
+            # order): Postgres is fine and so is the connection; the batch is tried again.
+            db.rollback()
+            raise
         except psycopg.OperationalError:
             session.close()
             metrics.DEPENDENCY_UP.labels("postgres").set(0)
@@ -548,6 +553,15 @@ def _log_already_stored(rows: list[store.IngestRow], new_ids: list[UUID]) -> Non
     log.info("already stored, acknowledged without storing again", extra={
         "action": "duplicates_acknowledged", "count": len(again),
         "ids": some_ids(again, 10)})
+
+
+def _log_store_retry(state: tenacity.RetryCallState) -> None:
+    if isinstance(state.outcome.exception(), psycopg.errors.DeadlockDetected):
+        log.info("batch collided with another writer's, retrying", extra={
+            "action": "batch_conflict_retry", "attempt": state.attempt_number,
+            "error": error_text(state.outcome.exception())})
+    else:
+        _log_retry("postgres")(state)
 
 
 def _log_retry(dependency: str):

@@ -25,6 +25,8 @@ from consumer.delivery_reader import DeliveryReader
 from consumer.ingest import Ingester
 from consumer.settings import Settings
 from consumer.signals import StopSignal
+from consumer.store import IngestRow
+from schemas.errors import parse_notification
 from schemas.message import derive_id
 from tests.support import (
     close_amqp_connections_of,
@@ -390,3 +392,46 @@ def test_after_a_batch_given_up_no_later_batch_is_acknowledged(settings):
 
 def ingester_batch(ingester: Ingester, deliveries, outcome) -> ingest.Batch:
     return ingest.Batch(ingester.amqp_connection, list(deliveries), outcome=outcome)
+
+
+def test_a_deadlock_with_another_writer_is_retried_on_the_same_connection(settings, caplog):
+    """Two writers storing the same ids in crossing order deadlock, and Postgres aborts one.
+    That is no outage: the batch is tried again on its connection, and stored."""
+    caplog.set_level("INFO", logger="consumer.ingest")
+    first, second = (store_row(simple()) for _ in range(2))
+    writer = ingest.BatchWriter(settings, StopSignal(), on_done=lambda _batch: None)
+    session = ingest.WriterSession(settings)
+    connection = session.connection()
+    batch = ingest.Batch(None, [ingest.Delivery(tag, b"", b"", row=row)
+                                for tag, row in enumerate((first, second), start=1)])
+    with psycopg.connect(settings.database_dsn) as other:
+        # The writer's deadlock check (1 s) fires before this one's: the writer is aborted.
+        other.execute("SET LOCAL deadlock_timeout = '10s'")
+        insert_notification(other, second.id)
+        storing = threading.Thread(target=writer._store, args=(session, batch))
+        storing.start()
+        wait_until(lambda: waiting_on_a_lock(settings), message="the writer to wait on a lock")
+        insert_notification(other, first.id)  # the crossing order: a deadlock
+        other.rollback()
+    storing.join(timeout=30)
+    assert batch.outcome is ingest.Outcome.STORED
+    assert count_rows(settings) == 2
+    assert session.db is connection and not connection.closed
+    actions = [getattr(r, "action", "") for r in caplog.records]
+    assert "batch_conflict_retry" in actions and "postgres_retry" not in actions
+    session.close()
+
+
+def store_row(message: dict) -> IngestRow:
+    return IngestRow.of(parse_notification(json.dumps(message).encode()))
+
+
+def insert_notification(conn: psycopg.Connection, notification_id: uuid.UUID) -> None:
+    conn.execute("INSERT INTO notification (id, body) VALUES (%s, 'x')", (notification_id,))
+
+
+def waiting_on_a_lock(settings: Settings) -> bool:
+    with psycopg.connect(settings.database_dsn) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'smsq consume'"
+            " AND wait_event_type = 'Lock'").fetchone()[0] == 1
