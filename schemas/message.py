@@ -11,6 +11,7 @@ import base64
 import binascii
 import functools
 import hashlib
+import re
 import uuid
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
@@ -55,6 +56,9 @@ def normalise_phone_number(raw: str, default_region: str | None) -> str:
 
     Cached: parsing is the costliest step of validation and recipients repeat.
     """
+    parsed = _written_as_e164(raw)
+    if parsed is not None and phonenumbers.is_valid_number(parsed):
+        return raw  # already E.164: parsing and formatting it would give it back
     if not raw.startswith("+") and default_region is None:
         raise ValueError(
             f"needs a leading + and country code, or SMSQ_DEFAULT_REGION set: {raw!r}"
@@ -66,6 +70,48 @@ def normalise_phone_number(raw: str, default_region: str | None) -> str:
     if not phonenumbers.is_valid_number(parsed):
         raise ValueError(f"not a valid phone number: {raw!r}")
     return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+_E164_DIGITS = re.compile(r"\+([1-9][0-9]{6,14})")
+
+
+def _written_as_e164(raw: str) -> phonenumbers.PhoneNumber | None:
+    """The number `raw` names if it is written as E.164 already, as most producers send it.
+
+    phonenumbers.parse reads any way of writing a number, and is half the cost of checking
+    one seen for the first time (most recipients of one-time codes are). For "+" and digits
+    it only splits off the country code, and strips a national prefix written after it
+    ("+44 0...") or keeps a leading zero (Italy): those inputs are left to it (None), as is
+    any the country's metadata could read a national prefix from. So whenever this returns
+    a number, it is the one parse returns. tests/test_schemas.py checks both agree.
+    """
+    match = _E164_DIGITS.fullmatch(raw)
+    if match is None:
+        return None
+    digits = match.group(1)
+    for length in (1, 2, 3):  # country codes are prefix-free: at most one of these is one
+        country_code = int(digits[:length])
+        if country_code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
+            break
+    else:
+        return None
+    national = digits[length:]
+    prefix = _national_prefix(country_code)
+    if national.startswith("0") or prefix is None or (prefix and prefix.match(national)):
+        return None
+    return phonenumbers.PhoneNumber(country_code=country_code, national_number=int(national))
+
+
+@functools.cache
+def _national_prefix(country_code: int) -> re.Pattern | bool | None:
+    """The national prefix pattern of a country code's metadata; False if it has none,
+    None if phonenumbers has no metadata for it."""
+    metadata = phonenumbers.PhoneMetadata.metadata_for_region_or_calling_code(
+        country_code, phonenumbers.region_code_for_country_code(country_code))
+    if metadata is None:
+        return None
+    pattern = metadata.national_prefix_for_parsing
+    return re.compile(pattern) if pattern else False
 
 
 def _check_media_url(url: str) -> str:

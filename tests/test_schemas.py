@@ -6,11 +6,14 @@ import base64
 import json
 import uuid
 
+import phonenumbers
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from schemas.errors import InvalidMessage, parse_notification
 from schemas.jsonschema import SCHEMA_PATH, render
-from schemas.message import ID_NAMESPACE, derive_id
+from schemas.message import ID_NAMESPACE, _written_as_e164, derive_id, normalise_phone_number
 
 VALID = {"body": "Your code is 482910", "sms": {"to_phone_number": "+14155550123"}}
 
@@ -101,3 +104,57 @@ def test_id_comes_from_message_id_or_the_body():
     assert derive_id("order-42", b"x") == uuid.uuid5(ID_NAMESPACE, "order-42")
     assert derive_id(None, b'{"a": 1}') == uuid.uuid5(ID_NAMESPACE, '{"a": 1}')
     assert derive_id(None, b"a") != derive_id(None, b"b")
+
+
+# -- the E.164 shortcut of phone-number validation ----------------------------------------
+
+def by_phonenumbers(raw: str, region: str | None) -> str:
+    """What phonenumbers itself makes of a number: parse, check, format (or 'invalid')."""
+    try:
+        parsed = phonenumbers.parse(raw, region)
+    except phonenumbers.NumberParseException:
+        return "invalid"
+    if not phonenumbers.is_valid_number(parsed):
+        return "invalid"
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+def by_smsq(raw: str, region: str | None) -> str:
+    try:
+        return normalise_phone_number.__wrapped__(raw, region)  # not the cache
+    except ValueError:
+        return "invalid"
+
+
+def example_numbers() -> list[tuple[int, str]]:
+    """(country code, national number) of phonenumbers' example of every type everywhere."""
+    numbers = [phonenumbers.example_number_for_type(region, kind)
+               for region in phonenumbers.SUPPORTED_REGIONS
+               for kind in range(phonenumbers.PhoneNumberType.UNKNOWN)]
+    numbers += [phonenumbers.example_number_for_non_geo_entity(code)
+                for code in phonenumbers.COUNTRY_CODES_FOR_NON_GEO_REGIONS]
+    return sorted({(n.country_code, phonenumbers.national_significant_number(n))
+                   for n in numbers if n is not None})
+
+
+def test_numbers_written_as_e164_are_read_as_phonenumbers_reads_them():
+    """Every example number, as E.164 and with a national prefix or a zero written after
+    the country code (which phonenumbers may strip): the shortcut never disagrees."""
+    taken = 0
+    for country_code, national in example_numbers():
+        prefix = phonenumbers.PhoneMetadata.metadata_for_region_or_calling_code(
+            country_code, phonenumbers.region_code_for_country_code(country_code))
+        written = [f"+{country_code}{national}", f"+{country_code}0{national}"]
+        if prefix is not None and prefix.national_prefix:
+            written.append(f"+{country_code}{prefix.national_prefix}{national}")
+        for raw in written:
+            assert by_smsq(raw, None) == by_phonenumbers(raw, None), raw
+        taken += _written_as_e164(written[0]) is not None
+    assert taken > len(example_numbers()) / 2  # the shortcut is taken, mostly
+
+
+@given(country_code=st.sampled_from(sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE)),
+       digits=st.text("0123456789", max_size=15), region=st.sampled_from([None, "US", "GB"]))
+def test_any_plus_and_digits_is_read_as_phonenumbers_reads_it(country_code, digits, region):
+    raw = f"+{country_code}{digits}"
+    assert by_smsq(raw, region) == by_phonenumbers(raw, region)
