@@ -85,6 +85,12 @@ AMQP_CONNECTION_LOST = (pika.exceptions.AMQPConnectionError,
                         pika.exceptions.ChannelWrongStateError, ConnectionError)
 
 
+class ConsumerCancelled(ConnectionError):
+    """The broker cancelled our consumer: its queue was deleted (from the management UI,
+    say), or the node holding it went away. Cured like a lost connection: reconnecting
+    declares the queue again and consumes from it."""
+
+
 class FatalBrokerError(Exception):
     """The broker refused us for a reason a reconnect will not fix (credentials, arguments)."""
 
@@ -525,11 +531,17 @@ class Ingester:
             self.reader = DeliveryReader.attach(self.amqp_connection, self.channel, tag)
             self.consumer_tag = self.channel.basic_consume(self.settings.smsq_queue,
                                                            self._on_message, consumer_tag=tag)
+            self.channel.add_on_cancel_callback(self._on_cancelled_by_broker)
         except BaseException:
             self._close_amqp()
             raise
         metrics.DEPENDENCY_UP.labels("rabbitmq").set(1)
         return True
+
+    def _on_cancelled_by_broker(self, _method_frame) -> None:
+        raise ConsumerCancelled(
+            f"the broker cancelled the consumer of {self.settings.smsq_queue} "
+            "(was the queue deleted?)")
 
     def _close_amqp(self) -> None:
         metrics.DEPENDENCY_UP.labels("rabbitmq").set(0)

@@ -20,7 +20,7 @@ from pydantic import PostgresDsn
 from hypothesis import settings as settings_of_hypothesis
 from hypothesis import strategies as st
 
-from consumer import ingest
+from consumer import amqp, ingest
 from consumer.delivery_reader import DeliveryReader
 from consumer.ingest import Ingester
 from consumer.settings import Settings
@@ -434,4 +434,26 @@ def waiting_on_a_lock(settings: Settings) -> bool:
     with psycopg.connect(settings.database_dsn) as conn:
         return conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'smsq consume'"
-            " AND wait_event_type = 'Lock'").fetchone()[0] == 1
+            " AND wait_event_type = 'Lock' AND datname = current_database()").fetchone()[0] == 1
+
+
+def test_a_deleted_queue_is_declared_again_and_consumed(settings, consumer, caplog):
+    """Deleting the queue (from the management UI, say) cancels the consumer: consume must
+    not sit there consuming nothing, but declare the queue again and go on."""
+    caplog.set_level("WARNING", logger="consumer.ingest")
+    first_tag = consumer.consumer_tag
+    with amqp.connect(settings, "test") as connection:
+        connection.channel().queue_delete(settings.smsq_queue)
+    wait_until(lambda: consumer.consumer_tag != first_tag, message="a new consumer")
+    wait_until(lambda: consumers_of(settings, settings.smsq_queue) == 1,
+               message="the queue declared again and consumed")
+    store_and_wait(settings, [json.dumps(simple()).encode()])
+    assert any("cancelled the consumer" in getattr(r, "error", "") for r in caplog.records)
+
+
+def consumers_of(settings: Settings, queue: str) -> int:
+    with amqp.connect(settings, "test") as connection:
+        try:
+            return connection.channel().queue_declare(queue, passive=True).method.consumer_count
+        except pika.exceptions.ChannelClosedByBroker:
+            return 0  # not declared yet
