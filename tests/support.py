@@ -13,14 +13,16 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pika
 import psycopg
 
-from consumer import amqp
+from consumer import amqp, store
 from consumer.settings import Settings
+from schemas.message import Notification
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,6 +129,15 @@ def get_all(settings: Settings, queue: str) -> list[tuple[pika.BasicProperties, 
             found.append((props, body))
     finally:
         connection.close()
+
+
+def ingest_row(priority: str = "low", sender: str = "", publish: datetime | None = None,
+               notification_id: uuid.UUID | None = None) -> store.IngestRow:
+    """A validated message, as consume hands it to the store."""
+    notification = Notification.model_validate({
+        "id": notification_id or uuid.uuid4(), "body": "hello", "priority": priority,
+        "publish_datetime": publish, "sms": {"to_phone_number": "+14155550123"}})
+    return store.IngestRow.of(notification, sender)
 
 
 def count_rows(settings: Settings, where: str = "true") -> int:

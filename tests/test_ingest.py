@@ -25,14 +25,13 @@ from consumer.delivery_reader import DeliveryReader
 from consumer.ingest import Ingester
 from consumer.settings import Settings
 from consumer.signals import StopSignal
-from consumer.store import IngestRow
-from schemas.errors import parse_notification
 from schemas.message import derive_id
 from tests.support import (
     close_amqp_connections_of,
     count_rows,
     declare_queues,
     get_all,
+    ingest_row,
     publish_raw,
     queue_depth,
     wait_until,
@@ -398,7 +397,7 @@ def test_a_deadlock_with_another_writer_is_retried_on_the_same_connection(settin
     """Two writers storing the same ids in crossing order deadlock, and Postgres aborts one.
     That is no outage: the batch is tried again on its connection, and stored."""
     caplog.set_level("INFO", logger="consumer.ingest")
-    first, second = (store_row(simple()) for _ in range(2))
+    first, second = ingest_row(), ingest_row()
     writer = ingest.BatchWriter(settings, StopSignal(), on_done=lambda _batch: None)
     session = ingest.WriterSession(settings)
     connection = session.connection()
@@ -420,10 +419,6 @@ def test_a_deadlock_with_another_writer_is_retried_on_the_same_connection(settin
     actions = [getattr(r, "action", "") for r in caplog.records]
     assert "batch_conflict_retry" in actions and "postgres_retry" not in actions
     session.close()
-
-
-def store_row(message: dict) -> IngestRow:
-    return IngestRow.of(parse_notification(json.dumps(message).encode()))
 
 
 def insert_notification(conn: psycopg.Connection, notification_id: uuid.UUID) -> None:

@@ -9,15 +9,7 @@ import psycopg
 import pytest
 
 from consumer import store
-from schemas.message import Notification
-
-
-def row(priority: str = "low", sender: str = "", publish: datetime | None = None,
-        notification_id: uuid.UUID | None = None) -> store.IngestRow:
-    notification = Notification.model_validate({
-        "id": notification_id or uuid.uuid4(), "body": "hello", "priority": priority,
-        "publish_datetime": publish, "sms": {"to_phone_number": "+14155550123"}})
-    return store.IngestRow.of(notification, sender)
+from tests.support import ingest_row as row
 
 
 @pytest.fixture
