@@ -83,7 +83,9 @@ def _written_as_e164(raw: str) -> phonenumbers.PhoneNumber | None:
     it only splits off the country code, and strips a national prefix written after it
     ("+44 0...") or keeps a leading zero (Italy): those inputs are left to it (None), as is
     any the country's metadata could read a national prefix from. So whenever this returns
-    a number, it is the one parse returns. tests/test_schemas.py checks both agree.
+    a number, it is the one parse returns (a country code without metadata gives a number
+    is_valid_number refuses, so parse decides it too). tests/test_schemas.py checks both
+    agree.
     """
     match = _E164_DIGITS.fullmatch(raw)
     if match is None:
@@ -97,21 +99,18 @@ def _written_as_e164(raw: str) -> phonenumbers.PhoneNumber | None:
         return None
     national = digits[length:]
     prefix = _national_prefix(country_code)
-    if national.startswith("0") or prefix is None or (prefix and prefix.match(national)):
+    if national.startswith("0") or (prefix is not None and prefix.match(national)):
         return None
     return phonenumbers.PhoneNumber(country_code=country_code, national_number=int(national))
 
 
 @functools.cache
-def _national_prefix(country_code: int) -> re.Pattern | bool | None:
-    """The national prefix pattern of a country code's metadata; False if it has none,
-    None if phonenumbers has no metadata for it."""
+def _national_prefix(country_code: int) -> re.Pattern | None:
+    """How a country code's metadata reads a national prefix; None where it reads none."""
     metadata = phonenumbers.PhoneMetadata.metadata_for_region_or_calling_code(
         country_code, phonenumbers.region_code_for_country_code(country_code))
-    if metadata is None:
-        return None
-    pattern = metadata.national_prefix_for_parsing
-    return re.compile(pattern) if pattern else False
+    pattern = metadata.national_prefix_for_parsing if metadata is not None else None
+    return re.compile(pattern) if pattern else None
 
 
 def _check_media_url(url: str) -> str:

@@ -140,17 +140,17 @@ def example_numbers() -> list[tuple[int, str]]:
 def test_numbers_written_as_e164_are_read_as_phonenumbers_reads_them():
     """Every example number, as E.164 and with a national prefix or a zero written after
     the country code (which phonenumbers may strip): the shortcut never disagrees."""
-    taken = 0
-    for country_code, national in example_numbers():
-        prefix = phonenumbers.PhoneMetadata.metadata_for_region_or_calling_code(
+    numbers, taken = example_numbers(), 0
+    for country_code, national in numbers:
+        metadata = phonenumbers.PhoneMetadata.metadata_for_region_or_calling_code(
             country_code, phonenumbers.region_code_for_country_code(country_code))
         written = [f"+{country_code}{national}", f"+{country_code}0{national}"]
-        if prefix is not None and prefix.national_prefix:
-            written.append(f"+{country_code}{prefix.national_prefix}{national}")
+        if metadata is not None and metadata.national_prefix:
+            written.append(f"+{country_code}{metadata.national_prefix}{national}")
         for raw in written:
             assert by_smsq(raw, None) == by_phonenumbers(raw, None), raw
         taken += _written_as_e164(written[0]) is not None
-    assert taken > len(example_numbers()) / 2  # the shortcut is taken, mostly
+    assert taken > len(numbers) / 2  # the shortcut is taken, mostly
 
 
 @given(country_code=st.sampled_from(sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE)),
