@@ -567,15 +567,6 @@ def _log_already_stored(rows: list[store.IngestRow], new_ids: list[UUID]) -> Non
         "ids": some_ids(again, 10)})
 
 
-def _log_store_retry(state: tenacity.RetryCallState) -> None:
-    if isinstance(state.outcome.exception(), psycopg.errors.DeadlockDetected):
-        log.info("batch collided with another writer's, retrying", extra={
-            "action": "batch_conflict_retry", "attempt": state.attempt_number,
-            "error": error_text(state.outcome.exception())})
-    else:
-        _log_retry("postgres")(state)
-
-
 def _log_retry(dependency: str):
     def before_sleep(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -584,6 +575,19 @@ def _log_retry(dependency: str):
                            "wait_seconds": round(state.upcoming_sleep, 2),
                            "error": error_text(exc)})
     return before_sleep
+
+
+_log_postgres_retry = _log_retry("postgres")
+
+
+def _log_store_retry(state: tenacity.RetryCallState) -> None:
+    exc = state.outcome.exception()
+    if isinstance(exc, psycopg.errors.DeadlockDetected):
+        log.info("batch collided with another writer's, retrying", extra={
+            "action": "batch_conflict_retry", "attempt": state.attempt_number,
+            "error": error_text(exc)})
+    else:
+        _log_postgres_retry(state)
 
 
 def run(settings: Settings, stop: StopSignal) -> None:
