@@ -35,6 +35,7 @@ class ClaimedRow:
     media_url: list[str]
     media_token: str | None
     attempts: int
+    reconcile_checks: int = 0
     lease_expired: bool = False
 
 
@@ -57,13 +58,14 @@ class Outcome:
     lease_seconds: float | None = None
     attempted: bool = True
     sent_datetime: datetime | None = None
+    reconcile_checks: int | None = None  # None: as it is
 
 
 _OUTCOME_FIELDS = [f.name for f in fields(Outcome)]
 
 _ROW_COLUMNS = """
     c.id, c.sender, c.priority_rank, c.publish_datetime, c.expire_datetime, c.body, c.claimed_datetime,
-    s.to_phone_number, s.media_url, m.access_token AS media_token, s.attempts
+    s.to_phone_number, s.media_url, m.access_token AS media_token, s.attempts, s.reconcile_checks
 """
 
 # Public: bench/dispatch.py explains it against a million pending rows.
@@ -105,9 +107,10 @@ WITH o AS (
     SELECT * FROM unnest(
         %(id)s::uuid[], %(status)s::text[], %(status_message)s::text[], %(sid)s::text[],
         %(segments)s::int[], %(error_code)s::int[], %(retry_in)s::float8[],
-        %(lease_seconds)s::float8[], %(attempted)s::bool[], %(sent_datetime)s::timestamptz[]
+        %(lease_seconds)s::float8[], %(attempted)s::bool[], %(sent_datetime)s::timestamptz[],
+        %(reconcile_checks)s::int[]
     ) AS o(id, status, status_message, sid, segments, error_code, retry_in, lease_seconds,
-           attempted, sent_datetime)
+           attempted, sent_datetime, reconcile_checks)
 ), n AS (
     UPDATE notification t SET
         status = o.status,
@@ -128,7 +131,8 @@ UPDATE sms_notification s SET
     twilio_sid = coalesce(o.sid, s.twilio_sid),
     segments = coalesce(o.segments, s.segments),
     error_code = o.error_code,
-    attempts = s.attempts + o.attempted::int
+    attempts = s.attempts + o.attempted::int,
+    reconcile_checks = coalesce(o.reconcile_checks, s.reconcile_checks)
 FROM n JOIN o ON o.id = n.id
 WHERE s.notification_id = n.id
 """
@@ -160,11 +164,30 @@ SELECT extract(epoch FROM least(
 """
 
 _SAVE_BUCKET = """
-INSERT INTO dispatch_sender (sender, address, holder, tokens, rate, capacity, updated_datetime)
-VALUES (%s, %s, %s, %s, %s, %s, now())
+INSERT INTO dispatch_sender (sender, address, holder, tokens, rate, capacity, paused_until,
+                             pause_reason, pause_message, updated_datetime)
+VALUES (%s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s), %s, %s, now())
 ON CONFLICT (sender) DO UPDATE SET
     address = excluded.address, holder = excluded.holder, tokens = excluded.tokens,
-    rate = excluded.rate, capacity = excluded.capacity, updated_datetime = now()
+    rate = excluded.rate, capacity = excluded.capacity, paused_until = excluded.paused_until,
+    pause_reason = excluded.pause_reason, pause_message = excluded.pause_message,
+    updated_datetime = now()
+"""
+
+# The claim could not load its rows: a timestamp outside what Python holds (stored before
+# validation refused such times, or written by hand). Those rows become failed, so the
+# sender's other rows go on.
+_FAIL_UNLOADABLE = """
+UPDATE notification SET status = 'failed', status_message = %(message)s
+WHERE status = 'pending' AND sender = %(sender)s
+  AND (publish_datetime NOT BETWEEN '0001-01-02 00:00+00' AND '9999-12-30 00:00+00'
+       OR expire_datetime NOT BETWEEN '0001-01-02 00:00+00' AND '9999-12-30 00:00+00')
+RETURNING id
+"""
+
+_FAIL_ONE = """
+UPDATE notification SET status = 'failed', status_message = %s
+WHERE id = %s AND status = 'processing'
 """
 
 
@@ -242,16 +265,42 @@ def _seconds_until_next_due(conn: psycopg.Connection, sender: str) -> float | No
 
 
 def recorded_sids(conn: psycopg.Connection, sids: list[str]) -> set[str]:
-    """Which of these Twilio SIDs are already recorded for some notification."""
+    """Which of these Twilio SIDs are already recorded for some notification, now or before
+    it was sent again."""
     rows = conn.execute(
-        "SELECT twilio_sid FROM sms_notification WHERE twilio_sid = ANY(%s)", (sids,)
-    ).fetchall()
+        """SELECT twilio_sid FROM sms_notification WHERE twilio_sid = ANY(%(sids)s)
+           UNION SELECT sid FROM twilio_superseded_sid WHERE sid = ANY(%(sids)s)""",
+        {"sids": sids}).fetchall()
     return {row[0] for row in rows}
 
 
-def save_buckets(conn: psycopg.Connection,
-                 buckets: list[tuple[str, str, str | None, float, float, float]]) -> None:
-    """(sender, address, holder, tokens, rate, capacity) of each sender, for status pages."""
+def fail_unloadable(conn: psycopg.Connection, sender: str) -> list[UUID]:
+    """Mark failed the pending rows of `sender` that no claim can load; their ids."""
+    message = ("failed in smsq: publish_datetime or expire_datetime lies outside what "
+               "smsq can hold (years 1 to 9999 in UTC)")
+    rows = conn.execute(_FAIL_UNLOADABLE, {"sender": sender, "message": message}).fetchall()
+    return [row[0] for row in rows]
+
+
+def record_each(conn: psycopg.Connection, outcomes: list[Outcome]) -> list[UUID]:
+    """Write outcomes one by one after a batch failed; a row whose own outcome cannot be
+    written becomes failed with the reason. The ids that became failed so."""
+    failed = []
+    for outcome in outcomes:
+        try:
+            record_outcomes(conn, [outcome])
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error as exc:
+            conn.execute(_FAIL_ONE, (f"failed in smsq: its outcome ({outcome.status}) could "
+                                     f"not be written: {exc}"[:2000], outcome.id))
+            failed.append(outcome.id)
+    return failed
+
+
+def save_buckets(conn: psycopg.Connection, buckets: list[tuple]) -> None:
+    """(sender, address, holder, tokens, rate, capacity, paused for seconds or None, pause
+    reason, pause message) of each sender, for status pages."""
     if buckets:
         with conn.transaction(), conn.cursor() as cur:
             cur.executemany(_SAVE_BUCKET, buckets)

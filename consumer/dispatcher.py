@@ -42,7 +42,15 @@ import psycopg
 from consumer import dispatch_store as store
 from consumer import metrics
 from consumer.bucket import TokenBucket
-from consumer.outcomes import Decision, RetryPolicy, TwilioAttempt, decide
+from consumer.outcomes import (
+    RECONCILE_DELAYS,
+    Decision,
+    RetryPolicy,
+    TwilioAttempt,
+    decide,
+    pause_delay,
+    reconcile_next,
+)
 from consumer.segments import cost_of
 from consumer.settings import Settings
 from consumer.logs import error_text
@@ -88,10 +96,21 @@ class Sender:
     maybe_due: bool = True  # rows may be due that are not claimed yet
     wake_at: float | None = None  # monotonic time when the next scheduled row becomes due
     notified_rank: int | None = None  # best priority announced since the last claim
-    paused_until: float = 0.0  # after a 429 with Retry-After
+    paused_until: float = 0.0  # after a 429 with Retry-After, or an account-wide error
+    pause_reason: str | None = None  # the account-wide error that paused it, until resumed
+    pause_message: str = ""
+    pauses: int = 0  # account-wide pauses in a row: each waits longer
+    in_flight: int = 0  # requests of this sender on the wire
 
     def worst_rank(self) -> int:
         return max(entry[0] for entry in self.queue)
+
+    def paused(self, now: float) -> bool:
+        return now < self.paused_until
+
+    def may_release(self, now: float) -> bool:
+        """After an account-wide pause, one request probes the account before the others."""
+        return not self.paused(now) and (self.pause_reason is None or self.in_flight == 0)
 
 
 @dataclass
@@ -205,10 +224,15 @@ class Dispatcher:
                 log.warning("postgres unavailable, retrying", extra={
                     "action": "postgres_retry", "wait_seconds": backoff,
                     "error": error_text(exc)})
-                self._forget_senders()
-                self._close()
-                self.stop.wait(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+            except Exception:  # noqa: BLE001 - a bug of ours must not stop every sender
+                log.exception("dispatch loop failed, starting afresh", extra={
+                    "action": "dispatch_loop_error", "wait_seconds": backoff})
+            else:
+                continue
+            self._forget_senders()
+            self._close()
+            self.stop.wait(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
         self._shut_down()
         log.info("dispatcher stopped", extra={"action": "dispatch_stopped"})
 
@@ -279,11 +303,16 @@ class Dispatcher:
 
     def _save_buckets(self, holder: str | None) -> None:
         rows = []
+        now = time.monotonic()
         for sender in self.held.values():
             tokens = sender.bucket.tokens
             metrics.BUCKET_TOKENS.labels(sender.key or "default").set(tokens)
+            paused_for = (sender.paused_until - now if sender.pause_reason and holder
+                          else None)
             rows.append((sender.key, sender.address, holder, tokens,
-                         self.settings.twilio_sms_rate, sender.bucket.capacity))
+                         self.settings.twilio_sms_rate, sender.bucket.capacity, paused_for,
+                         sender.pause_reason if holder else None,
+                         sender.pause_message if holder else None))
         store.save_buckets(self.db, rows)
 
     def _queued_ids(self) -> list[UUID]:
@@ -300,6 +329,9 @@ class Dispatcher:
                 sender.maybe_due, sender.wake_at = True, None
             if not sender.maybe_due:
                 continue
+            if sender.paused(now):  # its rows stay pending, claimable by nobody else anyway
+                sender.wake_at = sender.paused_until
+                continue
             if len(sender.queue) <= self.in_hand_target // 2:
                 self._claim(sender, self.in_hand_target - len(sender.queue), max_rank=2)
             elif sender.notified_rank is not None and sender.notified_rank < sender.worst_rank():
@@ -308,7 +340,17 @@ class Dispatcher:
             sender.notified_rank = None
 
     def _claim(self, sender: Sender, limit: int, max_rank: int) -> None:
-        claim = store.claim_due(self.db, sender.key, self.holder, limit, self.lease, max_rank)
+        try:
+            claim = store.claim_due(self.db, sender.key, self.holder, limit, self.lease,
+                                    max_rank)
+        except psycopg.DataError as exc:
+            failed = store.fail_unloadable(self.db, sender.key)
+            log.error("rows no claim can load marked failed", extra={
+                "action": "claim_unloadable", "sender": sender.key or "default",
+                "notification_ids": [str(i) for i in failed], "error": error_text(exc)})
+            if not failed:
+                raise
+            return  # claimed again at once: maybe_due is still set
         for row in claim.rows:
             heapq.heappush(sender.queue, (row.priority_rank, row.publish_datetime,
                                           next(self.sequence), row))
@@ -337,17 +379,31 @@ class Dispatcher:
     def _release_from(self, sender: Sender) -> None:
         while sender.queue and len(self.in_flight) < self.concurrency:
             row = sender.queue[0][-1]
-            if row.expire_datetime is not None and row.expire_datetime <= _utcnow():
+            try:
+                if row.expire_datetime is not None and row.expire_datetime <= _utcnow():
+                    heapq.heappop(sender.queue)
+                    self._expire(row)
+                    continue
+                if not sender.may_release(time.monotonic()):
+                    return
+                if not sender.bucket.try_take(_cost(row)):
+                    return
+            except Exception as exc:  # noqa: BLE001 - one row smsq cannot handle
                 heapq.heappop(sender.queue)
-                self._expire(row)
+                self._fail(row, exc)
                 continue
-            if time.monotonic() < sender.paused_until:
-                return
-            if not sender.bucket.try_take(_cost(row)):
-                return
             heapq.heappop(sender.queue)
             self.in_flight[row.id] = row
+            sender.in_flight += 1
             self.pool.submit(self._send, sender.address, row)
+
+    def _fail(self, row: store.ClaimedRow, exc: Exception) -> None:
+        """DESIGN.md: a row smsq cannot handle becomes failed; the others go on."""
+        message = f"failed in smsq: {type(exc).__name__}: {exc}"[:2000]
+        self.outcomes.append(store.Outcome(row.id, "failed", message, attempted=False))
+        metrics.DISPATCH_SENDS.labels("failed", "").inc()
+        log.error("message failed in smsq", exc_info=exc, extra={
+            "action": "send_failed", "notification_id": str(row.id)})
 
     def _expire(self, row: store.ClaimedRow) -> None:
         message = f"expired at {row.expire_datetime.isoformat()} before it could be sent"
@@ -362,7 +418,10 @@ class Dispatcher:
             if sender.wake_at is not None:
                 wake = min(wake, sender.wake_at)
             if sender.queue and len(self.in_flight) < self.concurrency:
-                wait = sender.bucket.wait_time(_cost(sender.queue[0][-1]))
+                try:
+                    wait = sender.bucket.wait_time(_cost(sender.queue[0][-1]))
+                except Exception:  # noqa: BLE001 - _release_from fails that row at once
+                    wait = 0.0
                 wake = min(wake, max(now + wait, sender.paused_until))
         return wake
 
@@ -395,10 +454,18 @@ class Dispatcher:
         elif kind == "done":
             result = event[1]
             self.in_flight.pop(result.row.id, None)
-            if isinstance(result, SendResult):
-                self._on_sent(result)
-            else:
-                self._on_reconciled(result)
+            sender = self.held.get(result.row.sender)
+            try:
+                if isinstance(result, SendResult):
+                    if sender is not None:
+                        sender.in_flight -= 1
+                    self._on_sent(result)
+                else:
+                    self._on_reconciled(result)
+            except psycopg.OperationalError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one row smsq cannot handle
+                self._fail(result.row, exc)
 
     # -- sending (in a worker thread) and its outcome (in the loop) ----------------------------
 
@@ -420,6 +487,7 @@ class Dispatcher:
         else:
             decision = decide(result.attempt, row.attempts + 1, self.policy)
         self.outcomes.append(self._outcome_of(result, decision))
+        self._pause_or_resume(row.sender, decision)
         self._pause_after_retry_after(result)
         if decision.retry_in is not None:
             self._wake_for(row.sender, time.monotonic() + decision.retry_in)
@@ -437,11 +505,14 @@ class Dispatcher:
             return store.Outcome(row.id, "sent", sid=attempt.sid,
                                  segments=attempt.segments or _cost(row),
                                  sent_datetime=result.finished)
+        unknown = decision.status == "processing"
         return store.Outcome(
             row.id, decision.status, decision.status_message, error_code=decision.error_code,
             retry_in=decision.retry_in,
-            lease_seconds=self.lease if decision.status == "processing" else None,
-            attempted=attempt is not None)
+            # An unknown outcome is reconciled soon: first check when this lease ends.
+            lease_seconds=RECONCILE_DELAYS[0] if unknown else None,
+            reconcile_checks=0 if unknown else None,
+            attempted=attempt is not None and decision.pause is None)
 
     def _wake_for(self, sender_key: str, at: float) -> None:
         """Look for due rows of this sender again at `at` (a retry we scheduled ourselves)."""
@@ -449,11 +520,54 @@ class Dispatcher:
         if sender is not None:
             sender.wake_at = at if sender.wake_at is None else min(sender.wake_at, at)
 
+    def _pause_or_resume(self, sender_key: str, decision: Decision) -> None:
+        """An account-wide error pauses the sender, longer each time in a row, with one
+        error logged per pause; any other answer from Twilio ends the pause."""
+        sender = self.held.get(sender_key)
+        if sender is None:
+            return
+        now = time.monotonic()
+        if decision.pause is None:
+            if sender.pause_reason is not None and decision.status != "failed":
+                self._resume(sender)
+            return
+        if sender.pause_reason is not None and sender.paused(now):
+            return  # requests that were on the wire when the pause began
+        sender.pauses += 1
+        delay = pause_delay(sender.pauses, self.policy)
+        if sender.pause_reason not in (None, decision.pause):
+            metrics.SENDER_PAUSED.labels(sender.key or "default", sender.pause_reason).set(0)
+        sender.paused_until, sender.wake_at = now + delay, now + delay
+        sender.pause_reason, sender.pause_message = decision.pause, decision.status_message
+        metrics.SENDER_PAUSED.labels(sender.key or "default", decision.pause).set(1)
+        log.error("sender paused: Twilio refuses every message of this account or sender", extra={
+            "action": "sender_paused", "sender": sender.key or "default",
+            "reason": decision.pause, "error_code": decision.error_code,
+            "status_message": decision.status_message, "pause_seconds": round(delay, 1),
+            "pauses_in_a_row": sender.pauses})
+        self._hand_back_queue(sender)
+
+    def _resume(self, sender: Sender) -> None:
+        metrics.SENDER_PAUSED.labels(sender.key or "default", sender.pause_reason).set(0)
+        log.info("sender resumed", extra={"action": "sender_resumed",
+                                          "sender": sender.key or "default",
+                                          "reason": sender.pause_reason,
+                                          "pauses_in_a_row": sender.pauses})
+        sender.pause_reason, sender.pause_message, sender.pauses = None, "", 0
+
+    def _hand_back_queue(self, sender: Sender) -> None:
+        """Rows in hand go back to pending while the sender waits (status shows them so)."""
+        ids = [entry[-1].id for entry in sender.queue]
+        sender.queue.clear()
+        self._flush_outcomes()
+        store.release_unsent(self.db, ids, self.holder)
+
     def _pause_after_retry_after(self, result: SendResult) -> None:
         sender = self.held.get(result.row.sender)
         if sender is not None and result.attempt is not None and result.attempt.retry_after:
             # Twilio asked this account to slow down: hold the whole sender, not just the row.
-            sender.paused_until = time.monotonic() + result.attempt.retry_after
+            sender.paused_until = max(sender.paused_until,
+                                      time.monotonic() + result.attempt.retry_after)
 
     # -- reconciling rows whose outcome is unknown ---------------------------------------------
 
@@ -477,7 +591,7 @@ class Dispatcher:
         if result.error is not None:
             self.outcomes.append(store.Outcome(
                 row.id, "processing", f"reconciliation failed, will retry: {result.error}",
-                lease_seconds=self.lease, attempted=False))
+                lease_seconds=RECONCILE_DELAYS[-1], attempted=False))
             log.warning("reconciliation failed", extra={
                 "action": "reconcile_failed", "notification_id": str(row.id),
                 "error": str(result.error)})
@@ -486,31 +600,55 @@ class Dispatcher:
             # A send of ours to the same number may be the message Twilio listed: decide
             # once that one is recorded (the row is looked at again, its lease expired).
             return
-        found = self._first_unrecorded(result.found)
+        found = self._first_unrecorded(row, result.found)
         if found is not None:
             self.outcomes.append(store.Outcome(
                 row.id, "sent", sid=found.sid, segments=found.segments or _cost(row),
                 sent_datetime=found.date_created, attempted=False))
             self._log_reconciled(row, "sent", found.sid)
         elif row.lease_expired:
-            self.outcomes.append(store.Outcome(
-                row.id, "pending", "not found at Twilio after an unknown outcome; sending again",
-                attempted=False))
-            self._wake_for(row.sender, time.monotonic())
-            self._log_reconciled(row, "pending", None)
+            self._not_found(row)
         # Else: not found yet, but its lease is still running (a request of a holder that just
         # died may still be on its way to Twilio); it is looked at again when the lease expires.
+
+    def _not_found(self, row: store.ClaimedRow) -> None:
+        """Checked again a little later, and sent again only once every check found nothing."""
+        checks = row.reconcile_checks + 1
+        delay = reconcile_next(checks)
+        if delay is not None:
+            self.outcomes.append(store.Outcome(
+                row.id, "processing", f"outcome unknown; not found at Twilio in {checks} "
+                f"check(s), checking again in {delay:g} s", lease_seconds=delay,
+                attempted=False, reconcile_checks=checks))
+            metrics.DISPATCH_RECONCILED.labels("not_found_yet").inc()
+            return
+        self.outcomes.append(store.Outcome(
+            row.id, "pending", f"not found at Twilio in {checks} checks after an unknown "
+            "outcome; sending again", attempted=False, reconcile_checks=0))
+        self._wake_for(row.sender, time.monotonic())
+        self._log_reconciled(row, "pending", None)
 
     def _sending_to(self, number: str) -> bool:
         return any(row.to_phone_number == number for row in self.in_flight.values())
 
-    def _first_unrecorded(self, found: list[FoundMessage]) -> FoundMessage | None:
-        """The first match whose SID no other row holds, in the database or about to be."""
+    def _first_unrecorded(self, row: store.ClaimedRow,
+                          found: list[FoundMessage]) -> FoundMessage | None:
+        """The oldest match whose SID no row holds, in the database or about to be.
+
+        Two unrecorded matches (the same text sent twice to one person, both answers lost)
+        cannot be told apart: each row takes the oldest one left, which is deterministic and
+        never resends, and the ambiguity is logged for an operator.
+        """
         if not found:
             return None
         recorded = store.recorded_sids(self.db, [message.sid for message in found])
         recorded.update(outcome.sid for outcome in self.outcomes if outcome.sid)
-        return next((message for message in found if message.sid not in recorded), None)
+        unrecorded = [message for message in found if message.sid not in recorded]
+        if len(unrecorded) > 1:
+            log.warning("several messages at Twilio match one notification", extra={
+                "action": "reconcile_ambiguous", "notification_id": str(row.id),
+                "sids": [message.sid for message in unrecorded], "taken": unrecorded[0].sid})
+        return unrecorded[0] if unrecorded else None
 
     def _log_reconciled(self, row: store.ClaimedRow, status: str, sid: str | None) -> None:
         metrics.DISPATCH_RECONCILED.labels("found" if status == "sent" else "not_found").inc()
@@ -521,10 +659,19 @@ class Dispatcher:
     # -- writing outcomes, losing and releasing senders ------------------------------------------
 
     def _flush_outcomes(self) -> None:
-        if self.outcomes:
-            # Kept until written: a lost connection retries them after the reconnect.
+        if not self.outcomes:
+            return
+        # Kept until written: a lost connection retries them after the reconnect.
+        try:
             store.record_outcomes(self.db, self.outcomes)
-            self.outcomes = []
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error as exc:  # one row's outcome: write the others, fail that one
+            failed = store.record_each(self.db, self.outcomes)
+            log.error("outcomes that could not be written marked failed", extra={
+                "action": "record_failed", "error": error_text(exc),
+                "notification_ids": [str(i) for i in failed]})
+        self.outcomes = []
 
     def _forget_senders(self) -> None:
         """The database went away, and our locks with it: another dispatcher may pace them now.
@@ -580,7 +727,8 @@ def _cost(row: store.ClaimedRow) -> int:
 
 def _outgoing(row: store.ClaimedRow, address: str) -> Outgoing:
     return Outgoing(to=row.to_phone_number, sender_address=address, body=row.body,
-                    media_url=tuple(row.media_url), media_token=row.media_token)
+                    media_url=tuple(row.media_url), media_token=row.media_token,
+                    notification_id=row.id, expire_datetime=row.expire_datetime)
 
 
 def run(settings: Settings, stop: StopSignal) -> None:

@@ -78,6 +78,12 @@ SENDERS_HELD = Gauge(
     "smsq_dispatch_senders_held", "Senders this dispatcher paces (holds the lock of)",
     registry=None,
 )
+SENDER_PAUSED = Gauge(
+    "smsq_sender_paused",
+    "1 while a sender is paused by an account-wide Twilio error (20003, 20404, 21611, 63038)",
+    ["sender", "reason"],
+    registry=None,
+)
 
 
 def serve_metrics(port: int, host: str, registry: CollectorRegistry) -> None:
@@ -147,7 +153,7 @@ def backlog_family(rows: list[tuple[str, str, int]]) -> GaugeMetricFamily:
 INGEST_METRICS = (MESSAGES_INGESTED, MESSAGES_DUPLICATE, MESSAGES_DEAD_LETTERED,
                   INGEST_BATCH_SECONDS, INGEST_BATCH_SIZE)
 DISPATCH_METRICS = (DISPATCH_SENDS, DISPATCH_RECONCILED, TWILIO_REQUEST_SECONDS, BUCKET_TOKENS,
-                    SENDERS_HELD)
+                    SENDERS_HELD, SENDER_PAUSED)
 SERVE_METRICS = (STATUS_CALLBACKS, MEDIA_REQUESTS, MEDIA_DELETED)
 
 

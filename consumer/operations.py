@@ -46,6 +46,44 @@ WHERE id = ANY(%(ids)s::uuid[]) AND publish_datetime <= now()
 GROUP BY sender
 """
 
+# A sent message whose delivery failed, sent again: its SID is kept as superseded (still
+# ours: reconciliation never takes it for the new send, and its late callbacks are known),
+# the row is pending again, due after `delay` seconds.
+_SEND_AGAIN = """
+WITH chosen AS (
+    SELECT n.id FROM notification n JOIN sms_notification s ON s.notification_id = n.id
+    WHERE n.id = ANY(%(ids)s::uuid[]) AND n.status = 'sent'
+      AND (%(delivery)s::text[] IS NULL OR s.delivery_status = ANY(%(delivery)s::text[]))
+    FOR UPDATE OF n
+), superseded AS (
+    INSERT INTO twilio_superseded_sid (sid, notification_id, delivery_status, error_code)
+    SELECT s.twilio_sid, s.notification_id, coalesce(%(delivery_status)s, s.delivery_status),
+           coalesce(%(error_code)s, s.error_code)
+    FROM chosen JOIN sms_notification s ON s.notification_id = chosen.id
+    WHERE s.twilio_sid IS NOT NULL
+    ON CONFLICT (sid) DO NOTHING
+), sms AS (
+    UPDATE sms_notification s
+    SET twilio_sid = NULL, delivery_status = NULL, segments = NULL, reconcile_checks = 0,
+        error_code = coalesce(%(error_code)s, s.error_code),
+        attempts = CASE WHEN %(fresh_attempts)s THEN 0 ELSE s.attempts END
+    FROM chosen WHERE s.notification_id = chosen.id
+)
+UPDATE notification n
+SET status = 'pending', status_message = %(message)s, sent_datetime = NULL,
+    retry_datetime = now() + make_interval(secs => %(delay)s)
+FROM chosen WHERE n.id = chosen.id
+RETURNING n.id
+"""
+
+_UNDELIVERED = """
+SELECT n.id FROM notification n JOIN sms_notification s ON s.notification_id = n.id
+WHERE n.status = 'sent' AND s.delivery_status IN ('undelivered', 'failed')
+  AND (%(ids)s::uuid[] IS NULL OR n.id = ANY(%(ids)s::uuid[]))
+  AND (%(error_code)s::int IS NULL OR s.error_code = %(error_code)s::int)
+  AND (%(since)s::timestamptz IS NULL OR n.created_datetime >= %(since)s::timestamptz)
+"""
+
 _CANCEL = """
 UPDATE notification
 SET status = 'canceled', status_message = %(reason)s
@@ -73,6 +111,37 @@ def retry(
         retried = [row[0] for row in conn.execute(_RETRY, params).fetchall()]
         conn.execute(_WAKE, {"ids": retried})
     return retried
+
+
+def send_again(conn: psycopg.Connection, ids: Sequence[uuid.UUID], message: str, *,
+               delay: float = 0.0, error_code: int | None = None,
+               delivery_status: str | None = None,
+               only_delivery: Sequence[str] | None = None,
+               fresh_attempts: bool = False) -> list[uuid.UUID]:
+    """Sent notifications back to pending, to be sent again; the ids that were.
+
+    Runs in the caller's transaction, and wakes the dispatchers at its commit.
+    """
+    rows = conn.execute(_SEND_AGAIN, {
+        "ids": list(ids), "message": message, "delay": delay, "error_code": error_code,
+        "delivery_status": delivery_status, "fresh_attempts": fresh_attempts,
+        "delivery": list(only_delivery) if only_delivery is not None else None}).fetchall()
+    again = [row[0] for row in rows]
+    conn.execute(_WAKE, {"ids": again})
+    return again
+
+
+def retry_undelivered(conn: psycopg.Connection, *, ids: Sequence[uuid.UUID] | None = None,
+                      error_code: int | None = None,
+                      since: datetime | None = None) -> list[uuid.UUID]:
+    """An operator sends again messages whose delivery failed (never done automatically but
+    for 30001 and 30022, which Twilio asks for); with a fresh set of attempts."""
+    params = {"ids": list(ids) if ids is not None else None, "error_code": error_code,
+              "since": since}
+    with conn.transaction():
+        chosen = [row[0] for row in conn.execute(_UNDELIVERED, params).fetchall()]
+        return send_again(conn, chosen, "sent again by an operator after a failed delivery",
+                          only_delivery=("undelivered", "failed"), fresh_attempts=True)
 
 
 def cancel(conn: psycopg.Connection, ids: Sequence[uuid.UUID],

@@ -12,7 +12,23 @@ from dataclasses import dataclass
 from typing import Literal
 
 TOO_MANY_REQUESTS = 20429
-QUEUE_FULL = 21611
+# Errors that say the account or the sender cannot send at all, whatever the message: bad
+# credentials or a suspended account (20003), a wrong account (20404), the sender's queue at
+# Twilio full (21611), the account's daily limit reached (63038). Erroring each row in turn
+# would drain the whole backlog into `errored`; the sender pauses instead.
+ACCOUNT_WIDE = {
+    20003: "account_auth",
+    20404: "account_not_found",
+    21611: "sender_queue_full",
+    63038: "daily_limit",
+}
+# How an unknown outcome is reconciled: ask Twilio after each of these delays (seconds); the
+# row goes back to pending only once every check found nothing, so a message Twilio is still
+# creating when a request timed out has time to show up in its lists.
+RECONCILE_DELAYS = (2.0, 4.0, 8.0)
+# Delivery failures after acceptance that Twilio asks senders to send again: queue overflow
+# (30001) and 10DLC throughput exceeded (30022).
+RESEND_AFTER_FAILURE = frozenset({30001, 30022})
 
 
 @dataclass(frozen=True)
@@ -42,10 +58,14 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class Decision:
+    """The row's status afterwards. `pause` names why the whole sender must pause (an
+    account-wide error): the row goes back to `pending` with no attempt counted."""
+
     status: Literal["sent", "pending", "errored", "processing", "failed"]
     retry_in: float | None = None
     error_code: int | None = None
     status_message: str = ""
+    pause: str | None = None
 
 
 def decide(attempt: TwilioAttempt, attempts: int, policy: RetryPolicy,
@@ -53,15 +73,41 @@ def decide(attempt: TwilioAttempt, attempts: int, policy: RetryPolicy,
     """The status after `attempt`, which was try number `attempts` (counting this one)."""
     if attempt.request_sent and attempt.http_status in (200, 201) and attempt.sid:
         return Decision("sent")
-    if _is_transient(attempt):
+    if not attempt.request_sent or _is_throttled(attempt):
         return _retry_or_give_up(attempt, attempts, policy, random)
+    pause = account_wide_reason(attempt)
+    if pause is not None:
+        return Decision("pending", error_code=attempt.error_code, pause=pause,
+                        status_message=f"sender paused: {describe(attempt)}")
     if attempt.http_status is not None and 400 <= attempt.http_status < 500:
         return Decision("errored", error_code=attempt.error_code,
                         status_message=attempt.error_message or f"HTTP {attempt.http_status}")
-    # No answer after sending, or an answer that is neither success nor error (a 2xx without a
-    # SID, a redirect from a proxy): Twilio may hold the message, so ask it before resending.
+    # A 5xx, no answer after sending, or an answer that is neither success nor error (a 2xx
+    # without a SID, a redirect from a proxy): Twilio may have created the message (its own
+    # page for 20500 says so), so ask it before anything is sent again.
     return Decision("processing", error_code=attempt.error_code,
                     status_message=f"outcome unknown ({describe(attempt)}); reconciling with Twilio")
+
+
+def account_wide_reason(attempt: TwilioAttempt) -> str | None:
+    """Why the whole sender must stop, or None when the error is about this message only."""
+    if attempt.error_code in ACCOUNT_WIDE:
+        return ACCOUNT_WIDE[attempt.error_code]
+    if attempt.http_status == 401:  # a proxy or an old API answering without Twilio's code
+        return ACCOUNT_WIDE[20003]
+    return None
+
+
+def pause_delay(pauses: int, policy: RetryPolicy,
+                random: Callable[[], float] = _random.random) -> float:
+    """How long a sender waits before it tries again after its `pauses`-th pause in a row."""
+    return backoff_delay(pauses, policy, None, random)
+
+
+def reconcile_next(checks_done: int) -> float | None:
+    """Seconds until the next reconciliation of an unknown outcome after `checks_done` checks
+    found nothing, or None when none is left: the row may be sent again."""
+    return RECONCILE_DELAYS[checks_done] if checks_done < len(RECONCILE_DELAYS) else None
 
 
 def backoff_delay(attempts: int, policy: RetryPolicy, retry_after: float | None,
@@ -70,8 +116,8 @@ def backoff_delay(attempts: int, policy: RetryPolicy, retry_after: float | None,
 
     Exponential (backoff, 2x, 4x ... capped at backoff_max) with "equal jitter": half the step
     is kept and the other half is random. Full jitter would spread retries a little wider, but
-    it can also retry at once, which is exactly wrong after a 429 or a 5xx: equal jitter keeps
-    the backoff growing while still scattering retries of a burst that failed together. Twilio's
+    it can also retry at once, which is exactly wrong after a 429: equal jitter keeps the
+    backoff growing while still scattering retries of a burst that failed together. Twilio's
     Retry-After, when given, is a floor: it knows better than our guess.
     """
     step = min(policy.backoff_max, policy.backoff * 2 ** (attempts - 1))
@@ -92,12 +138,10 @@ def describe(attempt: TwilioAttempt) -> str:
     return f"{text}: {attempt.error_message}" if attempt.error_message else text
 
 
-def _is_transient(attempt: TwilioAttempt) -> bool:
-    if not attempt.request_sent:
-        return True
-    status = attempt.http_status
-    return (status == 429 or attempt.error_code in (TOO_MANY_REQUESTS, QUEUE_FULL)
-            or (status is not None and status >= 500))
+def _is_throttled(attempt: TwilioAttempt) -> bool:
+    """Too many requests: nothing was created, and the same request may go again later."""
+    return attempt.http_status == 429 and attempt.error_code not in ACCOUNT_WIDE or (
+        attempt.error_code == TOO_MANY_REQUESTS)
 
 
 def _retry_or_give_up(attempt: TwilioAttempt, attempts: int, policy: RetryPolicy,

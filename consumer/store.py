@@ -259,12 +259,19 @@ def fold_counts(conn: psycopg.Connection) -> int:
 
 def sender_buckets(conn: psycopg.Connection) -> list[dict]:
     """Each sender's token bucket as its dispatcher last wrote it (table dispatch_sender),
-    and `tokens_now`: refilled at its rate since then, up to its capacity."""
+    and `tokens_now`: refilled at its rate since then, up to its capacity. A sender paused
+    by an account-wide error has `pause_reason`, `pause_message` and `paused_for_seconds`
+    (until its next try; negative while that try is on its way)."""
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(
             """SELECT *, least(capacity, tokens + rate * greatest(age_seconds, 0)) AS tokens_now
                FROM (SELECT sender, address, holder, tokens, rate, capacity, updated_datetime,
-                            extract(epoch FROM now() - updated_datetime)::float AS age_seconds
+                            extract(epoch FROM now() - updated_datetime)::float AS age_seconds,
+                            pause_reason, pause_message,
+                            -- a pause ends by its time even if nobody wrote since
+                            CASE WHEN pause_reason IS NOT NULL AND holder IS NOT NULL THEN
+                                 extract(epoch FROM paused_until - now())::float
+                            END AS paused_for_seconds
                      FROM dispatch_sender) b
                ORDER BY sender"""
         ).fetchall()

@@ -16,11 +16,13 @@ user:
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
+from uuid import UUID
 
 import requests
 import urllib3.exceptions
@@ -37,9 +39,15 @@ from consumer.settings import Settings
 # Without credentials (allowed only with a sandbox TWILIO_API_URL), the ones that
 # `smsq fake-twilio` accepts by default.
 SANDBOX_ACCOUNT_SID, SANDBOX_AUTH_TOKEN = FAKE_ACCOUNT_SID, FAKE_AUTH_TOKEN
-# Reconciliation looks this far before the claim, for clocks that disagree a little.
-CLOCK_SLACK = timedelta(seconds=60)
+# Reconciliation looks this far before the claim, for clocks that disagree a little (Twilio's
+# dates have whole seconds). Small on purpose: an earlier message with the same text must
+# not be taken for ours.
+CLOCK_SLACK = timedelta(seconds=5)
 RECONCILE_PAGE = 50
+# What a trial account puts before every body it sends.
+TRIAL_PREFIX = "Sent from your Twilio trial account - "
+# Twilio keeps a message in its queue at most this long (ValidityPeriod, error 21624).
+MAX_VALIDITY_SECONDS = 36_000
 # The library logs every request and its headers at INFO; not an smsq event.
 _HTTP_LOG = logging.getLogger("consumer.twilio_client.http")
 _HTTP_LOG.setLevel(logging.WARNING)
@@ -54,6 +62,8 @@ class Outgoing:
     body: str
     media_url: tuple[str, ...] = ()
     media_token: str | None = None  # hosted temporary media, served by `smsq serve`
+    notification_id: UUID | None = None  # named in the status callback URL
+    expire_datetime: datetime | None = None  # becomes ValidityPeriod
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,11 @@ class FoundMessage:
     sid: str
     segments: int | None
     date_created: datetime | None
+
+    @property
+    def order(self) -> tuple[datetime, str]:
+        """Oldest first, then by SID: the same answer however Twilio ordered its pages."""
+        return (self.date_created or datetime.max.replace(tzinfo=timezone.utc), self.sid)
 
 
 class MissingPublicUrl(Exception):
@@ -134,33 +149,28 @@ class TwilioSender:
                              segments=_int_or_none(created.num_segments))
 
     def find_sent(self, message: Outgoing, since: datetime) -> list[FoundMessage]:
-        """Messages Twilio holds for this recipient since `since` with this body and sender.
+        """Messages Twilio holds that may be `message`, created at or after `since`, oldest
+        first: to that number, from that sender, with exactly that body.
 
-        First the Messages list filtered by To and DateSent; if that finds nothing, the newest
-        messages to that number by creation date, because a message still queued at Twilio
-        has no DateSent yet. Several may match (the same text sent twice to one person): the
-        caller skips SIDs it has already recorded. Raises on network or API errors.
+        Two views of the Messages list, because neither alone sees every message: the one
+        filtered by DateSent (a GMT date, as Twilio documents it) finds messages sent since,
+        however many came after them; the unfiltered one, newest first, finds those still
+        queued, whose date_sent is null until Twilio sends them. The caller skips SIDs it has
+        recorded already. Raises on network or API errors.
         """
         after = since - CLOCK_SLACK
-        found = self._matching(message, after, date_sent_after=after.astimezone(timezone.utc))
-        return found or self._matching(message, after)
+        # A string: the library would write a date object as a datetime.
+        sent_since = after.astimezone(timezone.utc).date().isoformat()
+        found = {m.sid: m for m in self._matching(message, after, date_sent_after=sent_since)}
+        found.update((m.sid, m) for m in self._matching(message, after))
+        return sorted(found.values(), key=lambda m: m.order)
 
     def _matching(self, message: Outgoing, after: datetime, **filters) -> list[FoundMessage]:
+        if not message.sender_address.startswith("MG"):
+            filters["from_"] = message.sender_address
         listed = self.client.messages.list(to=message.to, limit=RECONCILE_PAGE, **filters)
         return [FoundMessage(m.sid, _int_or_none(m.num_segments), m.date_created)
-                for m in listed if self._matches(m, message, after)]
-
-    def _matches(self, candidate, message: Outgoing, after: datetime) -> bool:
-        created = candidate.date_created or candidate.date_sent
-        if created is not None and created < after:
-            return False
-        if message.sender_address.startswith("MG"):
-            same_sender = candidate.messaging_service_sid == message.sender_address
-        else:
-            same_sender = candidate.from_ == message.sender_address
-        # A trial account prefixes the body; the text we sent is still its end.
-        body = candidate.body or ""
-        return same_sender and (body == message.body or body.endswith(message.body))
+                for m in listed if _is_match(m, message, after)]
 
     def _create_params(self, message: Outgoing) -> dict:
         params: dict = {"to": message.to, "body": message.body}
@@ -176,7 +186,13 @@ class TwilioSender:
         if media:
             params["media_url"] = media
         if self.status_callback:
-            params["status_callback"] = self.status_callback
+            # Our id in the URL: a callback for a message whose create answer was lost
+            # still tells us which notification it is (serve records its SID).
+            params["status_callback"] = (f"{self.status_callback}?n={message.notification_id}"
+                                         if message.notification_id else self.status_callback)
+        validity = validity_period(message.expire_datetime, datetime.now(timezone.utc))
+        if validity is not None:
+            params["validity_period"] = validity
         return params
 
     def _retry_after(self) -> float | None:
@@ -186,6 +202,27 @@ class TwilioSender:
 
     def close(self) -> None:
         self.http.session.close()
+
+
+def validity_period(expire: datetime | None, now: datetime) -> int | None:
+    """Twilio's ValidityPeriod for a message that expires at `expire`: Twilio drops it from
+    its queue after that many seconds (whole, 1 to 36,000), instead of sending it late."""
+    if expire is None:
+        return None
+    seconds = math.ceil((expire - now).total_seconds())
+    return max(1, min(MAX_VALIDITY_SECONDS, seconds))
+
+
+def _is_match(candidate, message: Outgoing, after: datetime) -> bool:
+    created = candidate.date_created or candidate.date_sent
+    if created is None or created < after:
+        return False
+    if message.sender_address.startswith("MG"):
+        same_sender = candidate.messaging_service_sid == message.sender_address
+    else:
+        same_sender = candidate.from_ == message.sender_address
+    body = candidate.body or ""
+    return same_sender and body in (message.body, TRIAL_PREFIX + message.body)
 
 
 def _left_before_failure(exc: requests.RequestException) -> bool:

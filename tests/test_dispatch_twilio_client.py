@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import socket
+import time
+import uuid
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
+
+from types import SimpleNamespace
 
 import pytest
 from pydantic import AnyHttpUrl, SecretStr
@@ -12,19 +16,35 @@ from pydantic import AnyHttpUrl, SecretStr
 from consumer.outcomes import RetryPolicy, decide
 from consumer.settings import Settings
 from consumer.twilio_client import (
-    MissingPublicUrl, Outgoing, TwilioSender, _seconds_of_retry_after,
+    CLOCK_SLACK, MAX_VALIDITY_SECONDS, TRIAL_PREFIX, MissingPublicUrl, Outgoing, TwilioSender,
+    _seconds_of_retry_after, validity_period,
 )
 
 FROM = "+15005550006"
 TO = "+14155550123"
 
 
-def sender_for(fake, **changes) -> TwilioSender:
+class RecordingSender(TwilioSender):
+    """Keeps every request the twilio library built (method, params, form), to check them."""
+
+    def __init__(self, settings: Settings, pool_size: int) -> None:
+        super().__init__(settings, pool_size)
+        self.http.requests = []
+        request = self.http.request
+
+        def recording(method, url, params=None, data=None, *args, **kwargs):
+            self.http.requests.append(SimpleNamespace(method=method, params=params or {},
+                                                      data=data or {}))
+            return request(method, url, params, data, *args, **kwargs)
+        self.http.request = recording
+
+
+def sender_for(fake, **changes) -> RecordingSender:
     settings = Settings(_env_file=None, twilio_api_url=AnyHttpUrl(fake.url),
                         twilio_account_sid=fake.account_sid,
                         twilio_auth_token=SecretStr(fake.auth_token),
                         smsq_twilio_read_timeout=1.0, **changes)
-    return TwilioSender(settings, pool_size=4)
+    return RecordingSender(settings, pool_size=4)
 
 
 def test_an_accepted_message_gives_its_sid_and_segments(fake_twilio):
@@ -89,6 +109,65 @@ def test_find_sent_matches_recipient_body_and_sender_even_while_queued(fake_twil
     [found] = twilio.find_sent(Outgoing(TO, FROM, "your code is 1"), since)
     assert found.sid == sent.sid and found.segments == 1
     assert twilio.find_sent(Outgoing(TO, FROM, "never sent"), since) == []
+
+
+def test_find_sent_takes_only_the_exact_body_from_that_sender_after_the_claim(fake_twilio):
+    twilio = sender_for(fake_twilio)
+    earlier = twilio.send(Outgoing(TO, FROM, "your code is 1"))  # before the claim
+    time.sleep(CLOCK_SLACK.total_seconds() + 1.1)  # Twilio's dates have whole seconds
+    since = datetime.now(timezone.utc)
+    for body in ("Your code is 1", "xyour code is 1", "your code is 1 ", "code is 1"):
+        twilio.send(Outgoing(TO, FROM, body))  # another application's, or another text
+    assert twilio.find_sent(Outgoing(TO, FROM, "your code is 1"), since) == []
+    first = twilio.send(Outgoing(TO, FROM, "your code is 1"))
+    second = twilio.send(Outgoing(TO, FROM, "your code is 1"))
+    found = twilio.find_sent(Outgoing(TO, FROM, "your code is 1"), since)
+    assert earlier.sid not in [f.sid for f in found]
+    assert {f.sid for f in found} == {first.sid, second.sid}
+
+
+def test_find_sent_accepts_the_trial_accounts_prefix(fake_twilio):
+    twilio = sender_for(fake_twilio)
+    since = datetime.now(timezone.utc)
+    trial = twilio.send(Outgoing(TO, FROM, TRIAL_PREFIX + "hello"))
+    assert [f.sid for f in twilio.find_sent(Outgoing(TO, FROM, "hello"), since)] == [trial.sid]
+
+
+def test_find_sent_asks_for_messages_sent_since_a_gmt_date(fake_twilio):
+    """Twilio documents DateSent as a GMT date; the library would write a datetime."""
+    twilio = sender_for(fake_twilio)
+    since = datetime(2026, 12, 2, 0, 30, tzinfo=timezone(timedelta(hours=2)))
+    twilio.find_sent(Outgoing(TO, FROM, "hello"), since)
+    asked = [request.params for request in fake_list_requests(twilio)]
+    assert {"To": TO, "From": FROM, "DateSent>": "2026-12-01", "PageSize": 50} in asked
+    assert any("DateSent>" not in params for params in asked)  # the queued ones too
+
+
+def fake_list_requests(twilio: TwilioSender) -> list:
+    return [request for request in twilio.http.requests if request.method == "GET"]
+
+
+def test_validity_period_follows_expire_datetime_within_twilios_range() -> None:
+    now = datetime(2026, 12, 2, 12, 0, tzinfo=timezone.utc)
+    assert validity_period(None, now) is None
+    assert validity_period(now + timedelta(minutes=10), now) == 600
+    assert validity_period(now + timedelta(seconds=0.2), now) == 1
+    assert validity_period(now - timedelta(seconds=5), now) == 1
+    assert validity_period(now + timedelta(days=3), now) == MAX_VALIDITY_SECONDS == 36_000
+
+
+def test_the_request_carries_validity_period_and_our_id_in_the_callback(fake_twilio):
+    twilio = sender_for(fake_twilio, smsq_public_url=AnyHttpUrl("https://smsq.example.com"))
+    notification_id = uuid.uuid4()
+    expire = datetime.now(timezone.utc) + timedelta(minutes=10)
+    twilio.send(Outgoing(TO, FROM, "hello", notification_id=notification_id,
+                         expire_datetime=expire))
+    [request] = [r for r in twilio.http.requests if r.method == "POST"]
+    assert 590 <= int(request.data["ValidityPeriod"]) <= 600
+    assert request.data["StatusCallback"] == (
+        f"https://smsq.example.com/twilio/status?n={notification_id}")
+    twilio.send(Outgoing(TO, FROM, "no expiry"))
+    assert "ValidityPeriod" not in [r for r in twilio.http.requests if r.method == "POST"][-1].data
 
 
 def test_find_sent_through_a_messaging_service(fake_twilio):

@@ -12,9 +12,12 @@ from consumer.outcomes import (
     Decision,
     RetryPolicy,
     TwilioAttempt,
+    RECONCILE_DELAYS,
     backoff_delay,
     decide,
     describe,
+    pause_delay,
+    reconcile_next,
 )
 
 POLICY = RetryPolicy(max_attempts=10, backoff=5, backoff_max=600)
@@ -38,12 +41,6 @@ TRANSIENT = [
     pytest.param(TwilioAttempt(True, 429, 20429, "Too Many Requests"), id="429-20429"),
     pytest.param(TwilioAttempt(True, 429, None, None), id="429-no-code"),
     pytest.param(TwilioAttempt(True, 400, 20429, "Too Many Requests"), id="20429-as-400"),
-    pytest.param(TwilioAttempt(True, 400, 21611, "This 'From' number has exceeded the maximum "
-                               "number of queued messages"), id="21611-queue-full"),
-    pytest.param(TwilioAttempt(True, 500, 20500, "Internal Server Error"), id="500"),
-    pytest.param(TwilioAttempt(True, 502), id="502"),
-    pytest.param(TwilioAttempt(True, 503, None, "Service Unavailable"), id="503"),
-    pytest.param(TwilioAttempt(True, 504), id="504"),
     pytest.param(TwilioAttempt(request_sent=False), id="not-sent"),
 ]
 
@@ -80,10 +77,8 @@ REJECTED = [
     (400, 21602, "Message body is required."),
     (400, 21603, "A 'From' phone number is required."),
     (400, 21604, "A 'To' phone number is required."),
-    (401, 20003, "Authenticate"),
-    (403, 20003, "Permission Denied"),
-    (404, 20404, "The requested resource was not found"),
     (400, None, None),
+    (403, None, "Forbidden"),
 ]
 
 
@@ -100,6 +95,12 @@ def test_other_4xx_are_errored_at_once_with_twilios_code_and_message(
     pytest.param(TwilioAttempt(request_sent=True), id="timeout-after-send"),
     pytest.param(TwilioAttempt(True, 201, sid=None), id="201-without-sid"),
     pytest.param(TwilioAttempt(True, 302), id="redirect"),
+    # Twilio's page for 20500: sending is not idempotent, a 500 may have created it.
+    pytest.param(TwilioAttempt(True, 500, 20500, "Internal Server Error"), id="500"),
+    pytest.param(TwilioAttempt(True, 502), id="proxy-502"),
+    pytest.param(TwilioAttempt(True, 503, 20503, "Service Unavailable"), id="503"),
+    pytest.param(TwilioAttempt(True, 504), id="proxy-504"),
+    pytest.param(TwilioAttempt(True, 599), id="any-5xx"),
 ])
 def test_unknown_outcomes_stay_processing_and_are_reconciled(attempt: TwilioAttempt) -> None:
     for attempts in (1, POLICY.max_attempts, POLICY.max_attempts + 5):
@@ -107,6 +108,46 @@ def test_unknown_outcomes_stay_processing_and_are_reconciled(attempt: TwilioAtte
         assert decision.status == "processing"
         assert decision.retry_in is None
         assert decision.status_message.startswith("outcome unknown")
+
+
+ACCOUNT_WIDE = [
+    pytest.param(TwilioAttempt(True, 401, 20003, "Authenticate"), "account_auth", id="20003"),
+    pytest.param(TwilioAttempt(True, 403, 20003, "Permission Denied"), "account_auth",
+                 id="20003-403"),
+    pytest.param(TwilioAttempt(True, 401), "account_auth", id="401-no-code"),
+    pytest.param(TwilioAttempt(True, 404, 20404, "The requested resource was not found"),
+                 "account_not_found", id="20404"),
+    pytest.param(TwilioAttempt(True, 400, 21611, "This 'From' number has exceeded the maximum "
+                               "number of queued messages"), "sender_queue_full", id="21611"),
+    pytest.param(TwilioAttempt(True, 429, 63038, "Account exceeded the daily messages limit"),
+                 "daily_limit", id="63038"),
+]
+
+
+@pytest.mark.parametrize(("attempt", "reason"), ACCOUNT_WIDE)
+def test_account_wide_errors_pause_the_sender_and_count_no_attempt(
+        attempt: TwilioAttempt, reason: str) -> None:
+    # Even past the last attempt: the backlog is never drained into errored.
+    for attempts in (1, POLICY.max_attempts, POLICY.max_attempts + 5):
+        decision = decide(attempt, attempts, POLICY)
+        assert decision.status == "pending"
+        assert decision.pause == reason
+        assert decision.retry_in is None
+        assert decision.error_code == attempt.error_code
+        assert decision.status_message == f"sender paused: {describe(attempt)}"
+
+
+def test_pauses_grow_from_the_retry_backoff_up_to_its_cap() -> None:
+    assert [pause_delay(n, POLICY, no_jitter) for n in (1, 2, 3)] == [2.5, 5, 10]
+    assert pause_delay(30, POLICY, full_jitter) == POLICY.backoff_max
+
+
+def test_an_unknown_outcome_is_checked_a_few_times_before_it_may_be_sent_again() -> None:
+    assert RECONCILE_DELAYS[0] <= 5  # seconds, not the lease
+    delays = [reconcile_next(checks) for checks in range(len(RECONCILE_DELAYS) + 1)]
+    assert delays[:-1] == list(RECONCILE_DELAYS)
+    assert delays[-1] is None
+    assert list(RECONCILE_DELAYS) == sorted(RECONCILE_DELAYS)
 
 
 @pytest.mark.parametrize(("attempts", "low", "high"), [
@@ -134,7 +175,7 @@ def test_decide_honours_retry_after() -> None:
 
 
 def test_jitter_spreads_retries_of_a_burst() -> None:
-    delays = {decide(TwilioAttempt(True, 503), 3, POLICY).retry_in for _ in range(50)}
+    delays = {decide(TwilioAttempt(True, 429), 3, POLICY).retry_in for _ in range(50)}
     assert len(delays) > 1
     assert all(10 <= d <= 20 for d in delays)
 

@@ -55,6 +55,17 @@ def render_senders(senders: list[dict]) -> list[str]:
     if not senders:
         return ["senders: no dispatcher has paced one yet"]
     rows = [(s["address"] or "(default)", round(s["tokens_now"], 2), s["rate"], s["capacity"],
-             s["holder"], f"{s['age_seconds']:.0f} s ago") for s in senders]
-    return [render_table(["sender", "tokens", "rate/s", "burst", "paced by", "updated"], rows)]
+             s["holder"], f"{s['age_seconds']:.0f} s ago", _pause_text(s)) for s in senders]
+    lines = [render_table(["sender", "tokens", "rate/s", "burst", "paced by", "updated",
+                           "paused"], rows)]
+    lines.extend(f"paused {s['address'] or '(default)'}: {s['pause_message']}"
+                 for s in senders if s["pause_reason"])
+    return lines
+
+
+def _pause_text(sender: dict) -> str:
+    if not sender["pause_reason"]:
+        return "-"
+    wait = max(0.0, sender["paused_for_seconds"] or 0.0)
+    return f"{sender['pause_reason']}, next try in {wait:.0f} s"
 

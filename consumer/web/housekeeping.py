@@ -45,9 +45,9 @@ def fold_counts(pool: ConnectionPool) -> int:
         return status_store.fold_counts(conn)
 
 
-def apply_early_receipts(pool: ConnectionPool) -> int:
+def apply_early_receipts(pool: ConnectionPool, resend: receipts.ResendPolicy) -> int:
     with pool.connection() as conn:
-        return receipts.apply_early_receipts(conn)
+        return receipts.apply_early_receipts(conn, resend)
 
 
 async def every(seconds: float, job: Callable[..., object], *args: object) -> None:
@@ -65,5 +65,6 @@ def start(pool: ConnectionPool, settings: Settings) -> list[asyncio.Task]:
         asyncio.create_task(every(settings.smsq_media_cleanup_seconds, delete_expired_media,
                                   pool, settings.smsq_media_grace_seconds)),
         asyncio.create_task(every(status_store.FOLD_COUNTS_EVERY_SECONDS, fold_counts, pool)),
-        asyncio.create_task(every(EARLY_RECEIPT_SECONDS, apply_early_receipts, pool)),
+        asyncio.create_task(every(EARLY_RECEIPT_SECONDS, apply_early_receipts, pool,
+                                  receipts.resend_policy(settings))),
     ]

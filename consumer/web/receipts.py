@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+import uuid
+from dataclasses import dataclass
 
 import psycopg
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from twilio.request_validator import RequestValidator
 
+from consumer import operations
 from consumer.metrics import STATUS_CALLBACKS
+from consumer.outcomes import RESEND_AFTER_FAILURE
 from consumer.settings import Settings
 from consumer.web import auth, db, delivery, store
 
@@ -23,7 +27,21 @@ _CALLBACK_MESSAGES = {
     "stale": "status callback older than what is recorded, ignored",
     "ignored": "status callback with a status smsq does not track, ignored",
     "unknown_sid": "status callback for an unknown SID, kept a day in case it is being recorded",
+    "adopted": "status callback named a notification whose create answer was lost: its SID "
+               "is recorded, the message is sent",
+    "superseded": "status callback for a message that was sent again since, ignored",
+    "resend": "Twilio failed the message after accepting it and asks for it again: back to "
+              "pending",
 }
+
+
+@dataclass(frozen=True)
+class ResendPolicy:
+    """What a failed 30001 / 30022 callback may do: send again after `delay` seconds, while
+    the notification has used fewer than `max_attempts`."""
+
+    max_attempts: int
+    delay: float
 
 
 def signed_url(settings: Settings, request: Request) -> str:
@@ -45,31 +63,48 @@ def signature_is_valid(settings: Settings, request: Request, form: object) -> bo
 
 
 def record(conn: psycopg.Connection, twilio_sid: str, status: str, error_code: int | None,
-           park_unknown: bool = True) -> tuple[str, object]:
+           park_unknown: bool = True, notification_hint: uuid.UUID | None = None,
+           resend: ResendPolicy | None = None) -> tuple[str, object]:
     """Apply one callback; (outcome, notification id). Locks the row: repeats serialise.
 
     A SID not recorded yet may be one the dispatcher is about to commit: the receipt is
-    parked, and `apply_early_receipts` applies it once the SID shows up.
+    parked, and `apply_early_receipts` applies it once the SID shows up. When the callback
+    URL named our notification (`notification_hint`) and that one has no SID yet, the create
+    answer was lost: the SID is recorded there and then, and nothing is sent twice.
     """
     with conn.transaction():
-        found = store.lock_delivery_status(conn, twilio_sid)
+        found, adopted = store.lock_delivery_status(conn, twilio_sid), False
+        if found is None:
+            superseded = store.superseded_by(conn, twilio_sid)
+            if superseded is not None:
+                return "superseded", superseded
+            if notification_hint is not None:
+                found = store.adopt_sid(conn, notification_hint, twilio_sid)
+                adopted = found is not None
         if found is None:
             if park_unknown:
                 store.park_early_receipt(conn, twilio_sid, status, error_code)
             return "unknown_sid", None
-        notification_id, current = found
+        notification_id, current, attempts = found
         if not delivery.moves_forward(current, status):
             return "stale", notification_id
+        if (status == "failed" and error_code in RESEND_AFTER_FAILURE and resend is not None
+                and attempts < resend.max_attempts):
+            operations.send_again(
+                conn, [notification_id], f"Twilio failed it after accepting it (error "
+                f"{error_code}) and asks for it again: sending again", delay=resend.delay,
+                error_code=error_code, delivery_status="failed")
+            return "resend", notification_id
         store.set_delivery_status(conn, notification_id, status, error_code)
-        return "applied", notification_id
+        return "adopted" if adopted else "applied", notification_id
 
 
-def apply_early_receipts(conn: psycopg.Connection) -> int:
+def apply_early_receipts(conn: psycopg.Connection, resend: ResendPolicy | None = None) -> int:
     """Apply parked receipts whose SID is now known (in arrival order); how many applied."""
     parked = store.early_receipts_now_known(conn)
     for _, twilio_sid, status, error_code in parked:
         outcome, notification_id = record(conn, twilio_sid, status, error_code,
-                                          park_unknown=False)
+                                          park_unknown=False, resend=resend)
         log.info("early status callback applied", extra={
             "action": "status_callback_early", "outcome": outcome, "twilio_sid": twilio_sid,
             "notification_id": notification_id})
@@ -96,12 +131,26 @@ async def status_callback(request: Request) -> Response:
         outcome, notification_id = "ignored", None
     else:
         code = delivery.error_code_of(form.get("ErrorCode"))
-        outcome, notification_id = await db.run(request, record, twilio_sid, status, code)
+        outcome, notification_id = await db.run(
+            request, record, twilio_sid, status, code, True, _hint(request),
+            resend_policy(settings))
     STATUS_CALLBACKS.labels(outcome).inc()
-    level = logging.WARNING if outcome == "unknown_sid" else logging.INFO
+    level = logging.WARNING if outcome in ("unknown_sid", "resend") else logging.INFO
     log.log(level, _CALLBACK_MESSAGES[outcome],
             extra={"action": "status_callback", "outcome": outcome, "twilio_sid": twilio_sid,
                    "twilio_status": twilio_status, "notification_id": notification_id,
                    "error_code": form.get("ErrorCode") or None})
     # Twilio only needs a 2xx; the body is ignored.
     return Response(status_code=200)
+
+
+def resend_policy(settings: Settings) -> ResendPolicy:
+    return ResendPolicy(settings.smsq_max_attempts, settings.smsq_retry_backoff)
+
+
+def _hint(request: Request) -> uuid.UUID | None:
+    """The notification id smsq put in the StatusCallback URL (`?n=`), if well formed."""
+    try:
+        return uuid.UUID(request.query_params.get("n") or "")
+    except ValueError:
+        return None

@@ -17,11 +17,45 @@ from psycopg.rows import dict_row
 
 
 def lock_delivery_status(conn: psycopg.Connection,
-                         twilio_sid: str) -> tuple[uuid.UUID, str | None] | None:
-    """(notification id, delivery_status) of the message with this SID, locked; None if unknown."""
+                         twilio_sid: str) -> tuple[uuid.UUID, str | None, int] | None:
+    """(notification id, delivery_status, attempts) of the message with this SID, locked;
+    None if unknown."""
     return conn.execute(
-        """SELECT notification_id, delivery_status FROM sms_notification
+        """SELECT notification_id, delivery_status, attempts FROM sms_notification
            WHERE twilio_sid = %s FOR UPDATE""", (twilio_sid,)).fetchone()
+
+
+def superseded_by(conn: psycopg.Connection, twilio_sid: str) -> uuid.UUID | None:
+    """The notification that had this SID before it was sent again, if any."""
+    row = conn.execute("SELECT notification_id FROM twilio_superseded_sid WHERE sid = %s",
+                       (twilio_sid,)).fetchone()
+    return row[0] if row else None
+
+
+# Only a notification still waiting for its outcome (processing, or put back to pending by a
+# reconciliation that did not see the message yet) and without a SID takes one this way.
+_ADOPT_SID = """
+WITH n AS (
+    UPDATE notification n
+    SET status = 'sent', sent_datetime = now(), status_message = '',
+        claimed_by = NULL, claimed_datetime = NULL, lease_expire_datetime = NULL,
+        retry_datetime = NULL
+    FROM sms_notification s
+    WHERE n.id = %(id)s AND s.notification_id = n.id AND s.twilio_sid IS NULL
+      AND n.status IN ('processing', 'pending')
+    RETURNING n.id
+)
+UPDATE sms_notification s SET twilio_sid = %(sid)s, reconcile_checks = 0
+FROM n WHERE s.notification_id = n.id
+RETURNING s.notification_id, s.delivery_status, s.attempts
+"""
+
+
+def adopt_sid(conn: psycopg.Connection, notification_id: uuid.UUID,
+              twilio_sid: str) -> tuple[uuid.UUID, str | None, int] | None:
+    """Record `twilio_sid` as the message of a notification whose create answer was lost;
+    (id, delivery status, attempts) as lock_delivery_status, or None when it cannot be."""
+    return conn.execute(_ADOPT_SID, {"id": notification_id, "sid": twilio_sid}).fetchone()
 
 
 def set_delivery_status(conn: psycopg.Connection, notification_id: uuid.UUID, status: str,
