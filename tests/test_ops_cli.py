@@ -103,6 +103,24 @@ def test_retry_by_filter_touches_only_the_matching_rows(smsq, db):
         "pending", "errored", "errored", "failed"]
 
 
+def test_retry_undelivered_sends_again_only_sent_ones_whose_delivery_failed(smsq, db):
+    undelivered, delivered, errored = insert(db, "sent"), insert(db, "sent"), insert(db, "errored")
+    for notification_id, sid, delivery in ((undelivered, "SM" + "1" * 32, "undelivered"),
+                                           (delivered, "SM" + "2" * 32, "delivered")):
+        db.execute("UPDATE sms_notification SET twilio_sid = %s, delivery_status = %s, "
+                   "error_code = 30003 WHERE notification_id = %s",
+                   (sid, delivery, notification_id))
+    code, out = smsq("retry", "--undelivered", str(undelivered), str(delivered), str(errored),
+                     "--json")
+    assert code == 1
+    assert json.loads(out) == {"retried": [str(undelivered)],
+                               "not_retried": [str(delivered), str(errored)]}
+    assert [status_of(db, i) for i in (undelivered, delivered, errored)] == [
+        "pending", "sent", "errored"]
+    with pytest.raises(UsageError, match="--status does not apply"):
+        smsq("retry", "--undelivered", "--status", "errored", "--all")
+
+
 def test_retry_by_id_and_all(smsq, db):
     first, second, sent = insert(db, "failed"), insert(db, "errored"), insert(db, "sent")
     code, out = smsq("retry", str(first))
