@@ -23,8 +23,6 @@ One thread runs the loop and owns the two database connections; it never waits o
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import math
 import os
@@ -33,7 +31,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from uuid import UUID
 
@@ -41,16 +39,16 @@ import psycopg
 
 from consumer import dispatch_store as store
 from consumer import metrics
-from consumer.bucket import TokenBucket
 from consumer.outcomes import (
+    ACCOUNT_WIDE,
     RECONCILE_DELAYS,
     Decision,
     RetryPolicy,
     TwilioAttempt,
     decide,
-    pause_delay,
     reconcile_next,
 )
+from consumer.scheduler import ALL_RANKS, Expire, Paused, Resumed, Scheduler, Send, Sender
 from consumer.segments import cost_of
 from consumer.settings import Settings
 from consumer.logs import error_text
@@ -69,9 +67,6 @@ HORIZON_SECONDS = 2.0  # claim about this much of a sender's sending at a time
 PACING_MARGIN = 0.01
 SHUTDOWN_GRACE_SECONDS = 5.0  # wait this long for requests on the wire at SIGTERM
 MAX_BACKOFF_SECONDS = 10.0
-# A row due already but not claimable (locked by an operator's transaction) is looked at
-# again after this, not in a busy loop.
-MIN_WAKE_SECONDS = 0.05
 
 
 def paced_senders(settings: Settings) -> dict[str, str]:
@@ -83,34 +78,6 @@ def paced_senders(settings: Settings) -> dict[str, str]:
     for number in settings.extra_senders:
         senders[number] = number
     return senders
-
-
-@dataclass
-class Sender:
-    """One paced sender while this process holds its lock."""
-
-    key: str
-    address: str
-    bucket: TokenBucket
-    queue: list = field(default_factory=list)  # heap of (rank, publish, seq, ClaimedRow)
-    maybe_due: bool = True  # rows may be due that are not claimed yet
-    wake_at: float | None = None  # monotonic time when the next scheduled row becomes due
-    notified_rank: int | None = None  # best priority announced since the last claim
-    paused_until: float = 0.0  # after a 429 with Retry-After, or an account-wide error
-    pause_reason: str | None = None  # the account-wide error that paused it, until resumed
-    pause_message: str = ""
-    pauses: int = 0  # account-wide pauses in a row: each waits longer
-    in_flight: int = 0  # requests of this sender on the wire
-
-    def worst_rank(self) -> int:
-        return max(entry[0] for entry in self.queue)
-
-    def paused(self, now: float) -> bool:
-        return now < self.paused_until
-
-    def may_release(self, now: float) -> bool:
-        """After an account-wide pause, one request probes the account before the others."""
-        return not self.paused(now) and (self.pause_reason is None or self.in_flight == 0)
 
 
 @dataclass
@@ -189,23 +156,27 @@ class Dispatcher:
         self.stop = stop
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
         self.addresses = paced_senders(settings)
-        self.policy = RetryPolicy(settings.smsq_max_attempts, settings.smsq_retry_backoff,
-                                  settings.smsq_retry_backoff_max)
+        policy = RetryPolicy(settings.smsq_max_attempts, settings.smsq_retry_backoff,
+                             settings.smsq_retry_backoff_max)
+        self.policy = policy
         self.lease = settings.smsq_lease_seconds
         self.concurrency = settings.smsq_dispatch_concurrency
-        self.in_hand_target = max(1, min(settings.twilio_sms_batch_size, math.ceil(
+        in_hand_target = max(1, min(settings.twilio_sms_batch_size, math.ceil(
             settings.twilio_sms_rate * HORIZON_SECONDS + settings.smsq_burst)))
+        self.scheduler = Scheduler(settings.twilio_sms_rate * (1 - PACING_MARGIN),
+                                   settings.smsq_burst, in_hand_target, policy, _cost)
         self.twilio = TwilioSender(settings, self.concurrency)
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.pool = WorkerPool(self.concurrency, self.events)
-        self.held: dict[str, Sender] = {}
         self.in_flight: dict[UUID, store.ClaimedRow] = {}  # sends and reconciliations
         self.outcomes: list[store.Outcome] = []
         self.lock_db: psycopg.Connection | None = None
         self.db: psycopg.Connection | None = None
-        self.sequence = itertools.count()  # heap tie-breaker
-        self.turn = 0
         self.next_tick = self.next_poll = self.next_renew = self.next_fold = 0.0
+
+    @property
+    def held(self) -> dict[str, Sender]:
+        return self.scheduler.senders
 
     # -- the outer loop: connect, dispatch, reconnect ------------------------------------------
 
@@ -265,10 +236,10 @@ class Dispatcher:
             now = time.monotonic()
             if now >= self.next_tick:
                 self._tick(now)
-            self._claim_where_needed(now)
+            self._claim_where_needed()
             self._release_ready()
             self._flush_outcomes()
-            self._wait_for_events(self._next_wake(now) - time.monotonic())
+            self._wait_for_events(self._next_wake() - time.monotonic())
 
     # -- every second: senders, buckets, leases -------------------------------------------------
 
@@ -288,13 +259,10 @@ class Dispatcher:
             fold_counts(self.db)
         if now >= self.next_poll:  # the fallback, should a notification ever be missed
             self.next_poll = now + self.settings.smsq_dispatch_poll_seconds
-            for sender in self.held.values():
-                sender.maybe_due = True
+            self.scheduler.announce_all()
 
     def _take_over(self, key: str) -> None:
-        bucket = TokenBucket(self.settings.twilio_sms_rate * (1 - PACING_MARGIN),
-                             self.settings.smsq_burst)
-        self.held[key] = Sender(key, self.addresses[key], bucket)
+        self.scheduler.take(key, self.addresses[key])
         metrics.SENDERS_HELD.set(len(self.held))
         log.info("pacing sender", extra={"action": "sender_acquired", "sender": key or "default",
                                          "holder": self.holder})
@@ -307,95 +275,49 @@ class Dispatcher:
         for sender in self.held.values():
             tokens = sender.bucket.tokens
             metrics.BUCKET_TOKENS.labels(sender.key or "default").set(tokens)
-            paused_for = (sender.paused_until - now if sender.pause_reason and holder
-                          else None)
+            paused = sender.pause_reason is not None and holder is not None
             rows.append((sender.key, sender.address, holder, tokens,
-                         self.settings.twilio_sms_rate, sender.bucket.capacity, paused_for,
-                         sender.pause_reason if holder else None,
-                         sender.pause_message if holder else None))
+                         self.settings.twilio_sms_rate, sender.bucket.capacity,
+                         sender.paused_until - now if paused else None,
+                         sender.pause_reason if paused else None,
+                         sender.pause_message if paused else None))
         store.save_buckets(self.db, rows)
 
-    def _queued_ids(self) -> list[UUID]:
-        return [entry[-1].id for sender in self.held.values() for entry in sender.queue]
-
     def _claimed_ids(self) -> list[UUID]:
-        return self._queued_ids() + list(self.in_flight)
+        return self.scheduler.queued_ids() + list(self.in_flight)
 
-    # -- claiming -------------------------------------------------------------------------------
+    # -- claiming and releasing, as the scheduler says ----------------------------------------
 
-    def _claim_where_needed(self, now: float) -> None:
-        for sender in self.held.values():
-            if sender.wake_at is not None and now >= sender.wake_at:
-                sender.maybe_due, sender.wake_at = True, None
-            if not sender.maybe_due:
+    def _claim_where_needed(self) -> None:
+        for request in self.scheduler.claims():
+            try:
+                claim = store.claim_due(self.db, request.sender, self.holder, request.limit,
+                                        self.lease, request.max_rank)
+            except psycopg.DataError as exc:
+                self._fail_unloadable(request.sender, exc)
                 continue
-            if sender.paused(now):  # its rows stay pending, claimable by nobody else anyway
-                sender.wake_at = sender.paused_until
-                continue
-            if len(sender.queue) <= self.in_hand_target // 2:
-                self._claim(sender, self.in_hand_target - len(sender.queue), max_rank=2)
-            elif sender.notified_rank is not None and sender.notified_rank < sender.worst_rank():
-                self._claim(sender, self.in_hand_target, max_rank=sender.worst_rank() - 1)
-                self._hand_back_surplus(sender)
-            sender.notified_rank = None
+            surplus = self.scheduler.claimed(request, claim.rows, claim.drained,
+                                             claim.next_due_in)
+            store.release_unsent(self.db, surplus, self.holder)
 
-    def _claim(self, sender: Sender, limit: int, max_rank: int) -> None:
-        try:
-            claim = store.claim_due(self.db, sender.key, self.holder, limit, self.lease,
-                                    max_rank)
-        except psycopg.DataError as exc:
-            failed = store.fail_unloadable(self.db, sender.key)
-            log.error("rows no claim can load marked failed", extra={
-                "action": "claim_unloadable", "sender": sender.key or "default",
-                "notification_ids": [str(i) for i in failed], "error": error_text(exc)})
-            if not failed:
-                raise
-            return  # claimed again at once: maybe_due is still set
-        for row in claim.rows:
-            heapq.heappush(sender.queue, (row.priority_rank, row.publish_datetime,
-                                          next(self.sequence), row))
-        if claim.drained:
-            # Sleep until the next scheduled row (or a notification) instead of polling.
-            sender.maybe_due = False
-            sender.wake_at = (None if claim.next_due_in is None
-                              else time.monotonic() + max(claim.next_due_in, MIN_WAKE_SECONDS))
-
-    def _hand_back_surplus(self, sender: Sender) -> None:
-        if len(sender.queue) <= self.in_hand_target:
-            return
-        ordered = sorted(sender.queue)
-        sender.queue = ordered[:self.in_hand_target]  # a sorted list is a heap
-        store.release_unsent(self.db, [entry[-1].id for entry in ordered[self.in_hand_target:]],
-                             self.holder)
-
-    # -- releasing, as the buckets allow --------------------------------------------------------
+    def _fail_unloadable(self, key: str, exc: psycopg.DataError) -> None:
+        failed = store.fail_unloadable(self.db, key)
+        log.error("rows no claim can load marked failed", extra={
+            "action": "claim_unloadable", "sender": key or "default",
+            "notification_ids": [str(i) for i in failed], "error": error_text(exc)})
+        if not failed:
+            raise exc
+        self.scheduler.announce(key, ALL_RANKS)  # claimed again at once, without them
 
     def _release_ready(self) -> None:
-        senders = list(self.held.values())
-        self.turn = (self.turn + 1) % max(1, len(senders))
-        for sender in senders[self.turn:] + senders[:self.turn]:  # no sender always first
-            self._release_from(sender)
-
-    def _release_from(self, sender: Sender) -> None:
-        while sender.queue and len(self.in_flight) < self.concurrency:
-            row = sender.queue[0][-1]
-            try:
-                if row.expire_datetime is not None and row.expire_datetime <= _utcnow():
-                    heapq.heappop(sender.queue)
-                    self._expire(row)
-                    continue
-                if not sender.may_release(time.monotonic()):
-                    return
-                if not sender.bucket.try_take(_cost(row)):
-                    return
-            except Exception as exc:  # noqa: BLE001 - one row smsq cannot handle
-                heapq.heappop(sender.queue)
-                self._fail(row, exc)
-                continue
-            heapq.heappop(sender.queue)
-            self.in_flight[row.id] = row
-            sender.in_flight += 1
-            self.pool.submit(self._send, sender.address, row)
+        for action in self.scheduler.releases(self.concurrency - len(self.in_flight)):
+            if isinstance(action, Send):
+                self.in_flight[action.row.id] = action.row
+                self.pool.submit(self._send, action.sender.address, action.row)
+            elif isinstance(action, Expire):
+                self._expire(action.row)
+            else:
+                self._fail(action.row, action.error)
 
     def _fail(self, row: store.ClaimedRow, exc: Exception) -> None:
         """DESIGN.md: a row smsq cannot handle becomes failed; the others go on."""
@@ -412,18 +334,9 @@ class Dispatcher:
         log.info("message expired", extra={"action": "message_expired",
                                            "notification_id": str(row.id)})
 
-    def _next_wake(self, now: float) -> float:
-        wake = min(self.next_tick, self.next_poll)
-        for sender in self.held.values():
-            if sender.wake_at is not None:
-                wake = min(wake, sender.wake_at)
-            if sender.queue and len(self.in_flight) < self.concurrency:
-                try:
-                    wait = sender.bucket.wait_time(_cost(sender.queue[0][-1]))
-                except Exception:  # noqa: BLE001 - _release_from fails that row at once
-                    wait = 0.0
-                wake = min(wake, max(now + wait, sender.paused_until))
-        return wake
+    def _next_wake(self) -> float:
+        wake = self.scheduler.next_wake(self.concurrency - len(self.in_flight))
+        return min(self.next_tick, self.next_poll, wake if wake is not None else math.inf)
 
     # -- events: notifications and results --------------------------------------------------------
 
@@ -442,23 +355,14 @@ class Dispatcher:
     def _handle(self, event: tuple) -> None:
         kind = event[0]
         if kind == "due":
-            sender = self.held.get(event[1])
-            if sender is not None:
-                sender.maybe_due = True
-                rank = event[2]
-                sender.notified_rank = min(rank, sender.notified_rank if
-                                           sender.notified_rank is not None else rank)
+            self.scheduler.announce(event[1], event[2])
         elif kind == "poll":
-            for sender in self.held.values():
-                sender.maybe_due = True
+            self.scheduler.announce_all()
         elif kind == "done":
             result = event[1]
             self.in_flight.pop(result.row.id, None)
-            sender = self.held.get(result.row.sender)
             try:
                 if isinstance(result, SendResult):
-                    if sender is not None:
-                        sender.in_flight -= 1
                     self._on_sent(result)
                 else:
                     self._on_reconciled(result)
@@ -487,10 +391,12 @@ class Dispatcher:
         else:
             decision = decide(result.attempt, row.attempts + 1, self.policy)
         self.outcomes.append(self._outcome_of(result, decision))
-        self._pause_or_resume(row.sender, decision)
-        self._pause_after_retry_after(result)
-        if decision.retry_in is not None:
-            self._wake_for(row.sender, time.monotonic() + decision.retry_in)
+        retry_after = result.attempt.retry_after if result.attempt else None
+        event = self.scheduler.finished(row.sender, decision, retry_after)
+        if isinstance(event, Paused):
+            self._on_paused(event)
+        elif isinstance(event, Resumed):
+            self._on_resumed(event)
         code = decision.error_code
         metrics.DISPATCH_SENDS.labels(decision.status, str(code) if code else "").inc()
         log.info(_SEND_LOG[decision.status][1], extra={
@@ -514,60 +420,28 @@ class Dispatcher:
             reconcile_checks=0 if unknown else None,
             attempted=attempt is not None and decision.pause is None)
 
-    def _wake_for(self, sender_key: str, at: float) -> None:
-        """Look for due rows of this sender again at `at` (a retry we scheduled ourselves)."""
-        sender = self.held.get(sender_key)
-        if sender is not None:
-            sender.wake_at = at if sender.wake_at is None else min(sender.wake_at, at)
-
-    def _pause_or_resume(self, sender_key: str, decision: Decision) -> None:
-        """An account-wide error pauses the sender, longer each time in a row, with one
-        error logged per pause; any other answer from Twilio ends the pause."""
-        sender = self.held.get(sender_key)
-        if sender is None:
-            return
-        now = time.monotonic()
-        if decision.pause is None:
-            if sender.pause_reason is not None and decision.status != "failed":
-                self._resume(sender)
-            return
-        if sender.pause_reason is not None and sender.paused(now):
-            return  # requests that were on the wire when the pause began
-        sender.pauses += 1
-        delay = pause_delay(sender.pauses, self.policy)
-        if sender.pause_reason not in (None, decision.pause):
-            metrics.SENDER_PAUSED.labels(sender.key or "default", sender.pause_reason).set(0)
-        sender.paused_until, sender.wake_at = now + delay, now + delay
-        sender.pause_reason, sender.pause_message = decision.pause, decision.status_message
-        metrics.SENDER_PAUSED.labels(sender.key or "default", decision.pause).set(1)
-        log.error("sender paused: Twilio refuses every message of this account or sender", extra={
-            "action": "sender_paused", "sender": sender.key or "default",
-            "reason": decision.pause, "error_code": decision.error_code,
-            "status_message": decision.status_message, "pause_seconds": round(delay, 1),
-            "pauses_in_a_row": sender.pauses})
-        self._hand_back_queue(sender)
-
-    def _resume(self, sender: Sender) -> None:
-        metrics.SENDER_PAUSED.labels(sender.key or "default", sender.pause_reason).set(0)
-        log.info("sender resumed", extra={"action": "sender_resumed",
-                                          "sender": sender.key or "default",
-                                          "reason": sender.pause_reason,
-                                          "pauses_in_a_row": sender.pauses})
-        sender.pause_reason, sender.pause_message, sender.pauses = None, "", 0
-
-    def _hand_back_queue(self, sender: Sender) -> None:
-        """Rows in hand go back to pending while the sender waits (status shows them so)."""
-        ids = [entry[-1].id for entry in sender.queue]
-        sender.queue.clear()
+    def _on_paused(self, event: Paused) -> None:
+        sender, decision = event.sender, event.decision
+        label = sender.key or "default"
+        for reason in {r for r in ACCOUNT_WIDE.values() if r != sender.pause_reason}:
+            metrics.SENDER_PAUSED.labels(label, reason).set(0)
+        metrics.SENDER_PAUSED.labels(label, sender.pause_reason).set(1)
+        log.error("sender paused: Twilio refuses every message of this account or sender",
+                  extra={"action": "sender_paused", "sender": label,
+                         "reason": sender.pause_reason, "error_code": decision.error_code,
+                         "status_message": decision.status_message,
+                         "pause_seconds": round(event.delay, 1),
+                         "pauses_in_a_row": sender.pauses})
+        # Rows in hand go back to pending while it waits (status shows them so).
         self._flush_outcomes()
-        store.release_unsent(self.db, ids, self.holder)
+        store.release_unsent(self.db, self.scheduler.hand_back(sender.key), self.holder)
 
-    def _pause_after_retry_after(self, result: SendResult) -> None:
-        sender = self.held.get(result.row.sender)
-        if sender is not None and result.attempt is not None and result.attempt.retry_after:
-            # Twilio asked this account to slow down: hold the whole sender, not just the row.
-            sender.paused_until = max(sender.paused_until,
-                                      time.monotonic() + result.attempt.retry_after)
+    def _on_resumed(self, event: Resumed) -> None:
+        label = event.sender.key or "default"
+        metrics.SENDER_PAUSED.labels(label, event.reason).set(0)
+        log.info("sender resumed", extra={"action": "sender_resumed", "sender": label,
+                                          "reason": event.reason,
+                                          "pauses_in_a_row": event.pauses})
 
     # -- reconciling rows whose outcome is unknown ---------------------------------------------
 
@@ -625,7 +499,7 @@ class Dispatcher:
         self.outcomes.append(store.Outcome(
             row.id, "pending", f"not found at Twilio in {checks} checks after an unknown "
             "outcome; sending again", attempted=False, reconcile_checks=0))
-        self._wake_for(row.sender, time.monotonic())
+        self.scheduler.wake(row.sender, time.monotonic())
         self._log_reconciled(row, "pending", None)
 
     def _sending_to(self, number: str) -> bool:
@@ -680,16 +554,14 @@ class Dispatcher:
         reconciled by whoever holds the sender. Requests on the wire finish; their outcomes
         are written after the reconnect.
         """
-        self.held.clear()
+        self.scheduler.drop_all()
         metrics.SENDERS_HELD.set(0)
 
     def _shut_down(self) -> None:
         """Hand back what is not sent, let requests on the wire finish, release the locks."""
         try:
             self._connect()
-            unsent = self._queued_ids()
-            for sender in self.held.values():
-                sender.queue.clear()
+            unsent = [i for key in self.held for i in self.scheduler.hand_back(key)]
             returned = store.release_unsent(self.db, unsent, self.holder)
             deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
             while self.in_flight and time.monotonic() < deadline:
