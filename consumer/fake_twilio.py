@@ -48,7 +48,9 @@ from consumer.segments import segments_of
 log = logging.getLogger(__name__)
 
 API_VERSION = "2010-04-01"
-FAKE_ACCOUNT_SID = "ACfake" + "0" * 28
+# Shaped as Twilio's (AC + 32 hex digits), so that code checking SIDs accepts it; the same
+# account as the sandbox of scripts/run.sh and docker-compose.yml.
+FAKE_ACCOUNT_SID = "AC" + "0" * 32
 FAKE_AUTH_TOKEN = "fake-token"
 # The sender a Messaging Service "picks" once a message without From is sent.
 SERVICE_POOL_NUMBER = "+15005550006"
