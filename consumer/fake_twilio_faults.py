@@ -73,6 +73,9 @@ class FaultRule:
             raise FaultError("count must be at least 1")
         if not 0 < self.probability <= 1:
             raise FaultError("probability must be in (0, 1]")
+        for name in ("retry_after", "slow_ms", "hold_ms"):
+            if getattr(self, name) < 0:
+                raise FaultError(f"{name} must not be negative")
         if self.seconds is not None:
             if self.seconds <= 0:
                 raise FaultError("seconds must be above 0")
