@@ -23,7 +23,7 @@ from twilio.rest import Client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import calls_per_second  # noqa: E402
-from consumer.fake_twilio import spawn  # noqa: E402
+from consumer.fake_twilio import FAKE_ACCOUNT_SID, FAKE_AUTH_TOKEN, spawn  # noqa: E402
 
 TWILIO_API_URL = "https://api.twilio.com"
 ROUNDS = 3
@@ -63,7 +63,7 @@ class BaseUrlHttpClient(TwilioHttpClient):
 
 def creates_per_second(url: str, threads: int, seconds: float) -> float:
     """Creates per second from `threads` threads sharing one client, as a dispatcher would."""
-    client = Client("ACfake" + "0" * 28, "fake-token",
+    client = Client(FAKE_ACCOUNT_SID, FAKE_AUTH_TOKEN,
                     http_client=BaseUrlHttpClient(url, pool_size=threads))
     return calls_per_second(
         lambda: client.messages.create(to="+14155550123", from_="+15005550006", body="bench"),
@@ -72,7 +72,7 @@ def creates_per_second(url: str, threads: int, seconds: float) -> float:
 
 def one_answer(url: str) -> str:
     """The fake's JSON answer to one create (the baseline repeats it)."""
-    client = Client("ACfake" + "0" * 28, "fake-token", http_client=BaseUrlHttpClient(url, 1))
+    client = Client(FAKE_ACCOUNT_SID, FAKE_AUTH_TOKEN, http_client=BaseUrlHttpClient(url, 1))
     client.messages.create(to="+14155550123", from_="+15005550006", body="bench")
     return client.http_client._test_only_last_response.text
 

@@ -9,8 +9,38 @@ on 127.0.0.1 by default and is a test tool).
 
 Faithful where it matters to a sender that must never send twice: a new message is `queued`
 (or `accepted` through a Messaging Service) with `date_sent` null, becomes `sent` after the send
-delay and `delivered` after the delivery delay; DateSent filters skip messages not sent yet, and
-compare by day, as Twilio documents.
+delay and `delivered` after the delivery delay; DateSent filters compare GMT days, as Twilio
+documents, and skip messages without date_sent; the unfiltered list shows queued ones too, newest
+first. Message SIDs are `SM` + 32 hex digits (`MM` for a message with media), the account's
+`AC` + 32 hex digits; `error_message` is filled whenever `error_code` is.
+
+Fault modes (`FaultRule.mode`; the --fault flag, POST /_fake/faults, `FakeTwilioControl.set_fault`):
+- `429` (Retry-After: `retry_after`), `500` (20500), `503` (20503), `21611` (400, sender queue
+  full): answered with Twilio's error; nothing is created.
+- `502`, `504`: answered as a proxy in front of Twilio would (a short text/html page); nothing is
+  created.
+- `created-500`, `created-502`, `created-503`, `created-504`: the message IS created (stored,
+  listed, its callbacks posted), but the answer is that 5xx (Twilio's JSON for 500 / 503, a
+  proxy's HTML page for 502 / 504).
+- `20003` (401, "Authenticate": revoked token, suspended account), `20404` (404, wrong account),
+  `63038` (429, daily message limit of the account): nothing is created. A `20003` or `20404`
+  rule without `to` / `sender` answers fetch and list too while it lasts.
+- `fail-30001`, `fail-30022`: accepted (201, queued), then the message ends `failed` (never sent:
+  no `sent` callback, date_sent null) with that error_code and its error_message, in the resource
+  and in the status callback (ErrorCode).
+- `hold`: accepted, but it stays queued with date_sent null for `hold_ms` (default 60000) before it
+  is sent and delivered; its callbacks follow.
+- `slow`: accepted, answered after `slow_ms`. `drop`: accepted, then the connection is closed
+  without an answer. `drop-unrecorded`: closed without an answer, nothing created.
+A rule hits the creations to `to` / from `sender` (when set; otherwise every create), the next
+`count` of them (None: all), each with `probability`, and ends `seconds` after it was set (None:
+never), whatever its count. The fault applied shows in the `/_fake/messages` log entry and in the
+resource (`fake_fault`, not a Twilio field).
+
+Settings (`/_fake/config`, `FakeTwilioControl.configure`), read when a message is created:
+`latency_ms`, `jitter_ms`, `send_delay_ms`, `deliver_delay_ms`, `callback_duplicates` (1: every
+status callback is posted twice), `callback_reorder` (1: the final status callback is posted
+before the `sent` one).
 
 Stdlib `ThreadingHTTPServer` speaking HTTP/1.1 keep-alive, chosen over uvicorn because a fault
 must be able to close the TCP connection without any response, which ASGI cannot express.
@@ -21,7 +51,6 @@ from __future__ import annotations
 import base64
 import bisect
 import hmac
-import heapq
 import itertools
 import json
 import logging
@@ -32,30 +61,53 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
-from datetime import date, datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from twilio.request_validator import RequestValidator
 
+from consumer.fake_twilio_callbacks import StatusCallbacks, callback_plan
+from consumer.fake_twilio_faults import (
+    CREATED_FAULTS,
+    FAIL_FAULTS,
+    FAULT_MODES,
+    FaultBook,
+    FaultError,
+    FaultRule,
+    Reply,
+    error_reply,
+    rejection,
+    server_error_reply,
+)
+from consumer.fake_twilio_messages import (
+    API_VERSION,
+    DELIVERY_ERRORS,
+    SERVICE_POOL_NUMBER,
+    UNDELIVERABLE_TO,
+    UNDELIVERED_ERROR,
+    Received,
+    list_filter,
+    resource,
+)
 from consumer.segments import segments_of
+
+__all__ = [
+    "API_VERSION", "DELIVERY_ERRORS", "FAKE_ACCOUNT_SID", "FAKE_AUTH_TOKEN", "FAULT_MODES",
+    "SERVICE_POOL_NUMBER", "UNDELIVERABLE_TO", "UNDELIVERED_ERROR", "FakeTwilio",
+    "FakeTwilioControl", "FakeTwilioServer", "FaultError", "FaultRule", "Received", "Reply",
+    "spawn",
+]
 
 log = logging.getLogger(__name__)
 
-API_VERSION = "2010-04-01"
-FAKE_ACCOUNT_SID = "ACfake" + "0" * 28
+# Shaped as Twilio's (AC + 32 hex digits), so that code checking SIDs accepts it; the same
+# account as the sandbox of scripts/run.sh and docker-compose.yml.
+FAKE_ACCOUNT_SID = "AC" + "0" * 32
 FAKE_AUTH_TOKEN = "fake-token"
-# The sender a Messaging Service "picks" once a message without From is sent.
-SERVICE_POOL_NUMBER = "+15005550006"
-# Not one of Twilio's test numbers: the fake's own. Accepted, then `undelivered` with 30003.
-UNDELIVERABLE_TO = "+15005553003"
-UNDELIVERED_ERROR = 30003
 MAX_BODY = 1600
+SWITCHES = ("callback_duplicates", "callback_reorder")  # settings that are 0 or 1
 
 # Twilio's test numbers (docs: "Test credentials", test SMS messages).
 MAGIC_TO = {
@@ -74,160 +126,29 @@ MAGIC_FROM = {
                             "messages"),
 }
 
-# Injected faults that answer with an error instead of accepting the message.
-ERROR_FAULTS = {
-    "429": (429, 20429, "Too Many Requests"),
-    "500": (500, 20500, "An internal server error has occurred"),
-    "503": (503, 20503, "Service Unavailable"),
-    "21611": (400, 21611, MAGIC_FROM["+15005550008"][1]),
-}
-# slow: accepted, answered after slow_ms. drop: accepted, then the connection is closed without
-# an answer. drop-unrecorded: closed without an answer and NOT accepted (lost on the way in).
-FAULT_MODES = frozenset(ERROR_FAULTS) | {"slow", "drop", "drop-unrecorded"}
-
-
-class FaultError(ValueError):
-    """A fault description that does not make sense."""
-
-
-@dataclass
-class FaultRule:
-    """Applies to message creations matching `to` / `sender` (when set): the next `count` of
-    them (None: all), each with `probability`."""
-
-    mode: str
-    count: int | None = None
-    probability: float = 1.0
-    retry_after: float = 1.0  # seconds, sent as Retry-After with "429"
-    slow_ms: float = 30_000.0  # how late "slow" answers
-    to: str | None = None
-    sender: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.mode not in FAULT_MODES:
-            raise FaultError(f"unknown fault mode {self.mode!r}; one of {sorted(FAULT_MODES)}")
-        if self.count is not None and self.count < 1:
-            raise FaultError("count must be at least 1")
-        if not 0 < self.probability <= 1:
-            raise FaultError("probability must be in (0, 1]")
-
-    @classmethod
-    def from_dict(cls, spec: dict) -> FaultRule:
-        known = {f.name for f in fields(cls)}
-        unknown = set(spec) - known
-        if unknown:
-            raise FaultError(f"unknown fault field(s): {sorted(unknown)}")
-        return cls(**spec)
-
-    @classmethod
-    def parse(cls, text: str) -> FaultRule:
-        """`MODE[:key=value,...]`, e.g. `429:count=3,retry_after=2` (the --fault flag)."""
-        mode, _, options = text.partition(":")
-        spec: dict[str, object] = {"mode": mode}
-        for option in filter(None, options.split(",")):
-            key, sep, value = option.partition("=")
-            if not sep:
-                raise FaultError(f"expected key=value in {option!r}")
-            spec[key] = value if key in ("to", "sender") else float(value)
-        if "count" in spec:
-            spec["count"] = int(spec["count"])  # type: ignore[arg-type]
-        return cls.from_dict(spec)
-
-    def matches(self, to: str, sender: str) -> bool:
-        return (self.to in (None, to) and self.sender in (None, sender)
-                and (self.probability >= 1 or random.random() < self.probability))
-
-
-@dataclass
-class Received:
-    """One message creation request as the fake saw it, and what it answered."""
-
-    seq: int  # position in the log, from 1
-    received_at: float  # epoch seconds
-    received_monotonic: float  # time.monotonic(): comparable with other processes on this host
-    to: str
-    from_: str | None
-    messaging_service_sid: str | None
-    body: str
-    media_url: list[str]
-    status_callback: str | None
-    http_status: int | None = None  # None: no answer (dropped connection)
-    error_code: int | None = None
-    fault: str | None = None
-    sid: str | None = None
-    created_seq: int = 0  # creation order among accepted messages (Twilio lists newest first)
-    num_segments: int = 0
-    sent_at: float = 0.0  # epoch second it leaves `queued`, once accepted
-    done_at: float = 0.0  # epoch second it reaches its final delivery status
-
-    @property
-    def accepted(self) -> bool:
-        return self.sid is not None
-
-    @property
-    def sender(self) -> str:
-        return self.from_ or self.messaging_service_sid or ""
-
-    def status(self, now: float) -> str:
-        if now >= self.done_at:
-            return "undelivered" if self.to == UNDELIVERABLE_TO else "delivered"
-        if now >= self.sent_at:
-            return "sent"
-        return "accepted" if self.from_ is None else "queued"
-
-    def from_at(self, now: float) -> str | None:
-        # A Messaging Service chooses the sender when it sends, not when it accepts.
-        return self.from_ or (SERVICE_POOL_NUMBER if now >= self.sent_at else None)
-
-    def as_log(self, now: float) -> dict:
-        entry = asdict(self)
-        entry["from"] = entry.pop("from_")
-        entry["accepted"] = self.accepted
-        entry["status"] = self.status(now) if self.accepted else None
-        return entry
-
-
-@dataclass
-class Reply:
-    status: int
-    body: dict | None  # None with drop=True
-    headers: dict[str, str] = field(default_factory=dict)
-    delay: float = 0.0  # seconds to wait before answering (beyond the configured latency)
-    drop: bool = False  # close the connection without any answer
-
-
-def rfc2822(epoch: float | None) -> str | None:
-    if epoch is None:
-        return None
-    return time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime(epoch))
-
-
-def error_reply(status: int, code: int, message: str, **headers: str) -> Reply:
-    """Twilio's legacy error body, which twilio-python turns into TwilioRestException."""
-    return Reply(status, {"code": code, "message": message,
-                          "more_info": f"https://www.twilio.com/docs/errors/{code}",
-                          "status": status}, headers)
-
 
 class FakeTwilio:
     """The fake's state: accounts, messages, faults, timings. Thread-safe."""
 
     def __init__(self, account_sid: str = FAKE_ACCOUNT_SID, auth_token: str = FAKE_AUTH_TOKEN,
                  latency_ms: float = 0, jitter_ms: float = 0, send_delay_ms: float = 100,
-                 deliver_delay_ms: float = 400, faults: list[FaultRule] | None = None) -> None:
+                 deliver_delay_ms: float = 400, faults: list[FaultRule] | None = None,
+                 callback_duplicates: bool = False, callback_reorder: bool = False) -> None:
         self.account_sid = account_sid
         self.auth_token = auth_token
         self._expected_auth = "Basic " + base64.b64encode(
             f"{account_sid}:{auth_token}".encode()).decode()
         self.config = {"latency_ms": latency_ms, "jitter_ms": jitter_ms,
-                       "send_delay_ms": send_delay_ms, "deliver_delay_ms": deliver_delay_ms}
+                       "send_delay_ms": send_delay_ms, "deliver_delay_ms": deliver_delay_ms,
+                       "callback_duplicates": float(callback_duplicates),
+                       "callback_reorder": float(callback_reorder)}
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
         self._created_seq = itertools.count(1)
         self._received: list[Received] = []
         self._by_sid: dict[str, Received] = {}
         self._by_to: dict[str, list[Received]] = defaultdict(list)
-        self._faults = list(faults or [])
+        self._faults = FaultBook(faults)
         self.stats: Counter[str] = Counter()
         self.callbacks = StatusCallbacks(RequestValidator(auth_token))
 
@@ -242,6 +163,14 @@ class FakeTwilio:
     def authorised(self, header: str | None) -> bool:
         return header is not None and hmac.compare_digest(header, self._expected_auth)
 
+    def account_refusal(self, path: str) -> Reply | None:
+        """The answer to any API request while an account-wide fault (20003, 20404) lasts."""
+        rule = self._faults.account_fault()
+        if rule is None:
+            return None
+        self._count_fault(rule.mode)
+        return rejection(rule, path)
+
     # --- the API -------------------------------------------------------------------------
 
     def create(self, form: dict[str, list[str]]) -> Reply:
@@ -255,7 +184,7 @@ class FakeTwilio:
             status_callback=first.get("StatusCallback") or None)
         reply = self._create_reply(entry, now)
         entry.http_status = None if reply.drop else reply.status
-        entry.error_code = reply.body.get("code") if reply.body and reply.status >= 400 else None
+        entry.error_code = reply.error_code
         with self._lock:
             # Numbered as logged, so the log is in seq order (what `received(after)` relies on).
             entry.seq = next(self._seq)
@@ -264,35 +193,32 @@ class FakeTwilio:
         return reply
 
     def _create_reply(self, entry: Received, now: float) -> Reply:
-        fault = self._take_fault(entry.to, entry.sender)
+        fault = self._faults.take(entry.to, entry.sender)
         if fault is not None:
             entry.fault = fault.mode
-            if fault.mode in ERROR_FAULTS:
-                status, code, message = ERROR_FAULTS[fault.mode]
-                headers = {"Retry-After": f"{fault.retry_after:g}"} if status == 429 else {}
-                return error_reply(status, code, message, **headers)
+            self._count_fault(fault.mode)
+            refused = rejection(fault, f"{self.messages_uri}.json")
+            if refused is not None:
+                return refused
             if fault.mode == "drop-unrecorded":
                 return Reply(0, None, drop=True)
-        rejection = self._validate(entry)
-        if rejection is not None:
-            return rejection
-        self._accept(entry, now)
-        reply = Reply(201, self.resource(entry, now))
-        if fault is not None:
-            reply.delay = fault.slow_ms / 1000 if fault.mode == "slow" else 0.0
-            reply.drop = fault.mode == "drop"
-        return reply
+        rejected = self._validate(entry)
+        if rejected is not None:
+            return rejected
+        self._accept(entry, now, fault)
+        return self._answer_created(entry, now, fault)
 
-    def _take_fault(self, to: str, sender: str) -> FaultRule | None:
+    def _answer_created(self, entry: Received, now: float, fault: FaultRule | None) -> Reply:
+        mode = fault.mode if fault is not None else None
+        if mode in CREATED_FAULTS:
+            return server_error_reply(CREATED_FAULTS[mode])
+        return Reply(201, resource(entry, self.account_sid, now),
+                     delay=fault.slow_ms / 1000 if mode == "slow" else 0.0,
+                     drop=mode == "drop")
+
+    def _count_fault(self, mode: str) -> None:
         with self._lock:
-            for rule in self._faults:
-                if rule.matches(to, sender):
-                    if rule.count is not None:
-                        rule.count -= 1
-                        if rule.count == 0:
-                            self._faults.remove(rule)
-                    return rule
-        return None
+            self.stats[f"fault_{mode}"] += 1
 
     @staticmethod
     def _validate(entry: Received) -> Reply | None:
@@ -315,18 +241,32 @@ class FakeTwilio:
                                            "number.")
         return None
 
-    def _accept(self, entry: Received, now: float) -> None:
-        entry.sid = "SM" + secrets.token_hex(16)
+    def _accept(self, entry: Received, now: float, fault: FaultRule | None) -> None:
+        entry.sid = ("MM" if entry.media_url else "SM") + secrets.token_hex(16)
         # A Messaging Service has not chosen a sender yet, so Twilio reports 0 segments.
         entry.num_segments = 0 if entry.from_ is None else segments_of(entry.body).segments
-        entry.sent_at = now + self.config["send_delay_ms"] / 1000
-        entry.done_at = entry.sent_at + self.config["deliver_delay_ms"] / 1000
+        self._set_timeline(entry, now, fault)
         with self._lock:
             entry.created_seq = next(self._created_seq)
             self._by_sid[entry.sid] = entry
             self._by_to[entry.to].append(entry)
         if entry.status_callback:
-            self.callbacks.schedule(entry, self.account_sid)
+            self.callbacks.schedule(entry.status_callback, callback_plan(
+                entry, self.account_sid, duplicates=bool(self.config["callback_duplicates"]),
+                reorder=bool(self.config["callback_reorder"])))
+
+    def _set_timeline(self, entry: Received, now: float, fault: FaultRule | None) -> None:
+        """When it leaves `queued` and how it ends."""
+        mode = fault.mode if fault is not None else None
+        queued_ms = fault.hold_ms if mode == "hold" else self.config["send_delay_ms"]
+        entry.sent_at = now + queued_ms / 1000
+        entry.done_at = entry.sent_at + self.config["deliver_delay_ms"] / 1000
+        if mode in FAIL_FAULTS:
+            # Dropped from Twilio's queue when its turn came: it fails instead of being sent.
+            entry.final_status, entry.final_error_code = "failed", FAIL_FAULTS[mode]
+            entry.done_at = entry.sent_at
+        elif entry.to == UNDELIVERABLE_TO:
+            entry.final_status, entry.final_error_code = "undelivered", UNDELIVERED_ERROR
 
     def fetch(self, sid: str, path: str) -> Reply:
         with self._lock:
@@ -334,7 +274,7 @@ class FakeTwilio:
             entry = self._by_sid.get(sid)
         if entry is None:
             return error_reply(404, 20404, f"The requested resource {path} was not found")
-        return Reply(200, self.resource(entry, time.time()))
+        return Reply(200, resource(entry, self.account_sid, time.time()))
 
     def list_messages(self, query: dict[str, list[str]]) -> Reply:
         """Newest first, filtered, paged (PageSize, Page, PageToken = "PA" + last SID seen)."""
@@ -343,7 +283,7 @@ class FakeTwilio:
         try:
             page_size = min(1000, max(1, int(params.get("PageSize", 50))))
             page = max(0, int(params.get("Page", 0)))
-            keep = self._list_filter(params, now)
+            keep = list_filter(params, now)
         except ValueError as exc:
             return error_reply(400, 20001, f"Invalid parameter: {exc}")
         token = params.get("PageToken", "")
@@ -369,58 +309,13 @@ class FakeTwilio:
             return f"{self.messages_uri}.json?{urlencode(filters | extra)}"
 
         return {
-            "messages": [self.resource(e, now) for e in items],
+            "messages": [resource(e, self.account_sid, now) for e in items],
             "start": page * page_size, "end": page * page_size + max(0, len(items) - 1),
             "page": page, "page_size": page_size,
             "first_page_uri": page_uri(0), "previous_page_uri": None,
             "uri": page_uri(page, token or None),
             "next_page_uri": (page_uri(page + 1, f"PA{items[-1].sid}")
                               if len(matching) > page_size else None),
-        }
-
-    @staticmethod
-    def _list_filter(params: dict[str, str], now: float):
-        """A predicate for To/From/DateSent filters. Twilio's DateSent filters take a day
-        (YYYY-MM-DD); twilio-python sends datetimes, so only their day is used."""
-        day = {key: date.fromisoformat(params[key][:10])
-               for key in ("DateSent", "DateSent<", "DateSent>") if key in params}
-        to, from_ = params.get("To"), params.get("From")
-
-        def keep(entry: Received) -> bool:
-            if to is not None and entry.to != to:
-                return False
-            if from_ is not None and entry.from_at(now) != from_:
-                return False
-            if not day:
-                return True
-            if now < entry.sent_at:  # not sent yet: no date_sent to compare
-                return False
-            sent_day = datetime.fromtimestamp(entry.sent_at, timezone.utc).date()
-            return (sent_day == day.get("DateSent", sent_day)
-                    and sent_day <= day.get("DateSent<", sent_day)
-                    and sent_day >= day.get("DateSent>", sent_day))
-
-        return keep
-
-    def resource(self, entry: Received, now: float) -> dict:
-        """A Message resource as Twilio's API 2010-04-01 returns it."""
-        uri = f"{self.messages_uri}/{entry.sid}"
-        status = entry.status(now)
-        date_sent = entry.sent_at if now >= entry.sent_at else None
-        return {
-            "account_sid": self.account_sid, "api_version": API_VERSION, "body": entry.body,
-            "date_created": rfc2822(entry.received_at), "date_sent": rfc2822(date_sent),
-            "date_updated": rfc2822(max(t for t in (entry.received_at, entry.sent_at,
-                                                    entry.done_at) if t <= now)),
-            "direction": "outbound-api",
-            "error_code": UNDELIVERED_ERROR if status == "undelivered" else None,
-            "error_message": None, "from": entry.from_at(now),
-            "messaging_service_sid": entry.messaging_service_sid,
-            "num_media": str(len(entry.media_url)), "num_segments": str(entry.num_segments),
-            "price": None, "price_unit": "USD", "sid": entry.sid, "status": status,
-            "subresource_uris": {"media": f"{uri}/Media.json",
-                                 "feedback": f"{uri}/Feedback.json"},
-            "to": entry.to, "uri": f"{uri}.json",
         }
 
     # --- the control API -----------------------------------------------------------------
@@ -441,110 +336,25 @@ class FakeTwilio:
         self.callbacks.clear()
 
     def set_faults(self, rules: list[FaultRule]) -> None:
-        with self._lock:
-            self._faults = list(rules)
+        self._faults.replace(rules)
 
     def faults(self) -> list[dict]:
-        with self._lock:
-            return [asdict(rule) for rule in self._faults]
+        return self._faults.as_dicts()
 
     def configure(self, changes: dict) -> dict:
         unknown = set(changes) - set(self.config)
         if unknown:
             raise FaultError(f"unknown setting(s): {sorted(unknown)}")
-        self.config.update({key: float(value) for key, value in changes.items()})
+        values = {key: float(value) for key, value in changes.items()}
+        for key in SWITCHES:
+            if values.get(key, 0) not in (0, 1):
+                raise FaultError(f"{key} must be 0 or 1")
+        self.config.update(values)
         return dict(self.config)
 
     def all_stats(self) -> dict:
         with self._lock:
             return dict(self.stats) | self.callbacks.counts()
-
-
-class StatusCallbacks:
-    """Posts Twilio-signed status callbacks ("sent", then the delivery status) when due."""
-
-    def __init__(self, validator: RequestValidator) -> None:
-        self._validator = validator
-        self._due: list[tuple[float, int, str, dict[str, str]]] = []
-        self._order = itertools.count()
-        self._wake = threading.Condition()
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fake-twilio-callback")
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self.log: list[dict] = []
-
-    def schedule(self, entry: Received, account_sid: str) -> None:
-        for status, at in (("sent", entry.sent_at), (entry.status(entry.done_at), entry.done_at)):
-            params = {"AccountSid": account_sid, "ApiVersion": API_VERSION,
-                      "From": entry.from_at(at) or "", "MessageSid": entry.sid or "",
-                      "MessageStatus": status, "SmsSid": entry.sid or "", "SmsStatus": status,
-                      "To": entry.to}
-            if entry.messaging_service_sid:
-                params["MessagingServiceSid"] = entry.messaging_service_sid
-            if status == "undelivered":
-                params["ErrorCode"] = str(UNDELIVERED_ERROR)
-            self._push(at, entry.status_callback or "", params)
-
-    def _push(self, at: float, url: str, params: dict[str, str]) -> None:
-        with self._wake:
-            heapq.heappush(self._due, (at, next(self._order), url, params))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="fake-twilio-callbacks",
-                                                daemon=True)
-                self._thread.start()
-            self._wake.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._wake:
-                while not self._stopping and (not self._due or self._due[0][0] > time.time()):
-                    timeout = self._due[0][0] - time.time() if self._due else None
-                    self._wake.wait(timeout)
-                if self._stopping:
-                    return
-                _, _, url, params = heapq.heappop(self._due)
-            self._pool.submit(self._post, url, params)
-
-    def _post(self, url: str, params: dict[str, str]) -> None:
-        signature = self._validator.compute_signature(url, params)
-        request = urllib.request.Request(
-            url, data=urlencode(params).encode(), method="POST",
-            headers={"X-Twilio-Signature": signature, "User-Agent": "TwilioProxy/1.1",
-                     "Content-Type": "application/x-www-form-urlencoded"})
-        outcome: dict[str, object] = {"url": url, "sid": params["MessageSid"],
-                                      "status": params["MessageStatus"], "posted_at": time.time(),
-                                      "http_status": None, "error": None}
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                outcome["http_status"] = response.status
-        except urllib.error.HTTPError as exc:
-            outcome["http_status"] = exc.code
-        except OSError as exc:
-            outcome["error"] = str(exc)
-        outcome["ok"] = outcome["error"] is None and 200 <= int(outcome["http_status"] or 0) < 300
-        with self._wake:
-            self.log.append(outcome)
-
-    def entries(self) -> list[dict]:
-        with self._wake:
-            return list(self.log)
-
-    def counts(self) -> dict[str, int]:
-        with self._wake:
-            ok = sum(1 for outcome in self.log if outcome["ok"])
-            return {"callbacks_ok": ok, "callbacks_failed": len(self.log) - ok,
-                    "callbacks_waiting": len(self._due)}
-
-    def clear(self) -> None:
-        with self._wake:
-            self._due.clear()
-            self.log.clear()
-
-    def stop(self) -> None:
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -587,6 +397,9 @@ class Handler(BaseHTTPRequestHandler):
         prefix = fake.messages_uri
         if method == "POST" and path == f"{prefix}.json":
             return fake.create(parse_qs(body.decode(), keep_blank_values=True))
+        refused = fake.account_refusal(path)  # creates meet their fault rules in create()
+        if refused is not None:
+            return refused
         if method == "GET" and path == f"{prefix}.json":
             return fake.list_messages(parse_qs(query, keep_blank_values=True))
         if method == "GET" and path.startswith(f"{prefix}/") and path.endswith(".json"):
@@ -618,9 +431,12 @@ class Handler(BaseHTTPRequestHandler):
         return Reply(404, {"error": f"no {method} {path}"})
 
     def _answer(self, reply: Reply) -> None:
-        content = json.dumps(reply.body).encode()
+        if isinstance(reply.body, str):  # a proxy's error page
+            content, content_type = reply.body.encode(), "text/html"
+        else:
+            content, content_type = json.dumps(reply.body).encode(), "application/json"
         head = [f"HTTP/1.1 {reply.status} {self.responses.get(reply.status, ('',))[0]}",
-                "Content-Type: application/json; charset=utf-8",
+                f"Content-Type: {content_type}; charset=utf-8",
                 f"Content-Length: {len(content)}",
                 *(f"{name}: {value}" for name, value in reply.headers.items())]
         if self.close_connection:
@@ -699,7 +515,8 @@ class FakeTwilioControl:
 
     def set_fault(self, mode: str | None, **options: object) -> list[dict]:
         """Replace the faults with one rule (mode None: no faults), e.g.
-        `set_fault("429", count=3, retry_after=2)` or `set_fault("500", probability=0.1)`."""
+        `set_fault("429", count=3, retry_after=2)`, `set_fault("500", probability=0.1)` or
+        `set_fault("20003", seconds=60)` (the account is broken for a minute)."""
         return self.set_faults([] if mode is None else [{"mode": mode, **options}])
 
     def set_faults(self, rules: list[dict]) -> list[dict]:
@@ -709,7 +526,8 @@ class FakeTwilioControl:
         return self._call("GET", "/_fake/faults")["faults"]
 
     def configure(self, **settings: float) -> dict:
-        """latency_ms, jitter_ms, send_delay_ms, deliver_delay_ms."""
+        """latency_ms, jitter_ms, send_delay_ms, deliver_delay_ms, callback_duplicates (0/1),
+        callback_reorder (0/1); they apply to messages created afterwards."""
         return self._call("POST", "/_fake/config", settings)
 
     def set_latency(self, latency_ms: float, jitter_ms: float = 0) -> dict:

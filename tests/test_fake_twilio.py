@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import signal
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -16,12 +18,13 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 from requests.adapters import HTTPAdapter
-from twilio.base.exceptions import TwilioRestException
+from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
 from consumer.fake_twilio import (
+    FAKE_ACCOUNT_SID,
     UNDELIVERABLE_TO,
     FakeTwilio,
     FakeTwilioControl,
@@ -75,12 +78,13 @@ def test_create_answers_201_with_a_twilio_shaped_message(fake_twilio: FakeTwilio
                                                      "https://example.com/b.png"]})
     assert response.status_code == 201
     message = response.json()
-    assert re.fullmatch(r"SM[0-9a-f]{32}", message["sid"])
+    assert re.fullmatch(r"MM[0-9a-f]{32}", message["sid"])  # with media: an MMS
     assert message["status"] == "queued" and message["date_sent"] is None
     assert message | {"sid": "", "date_created": "", "date_updated": ""} == {
         "account_sid": fake_twilio.account_sid, "api_version": "2010-04-01", "body": "a" * 161,
         "date_created": "", "date_sent": None, "date_updated": "", "direction": "outbound-api",
-        "error_code": None, "error_message": None, "from": FROM, "messaging_service_sid": None,
+        "error_code": None, "error_message": None, "fake_fault": None, "from": FROM,
+        "messaging_service_sid": None,
         "num_media": "2", "num_segments": "2", "price": None, "price_unit": "USD", "sid": "",
         "status": "queued", "to": TO,
         "subresource_uris": {
@@ -91,6 +95,17 @@ def test_create_answers_201_with_a_twilio_shaped_message(fake_twilio: FakeTwilio
         "uri": f"/2010-04-01/Accounts/{fake_twilio.account_sid}/Messages/{message['sid']}.json",
     }
     assert re.fullmatch(r"\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d \+0000", message["date_created"])
+
+
+def test_sids_are_shaped_as_twilios(client: Client) -> None:
+    assert re.fullmatch(r"AC[0-9a-f]{32}", FAKE_ACCOUNT_SID)
+    sms = client.messages.create(to=TO, from_=FROM, body="text only")
+    mms = client.messages.create(to=TO, from_=FROM, body="with a picture",
+                                 media_url=["https://example.com/a.png"])
+    assert re.fullmatch(r"SM[0-9a-f]{32}", sms.sid)
+    assert re.fullmatch(r"MM[0-9a-f]{32}", mms.sid)
+    assert sms.account_sid == mms.account_sid == FAKE_ACCOUNT_SID
+    assert client.messages(mms.sid).fetch().num_media == "1"
 
 
 def test_official_client_creates_and_fetches(client: Client, fake_twilio: FakeTwilioControl) -> None:
@@ -153,6 +168,48 @@ def test_list_by_date_sent_compares_days_and_skips_messages_not_sent_yet(
     assert bodies(date_sent_before=now - day) == []
     assert bodies(date_sent=today.isoformat()) == ["sent"]
     assert bodies(date_sent=(today - day).isoformat()) == []
+
+
+def test_date_sent_filters_take_a_date_or_a_datetime_and_compare_gmt_days(
+        fake_twilio: FakeTwilioControl) -> None:
+    fake_twilio.configure(send_delay_ms=0)
+    raw_create(fake_twilio, {"To": TO, "From": FROM, "Body": "sent"})
+    fake_twilio.set_fault("fail-30001", count=1)
+    raw_create(fake_twilio, {"To": TO, "From": FROM, "Body": "failed"})
+    fake_twilio.configure(send_delay_ms=60_000)
+    raw_create(fake_twilio, {"To": TO, "From": FROM, "Body": "queued"})
+    sent_at = datetime.fromtimestamp(fake_twilio.messages()[0]["sent_at"], timezone.utc)
+    day = timedelta(days=1)
+    east, west = timezone(timedelta(hours=14)), timezone(timedelta(hours=-12))
+
+    def bodies(**filters: str) -> list[str]:
+        response = requests.get(
+            f"{fake_twilio.url}/2010-04-01/Accounts/{fake_twilio.account_sid}/Messages.json",
+            params={"To": TO, **filters}, auth=(fake_twilio.account_sid, fake_twilio.auth_token),
+            timeout=5)
+        assert response.status_code == 200, response.text
+        return [message["body"] for message in response.json()["messages"]]
+
+    assert bodies() == ["queued", "failed", "sent"]  # newest first, queued and failed too
+    # The same GMT day, written as a date, as twilio-python's datetimes, and in other zones
+    # whose calendar shows another day: only the message with a date_sent matches.
+    for value in (sent_at.date().isoformat(), sent_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                  sent_at.replace(tzinfo=None).isoformat(), sent_at.astimezone(east).isoformat(),
+                  sent_at.astimezone(west).isoformat()):
+        assert bodies(DateSent=value) == ["sent"], value
+        assert bodies(**{"DateSent>": value}) == ["sent"], value
+        assert bodies(**{"DateSent<": value}) == ["sent"], value
+    for value in ((sent_at + day).date().isoformat(), (sent_at + day).isoformat(),
+                  (sent_at + day).astimezone(west).isoformat()):
+        assert bodies(DateSent=value) == [], value
+        assert bodies(**{"DateSent>": value}) == [], value
+        assert bodies(**{"DateSent<": value}) == ["sent"], value
+    assert bodies(**{"DateSent<": (sent_at - day).isoformat()}) == []
+    response = requests.get(
+        f"{fake_twilio.url}/2010-04-01/Accounts/{fake_twilio.account_sid}/Messages.json",
+        params={"DateSent": "yesterday"}, auth=(fake_twilio.account_sid, fake_twilio.auth_token),
+        timeout=5)
+    assert (response.status_code, response.json()["code"]) == (400, 20001)
 
 
 # --- errors ------------------------------------------------------------------------------
@@ -242,6 +299,147 @@ def test_error_faults(client: Client, fake_twilio: FakeTwilioControl, mode: str,
     assert client.messages.list(to=TO) == []  # not accepted
 
 
+@pytest.mark.parametrize(("mode", "status", "code", "json_body"), [
+    ("created-500", 500, 20500, True), ("created-503", 503, 20503, True),
+    ("created-502", 502, 502, False), ("created-504", 504, 504, False)])
+def test_created_5xx_faults_create_the_message_and_answer_an_error(
+        client: Client, fake_twilio: FakeTwilioControl, callback_receiver: CallbackReceiver,
+        mode: str, status: int, code: int, json_body: bool) -> None:
+    fake_twilio.configure(send_delay_ms=0, deliver_delay_ms=0)
+    fake_twilio.set_fault(mode, count=1)
+    with pytest.raises(TwilioRestException) as raised:
+        client.messages.create(to=TO, from_=FROM, body="created anyway",
+                               status_callback=callback_receiver.url)
+    assert (raised.value.status, raised.value.code) == (status, code)
+    answer = client.http_client._test_only_last_response
+    if json_body:  # Twilio's own error body
+        assert answer.headers["Content-Type"].startswith("application/json")
+    else:  # a proxy's page
+        assert answer.headers["Content-Type"].startswith("text/html")
+        assert f"<title>{status} " in answer.text
+    [logged] = fake_twilio.messages()
+    assert (logged["accepted"], logged["http_status"], logged["fault"]) == (True, status, mode)
+    [listed] = client.messages.list(to=TO)
+    assert (listed.sid, listed.body) == (logged["sid"], "created anyway")
+    assert client.messages(listed.sid).fetch().status == "delivered"
+    assert requests.get(f"{fake_twilio.url}/2010-04-01/Accounts/{fake_twilio.account_sid}/"
+                        f"Messages/{listed.sid}.json", auth=(fake_twilio.account_sid,
+                        fake_twilio.auth_token), timeout=5).json()["fake_fault"] == mode
+    wait_until(lambda: len(callback_receiver.received) == 2, message="its status callbacks")
+    assert fake_twilio.stats()[f"fault_{mode}"] == 1
+
+
+@pytest.mark.parametrize("status", [502, 504])
+def test_proxy_errors_without_creation(client: Client, fake_twilio: FakeTwilioControl,
+                                       status: int) -> None:
+    fake_twilio.set_fault(str(status), count=1)
+    with pytest.raises(TwilioRestException) as raised:
+        client.messages.create(to=TO, from_=FROM, body="lost at the proxy")
+    assert raised.value.status == status
+    assert client.http_client._test_only_last_response.headers["Content-Type"].startswith(
+        "text/html")
+    assert client.messages.list(to=TO) == []
+    assert fake_twilio.messages()[0]["accepted"] is False
+
+
+def test_hold_keeps_the_message_queued_without_date_sent_then_sends_it(
+        client: Client, fake_twilio: FakeTwilioControl,
+        callback_receiver: CallbackReceiver) -> None:
+    fake_twilio.configure(send_delay_ms=0, deliver_delay_ms=0)
+    fake_twilio.set_fault("hold", count=1, hold_ms=1500)
+    held = client.messages.create(to=TO, from_=FROM, body="held",
+                                  status_callback=callback_receiver.url)
+    other = client.messages.create(to=TO, from_=FROM, body="not held",
+                                   status_callback=callback_receiver.url)
+    assert held.status == "queued"
+    fetched = client.messages(held.sid).fetch()
+    assert (fetched.status, fetched.date_sent) == ("queued", None)
+    assert client.messages(other.sid).fetch().status == "delivered"
+    today = datetime.now(timezone.utc).date().isoformat()
+    assert [m.body for m in client.messages.list(to=TO, date_sent=today)] == ["not held"]
+    assert [m.body for m in client.messages.list(to=TO)] == ["not held", "held"]
+    wait_until(lambda: client.messages(held.sid).fetch().status == "delivered",
+               message="the held message to be sent")
+    wait_until(lambda: len(callback_receiver.received) == 4, message="four callbacks")
+    [logged, _] = fake_twilio.messages()
+    assert (logged["fault"], logged["sent_at"]) == ("hold", pytest.approx(
+        logged["received_at"] + 1.5))
+    held_callbacks = [c for c in fake_twilio.callbacks() if c["sid"] == held.sid]
+    assert [c["status"] for c in held_callbacks] == ["sent", "delivered"]
+    assert all(c["posted_at"] >= logged["received_at"] + 1.5 for c in held_callbacks)
+
+
+@pytest.mark.parametrize(("mode", "status", "code", "message"), [
+    ("20003", 401, 20003, "Authenticate"),
+    ("20404", 404, 20404, "was not found"),
+    ("63038", 429, 63038, "Account exceeded the daily messages limit")])
+def test_account_wide_errors_create_nothing(client: Client, fake_twilio: FakeTwilioControl,
+                                            mode: str, status: int, code: int,
+                                            message: str) -> None:
+    fake_twilio.set_fault(mode, count=2)
+    for _ in range(2):
+        with pytest.raises(TwilioRestException) as raised:
+            client.messages.create(to=TO, from_=FROM, body="x")
+        assert (raised.value.status, raised.value.code) == (status, code)
+        assert message in raised.value.msg
+    assert [(m["accepted"], m["fault"]) for m in fake_twilio.messages()] == [(False, mode)] * 2
+    assert client.messages.list(to=TO) == []
+    assert client.messages.create(to=TO, from_=FROM, body="x").status == "queued"
+
+
+def test_an_account_wide_fault_for_a_while_answers_every_request(
+        client: Client, fake_twilio: FakeTwilioControl) -> None:
+    sent = client.messages.create(to=TO, from_=FROM, body="before")
+    fake_twilio.set_fault("20003", seconds=1.5)
+    [rule] = fake_twilio.faults()
+    assert rule["expires_at"] == pytest.approx(time.time() + 1.5, abs=1)
+    for request in (lambda: client.messages.create(to=TO, from_=FROM, body="during"),
+                    lambda: client.messages.list(to=TO),
+                    lambda: client.messages(sent.sid).fetch()):
+        with pytest.raises(TwilioException):
+            request()
+        answer = client.http_client._test_only_last_response
+        assert (answer.status_code, json.loads(answer.text)["code"]) == (401, 20003)
+    assert fake_twilio.stats()["fault_20003"] == 3
+    wait_until(lambda: fake_twilio.faults() == [], message="the fault to end")
+    assert client.messages.create(to=TO, from_=FROM, body="after").status == "queued"
+    assert [m.body for m in client.messages.list(to=TO)] == ["after", "before"]
+
+
+def test_seconds_ends_a_rule_whatever_its_count(fake_twilio: FakeTwilioControl) -> None:
+    fake_twilio.set_faults([{"mode": "63038", "count": 1000, "seconds": 0.5},
+                            {"mode": "20003", "to": "+14155550111", "seconds": 0.5}])
+    assert raw_create(fake_twilio, {"To": TO, "From": FROM, "Body": "x"}).status_code == 429
+    wait_until(lambda: fake_twilio.faults() == [], message="the rules to end")
+    assert raw_create(fake_twilio, {"To": TO, "From": FROM, "Body": "x"}).status_code == 201
+
+
+@pytest.mark.parametrize(("mode", "code", "error_message"), [
+    ("fail-30001", 30001, "Queue overflow"),
+    ("fail-30022", 30022, "US A2P 10DLC - Rate Limits Exceeded")])
+def test_fail_faults_accept_then_fail_the_message(
+        client: Client, fake_twilio: FakeTwilioControl, callback_receiver: CallbackReceiver,
+        mode: str, code: int, error_message: str) -> None:
+    fake_twilio.configure(send_delay_ms=50, deliver_delay_ms=0)
+    fake_twilio.set_fault(mode, count=1)
+    created = client.messages.create(to=TO, from_=FROM, body="dropped by Twilio",
+                                     status_callback=callback_receiver.url)
+    assert (created.status, created.error_code) == ("queued", None)
+    wait_until(lambda: client.messages(created.sid).fetch().status == "failed",
+               message="the message to fail")
+    fetched = client.messages(created.sid).fetch()
+    assert (fetched.error_code, fetched.error_message, fetched.date_sent) == (
+        code, error_message, None)
+    [listed] = client.messages.list(to=TO)
+    assert (listed.status, listed.error_code, listed.error_message) == (
+        "failed", code, error_message)
+    wait_until(lambda: callback_receiver.received, message="the failed callback")
+    [(_, form, _)] = callback_receiver.received  # no `sent` callback: it never left Twilio
+    assert (form["MessageStatus"], form["ErrorCode"]) == ("failed", str(code))
+    [logged] = fake_twilio.messages()
+    assert (logged["fault"], logged["status"], logged["final_error_code"]) == (mode, "failed", code)
+
+
 def test_faults_can_target_one_recipient_or_sender(client: Client,
                                                    fake_twilio: FakeTwilioControl) -> None:
     fake_twilio.set_faults([{"mode": "500", "to": "+14155550111"},
@@ -310,8 +508,9 @@ def test_control_api_rejects_nonsense(fake_twilio: FakeTwilioControl) -> None:
     for bad in ({"mode": "teapot"}, {"mode": "429", "count": 0}, {"mode": "429", "colour": 1}):
         response = requests.post(f"{fake_twilio.url}/_fake/faults", json=bad, timeout=5)
         assert response.status_code == 400
-    assert requests.post(f"{fake_twilio.url}/_fake/config", json={"speed": 1},
-                         timeout=5).status_code == 400
+    for bad in ({"speed": 1}, {"callback_duplicates": 2}, {"callback_reorder": "yes"}):
+        response = requests.post(f"{fake_twilio.url}/_fake/config", json=bad, timeout=5)
+        assert response.status_code == 400, bad
 
 
 def test_fault_flag_syntax() -> None:
@@ -320,7 +519,12 @@ def test_fault_flag_syntax() -> None:
     assert FaultRule.parse("drop") == FaultRule("drop")
     assert FaultRule.parse("500:probability=0.1,to=+14155550123") == FaultRule(
         "500", probability=0.1, to="+14155550123")
-    for bad in ("teapot", "429:count", "429:count=0", "429:probability=2", "slow:speed=1"):
+    assert FaultRule.parse("20003:seconds=60") == FaultRule("20003", seconds=60)
+    assert FaultRule.parse("hold:hold_ms=5000,count=2") == FaultRule("hold", hold_ms=5000, count=2)
+    assert FaultRule.parse("fail-30001:sender=MG" + "1" * 32) == FaultRule(
+        "fail-30001", sender="MG" + "1" * 32)
+    for bad in ("teapot", "429:count", "429:count=0", "429:probability=2", "slow:speed=1",
+                "20003:seconds=0", "hold:expires_at=1", "hold:hold_ms=-1"):
         with pytest.raises(FaultError):
             FaultRule.parse(bad)
 
@@ -416,17 +620,19 @@ def test_signed_status_callbacks_sent_then_final(client: Client, fake_twilio: Fa
                                                  callback_receiver: CallbackReceiver, to: str,
                                                  final: str, error_code: str | None) -> None:
     fake_twilio.configure(send_delay_ms=20, deliver_delay_ms=50)
+    query = f"?n={uuid.uuid4()}&x=a%2Bb"
     message = client.messages.create(to=to, from_=FROM, body="hi",
-                                     status_callback=callback_receiver.url + "?n=1")
+                                     status_callback=callback_receiver.url + query)
     wait_until(lambda: len(callback_receiver.received) == 2, timeout=10,
                message="two status callbacks")
     validator = RequestValidator(fake_twilio.auth_token)
     statuses = []
     for path, form, signature in callback_receiver.received:
-        assert path == "/twilio/status?n=1"
-        assert validator.validate(callback_receiver.url + "?n=1", form, signature)
+        assert path == "/twilio/status" + query  # the URL as given, query string and all
+        assert validator.validate(callback_receiver.url + query, form, signature)
+        assert not validator.validate(callback_receiver.url, form, signature)
         assert not RequestValidator("another-token").validate(
-            callback_receiver.url + "?n=1", form, signature)
+            callback_receiver.url + query, form, signature)
         expected = {"MessageSid": message.sid, "SmsSid": message.sid, "To": to, "From": FROM,
                     "AccountSid": fake_twilio.account_sid, "ApiVersion": "2010-04-01",
                     "SmsStatus": form["MessageStatus"]}
@@ -434,9 +640,35 @@ def test_signed_status_callbacks_sent_then_final(client: Client, fake_twilio: Fa
         assert form.get("ErrorCode") == (error_code if form["MessageStatus"] == final else None)
         statuses.append(form["MessageStatus"])
     assert statuses == ["sent", final]
-    assert client.messages(message.sid).fetch().status == final
+    fetched = client.messages(message.sid).fetch()
+    assert fetched.status == final
+    assert (fetched.error_code, fetched.error_message) == (
+        (30003, "Unreachable destination handset") if error_code else (None, None))
     wait_until(lambda: fake_twilio.stats().get("callbacks_ok") == 2, message="callback log")
     assert [c["status"] for c in fake_twilio.callbacks()] == ["sent", final]
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({"callback_duplicates": 1}, ["sent", "sent", "delivered", "delivered"]),
+    ({"callback_reorder": 1}, ["delivered", "sent"]),
+    ({"callback_duplicates": 1, "callback_reorder": 1},
+     ["delivered", "delivered", "sent", "sent"]),
+])
+def test_duplicate_and_reordered_callbacks(client: Client, fake_twilio: FakeTwilioControl,
+                                           callback_receiver: CallbackReceiver, settings: dict,
+                                           expected: list[str]) -> None:
+    fake_twilio.configure(send_delay_ms=20, deliver_delay_ms=50, **settings)
+    message = client.messages.create(to=TO, from_=FROM, body="hi",
+                                     status_callback=callback_receiver.url)
+    wait_until(lambda: fake_twilio.stats()["callbacks_waiting"] == 0
+               and len(callback_receiver.received) == len(expected),
+               message="every status callback")
+    validator = RequestValidator(fake_twilio.auth_token)
+    assert [form["MessageStatus"] for _, form, _ in callback_receiver.received] == expected
+    for _, form, signature in callback_receiver.received:
+        assert form["MessageSid"] == message.sid
+        assert validator.validate(callback_receiver.url, form, signature)
+    wait_until(lambda: fake_twilio.stats()["callbacks_ok"] == len(expected), message="the log")
 
 
 # --- the command ---------------------------------------------------------------------------
@@ -455,6 +687,21 @@ def test_command_runs_on_a_free_port_with_faults_and_stops_on_sigterm() -> None:
         assert fake.messages(after=second["seq"]) == []
         fake.clear()
         assert fake.messages() == []
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+
+
+def test_command_flags_for_created_faults_and_callbacks() -> None:
+    process, fake = spawn("--fault", "created-503:count=1", "--callback-reorder")
+    try:
+        config = fake.configure()
+        assert (config["callback_reorder"], config["callback_duplicates"]) == (1, 0)
+        client = client_for(fake)
+        with pytest.raises(TwilioRestException) as raised:
+            client.messages.create(to=TO, from_=FROM, body="x")
+        assert (raised.value.status, raised.value.code) == (503, 20503)
+        assert [m.sid for m in client.messages.list(to=TO)] == [fake.messages()[0]["sid"]]
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0

@@ -9,6 +9,7 @@ from consumer.commands import UsageError
 from consumer.fake_twilio import (
     FAKE_ACCOUNT_SID,
     FAKE_AUTH_TOKEN,
+    FAULT_MODES,
     UNDELIVERABLE_TO,
     FaultError,
     FaultRule,
@@ -39,8 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time from sent to delivered")
     parser.add_argument("--fault", action="append", default=[], metavar="MODE[:k=v,...]",
                         help="inject a fault into message creation, e.g. 429:count=3,retry_after=2 "
-                             "or 500:probability=0.1 or slow:slow_ms=15000 or drop:count=1; "
-                             "modes: 429 500 503 21611 slow drop drop-unrecorded; repeatable")
+                             "or 500:probability=0.1 or 20003:seconds=60 or hold:hold_ms=120000 "
+                             "or fail-30001:to=+14155550123; keys: count probability seconds "
+                             "retry_after slow_ms hold_ms to sender; modes: "
+                             f"{' '.join(sorted(FAULT_MODES))}; repeatable")
+    parser.add_argument("--callback-duplicates", action="store_true",
+                        help="post every status callback twice")
+    parser.add_argument("--callback-reorder", action="store_true",
+                        help="post the final status callback before the 'sent' one")
     parser.epilog = (f"Twilio's test numbers answer as Twilio does (To +15005550001 -> 21211, "
                      f"...); To {UNDELIVERABLE_TO} is accepted and then undelivered (30003). "
                      "Control at run time: GET/DELETE /_fake/messages, GET/POST/DELETE "
@@ -59,7 +66,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         account_sid=args.account_sid or settings.twilio_account_sid or FAKE_ACCOUNT_SID,
         auth_token=args.auth_token or token or FAKE_AUTH_TOKEN,
         latency_ms=args.latency_ms, jitter_ms=args.jitter_ms,
-        send_delay_ms=args.send_delay_ms, deliver_delay_ms=args.deliver_delay_ms)
+        send_delay_ms=args.send_delay_ms, deliver_delay_ms=args.deliver_delay_ms,
+        callback_duplicates=args.callback_duplicates, callback_reorder=args.callback_reorder)
     stop = StopSignal().install()
     with server:
         log.warning("fake Twilio listening on %s: a SANDBOX, nothing is delivered to any phone",
