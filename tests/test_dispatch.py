@@ -201,3 +201,24 @@ def test_the_dispatcher_folds_the_status_counts(settings, fake_twilio):
                        message="deltas folded")
         assert conn.execute("SELECT status, priority, delta FROM notification_count_delta"
                             ).fetchall() == [("pending", "low", 3)]
+
+
+def test_a_row_held_longer_than_its_lease_keeps_its_lease_renewed(settings, fake_twilio):
+    """A slow answer must not let the row look abandoned (to a takeover, to the dashboard)."""
+    slow_to = "+14155550177"
+    fake_twilio.set_fault("slow", to=slow_to, slow_ms=8_000)
+    settings = dispatch_settings(settings, fake_twilio, smsq_lease_seconds=2.0,
+                                 smsq_twilio_read_timeout=20.0)
+    [row_id] = add_notifications(settings, {"body": "slow", "sms": {"to_phone_number": slow_to}})
+    lease = """SELECT status, claimed_by IS NOT NULL, lease_expire_datetime > now()
+               FROM notification WHERE id = %s"""
+    with running_dispatcher(settings), psycopg.connect(settings.database_dsn,
+                                                       autocommit=True) as conn:
+        wait_until(lambda: conn.execute(
+            "SELECT now() - claimed_datetime > interval '5 seconds' FROM notification "
+            "WHERE id = %s", (row_id,)).fetchone()[0], timeout=15,
+            message="the row held for more than two leases")
+        assert conn.execute(lease, (row_id,)).fetchone() == ("processing", True, True)
+        wait_until(lambda: settled(settings, 1), timeout=15, message="the slow one sent")
+    [request] = arrivals(fake_twilio)
+    assert rows_by_id(settings)[row_id]["twilio_sid"] == request["sid"]
