@@ -217,6 +217,36 @@ def test_postgres_stopped_nothing_acknowledged_meanwhile_all_stored_once_back(
     assert_stored_exactly_once(settings, before_ids | during_ids)
 
 
+
+def test_the_prefetch_bounds_what_the_consumer_holds_while_postgres_is_away(
+        settings, own_postgres, tmp_path):
+    """Ten times the prefetch published during the outage: the consumer holds the prefetch,
+    no more (memory stays bounded), and the rest waits in the broker."""
+    migrate(own_postgres.url)
+    prefetch, published = 50, 500
+    settings = settings.model_copy(update={"database_url": PostgresDsn(own_postgres.url),
+                                           "smsq_prefetch": prefetch,
+                                           "smsq_ingest_batch_size": 10})
+    log_path = tmp_path / "consume.log"
+    consumer = start_smsq(settings, "consume", log_path=log_path)
+    wait_until(lambda: "consume_started" in log_of(log_path), message="consumer started")
+    own_postgres.stop()
+    bodies, ids = messages(published)
+    publish_in_transactions(settings, bodies)
+    wait_until(lambda: queue_counts(settings.smsq_queue)[1] >= prefetch,
+               message="the consumer to take its prefetch")
+    wait_until(lambda: log_of(log_path).count("postgres_retry") >= 2, timeout=30,
+               message="the consumer to fail to reach Postgres")
+    for _ in range(3):  # and it stays so while the writers retry
+        assert queue_counts(settings.smsq_queue) == (published - prefetch, prefetch)
+
+    own_postgres.start()
+    wait_until(lambda: stored_count(own_postgres.url) == published
+               and queue_counts(settings.smsq_queue) == (0, 0), timeout=60,
+               message="everything stored once Postgres is back")
+    assert stop(consumer) == 0
+    assert_stored_exactly_once(settings, ids)
+
 # -- RabbitMQ connection closed ------------------------------------------------------------------
 
 def test_rabbitmq_connection_closed_reconnects_and_loses_nothing(settings, tmp_path):
