@@ -9,6 +9,7 @@ really happened.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import socket
@@ -113,19 +114,32 @@ def log_of(path: Path) -> str:
 # -- killed with SIGKILL -------------------------------------------------------------------------
 
 def test_killed_several_times_during_a_stream_every_message_is_stored_once(settings, tmp_path):
+    """The first kill is aimed: the test holds the first message's id in an open transaction,
+    so the first batch waits on that lock while later batches commit, and none of them can be
+    acknowledged before it. The broker redelivers those committed ones to the next consumer,
+    which must acknowledge them without storing them again. The other kills land anywhere."""
     bodies, published = messages(20_000)
+    log_path = tmp_path / "consume.log"
     declare_queues(settings)
     publisher = publish_in_background(settings, bodies)
-    stored_at_kill = []
-    for kill in range(1, 5):
-        consumer = start_smsq(settings, "consume", log_path=tmp_path / "consume.log")
-        wait_until(lambda: stored_count(settings.database_dsn) >= kill * 3_000, timeout=60,
-                   message=f"progress before kill {kill}")
-        consumer.send_signal(signal.SIGKILL)
-        assert consumer.wait(timeout=10) == -signal.SIGKILL
+    with psycopg.connect(settings.database_dsn) as holder:
+        holder.execute("INSERT INTO notification (id, body) VALUES (%s, 'held by the test')",
+                       (json.loads(bodies[0])["id"],))
+        consumer = start_smsq(settings, "consume", log_path=log_path)
+        wait_until(lambda: stored_count(settings.database_dsn) >= 2_000, timeout=60,
+                   message="batches committed behind the held one")
+        kill(consumer)
+        committed_unacknowledged = stored_count(settings.database_dsn)
+        holder.rollback()
+    stored_at_kill = [committed_unacknowledged]
+    for kill_number in range(2, 5):
+        consumer = start_smsq(settings, "consume", log_path=log_path)
+        wait_until(lambda: stored_count(settings.database_dsn) >= kill_number * 3_000,
+                   timeout=60, message=f"progress before kill {kill_number}")
+        kill(consumer)
         stored_at_kill.append(stored_count(settings.database_dsn))
     publisher.join()
-    consumer = start_smsq(settings, "consume", log_path=tmp_path / "consume.log")
+    consumer = start_smsq(settings, "consume", log_path=log_path)
     wait_until(lambda: stored_count(settings.database_dsn) == len(published)
                and queue_counts(settings.smsq_queue) == (0, 0), timeout=60,
                message="everything stored after the last restart")
@@ -133,6 +147,18 @@ def test_killed_several_times_during_a_stream_every_message_is_stored_once(setti
     # The kills came mid-stream, each with messages still to come.
     assert all(0 < count < len(published) for count in stored_at_kill), stored_at_kill
     assert_stored_exactly_once(settings, published)
+    # Every message committed but unacknowledged at the first kill came again, a duplicate.
+    assert duplicates_acknowledged(log_of(log_path)) >= committed_unacknowledged
+
+
+def kill(consumer: subprocess.Popen) -> None:
+    consumer.send_signal(signal.SIGKILL)
+    assert consumer.wait(timeout=10) == -signal.SIGKILL
+
+
+def duplicates_acknowledged(log: str) -> int:
+    """Messages consume acknowledged without storing them, having stored them already."""
+    return sum(int(n) for n in re.findall(r"action=duplicates_acknowledged count=(\d+)", log))
 
 
 # -- Postgres stopped ----------------------------------------------------------------------------
