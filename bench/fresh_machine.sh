@@ -68,8 +68,8 @@ new_machine() {
 $REGISTRY_HOSTS
 HOSTS
     echo "$APT_SOURCES" > "$ROOTFS/etc/apt/sources.list"
-    # This workplace reaches the registries through a TLS-inspecting gateway whose CA the host trusts
-    # (its pip.conf names the bundle): the machine gets the same, as any machine here would.
+    # This workplace reaches the registries through a TLS-inspecting gateway whose CA the host
+    # trusts (its pip.conf names the bundle): the machine gets the same, as any machine here would.
     mkdir -p "$ROOTFS/etc/fresh-machine"
     cp /etc/ssl/certs/ca-certificates.crt "$ROOTFS/etc/fresh-machine/ca-bundle.crt"
     printf '[global]\ncert = /etc/fresh-machine/ca-bundle.crt\n%s\n' "$PIP_CONF" \
