@@ -13,8 +13,11 @@
 # copied anew for every run, with a clone of this repository in /srv/smsq, run in its own
 # network, mount, PID, UTS and IPC namespaces: its 127.0.0.1 is its own, so the RabbitMQ and
 # Postgres this host runs for everyone are neither seen nor touched, and the scripts must
-# install and start their own. Its only way out is bench/fresh_machine_tunnel.py to Debian's
-# mirror and PyPI (mapped in its /etc/hosts), as a fresh machine with registry access has.
+# install and start their own. Its only way out is bench/fresh_machine_tunnel.py to the package
+# registries this host is set up with (its apt sources and pip's index, read at run time by
+# bench/fresh_machine_registries.py, mapped in the machine's /etc/hosts), as a fresh machine
+# with registry access has. Run it where root's apt and pip reach them (sudo keeps root's pip
+# configuration, not the caller's PIP_INDEX_URL; sudo -E passes that on).
 # When it ends, the PID namespace ends, and with it every process started inside.
 # Everything runs at the lowest CPU and I/O priority. Logs: $FRESH_WORK/*.log.
 set -euo pipefail
@@ -26,48 +29,54 @@ WORK="${FRESH_WORK:-/var/tmp/smsq-fresh}"
 BASE="$WORK/base"          # the pristine Debian root, kept between runs
 ROOTFS="$WORK/root"        # this run's machine
 NETNS="smsq-fresh-$$"
-MIRROR=http://deb.debian.org/debian
+RELEASE=bookworm
 REV="$(git -C "$REPO" rev-parse "${FRESH_REF:-HEAD}")"
 
 renice -n 19 -p $$ >/dev/null
 ionice -c 3 -p $$
 say() { printf '\033[1m### %s\033[0m\n' "$*" >&2; }
+registries() { python3 "$REPO/bench/fresh_machine_registries.py" "$@"; }
+# Read once, up front: a host without a source for $RELEASE stops here.
+APT_MIRROR="$(registries apt-mirror "$RELEASE")"
+APT_SOURCES="$(registries apt-sources "$RELEASE")"
+PIP_CONF="$(registries pip-conf)"
+REGISTRY_HOSTS="$(registries hosts "$RELEASE")"
+TUNNEL_ROUTES="$(registries routes "$RELEASE")"
 mkdir -p "$WORK"
 
 build_base() {
     [ -x "$BASE/usr/bin/python3" ] && [ -z "${FRESH_REBUILD:-}" ] && return 0
     command -v debootstrap >/dev/null || apt-get install -y -qq debootstrap >/dev/null
-    say "building a minimal Debian bookworm root with python3 in $BASE"
+    say "building a minimal Debian $RELEASE root with python3 in $BASE"
     rm -rf "$BASE"
-    debootstrap --variant=minbase --include=python3 bookworm "$BASE" "$MIRROR" > "$WORK/debootstrap.log"
+    debootstrap --variant=minbase --include=python3 "$RELEASE" "$BASE" "$APT_MIRROR" \
+        > "$WORK/debootstrap.log"
 }
 
-# A new machine: the pristine root, named `fresh`, with Debian's usual sources, registry names
-# pointing at the tunnel, and a clone of the repository at $REV.
+# A new machine: the pristine root, named `fresh`, with this host's apt sources and pip index,
+# registry names pointing at the tunnel, and a clone of the repository at $REV.
 new_machine() {
     say "a fresh machine in $ROOTFS with smsq at ${REV:0:12}"
     rm -rf "$ROOTFS"
     cp -a "$BASE" "$ROOTFS"
     echo fresh > "$ROOTFS/etc/hostname"
-    cat > "$ROOTFS/etc/hosts" <<'HOSTS'
+    cat > "$ROOTFS/etc/hosts" <<HOSTS
 127.0.0.1 localhost
 127.0.1.1 fresh
 ::1 localhost ip6-localhost ip6-loopback
 # registries, through bench/fresh_machine_tunnel.py
-127.0.0.2 deb.debian.org
-127.0.0.3 pypi.org
-127.0.0.4 files.pythonhosted.org
+$REGISTRY_HOSTS
 HOSTS
-    cat > "$ROOTFS/etc/apt/sources.list" <<SOURCES
-deb $MIRROR bookworm main
-deb $MIRROR bookworm-updates main
-deb http://deb.debian.org/debian-security bookworm-security main
-SOURCES
-    # This workplace reaches PyPI through a TLS-inspecting gateway whose CA the host trusts
-    # (its pip.conf names the bundle): the machine gets the same, as any machine here would.
+    echo "$APT_SOURCES" > "$ROOTFS/etc/apt/sources.list"
+    # This workplace reaches the registries through a TLS-inspecting gateway whose CA the host
+    # trusts (its pip.conf names the bundle): the machine gets the same, as any machine here would.
     mkdir -p "$ROOTFS/etc/fresh-machine"
     cp /etc/ssl/certs/ca-certificates.crt "$ROOTFS/etc/fresh-machine/ca-bundle.crt"
-    printf '[global]\ncert = /etc/fresh-machine/ca-bundle.crt\n' > "$ROOTFS/etc/pip.conf"
+    printf '[global]\ncert = /etc/fresh-machine/ca-bundle.crt\n%s\n' "$PIP_CONF" \
+        > "$ROOTFS/etc/pip.conf"
+    # An apt source over https checks its certificate against the same bundle.
+    echo 'Acquire::https::CAInfo "/etc/fresh-machine/ca-bundle.crt";' \
+        > "$ROOTFS/etc/apt/apt.conf.d/90fresh-machine-ca"
     git clone -q "$REPO" "$ROOTFS/srv/smsq"
     git -C "$ROOTFS/srv/smsq" checkout -q "$REV"
 }
@@ -158,9 +167,9 @@ LOGIN
 start_network() {
     ip netns add "$NETNS"
     ip -n "$NETNS" link set lo up
-    python3 "$REPO/bench/fresh_machine_tunnel.py" "/run/netns/$NETNS" \
-        127.0.0.2:80=deb.debian.org:80 127.0.0.3:443=pypi.org:443 \
-        127.0.0.4:443=files.pythonhosted.org:443 > "$WORK/tunnel.log" 2>&1 &
+    local routes; mapfile -t routes <<<"$TUNNEL_ROUTES"
+    python3 "$REPO/bench/fresh_machine_tunnel.py" "/run/netns/$NETNS" "${routes[@]}" \
+        > "$WORK/tunnel.log" 2>&1 &
     TUNNEL=$!
     for _ in $(seq 50); do grep -q ready "$WORK/tunnel.log" && return 0; sleep 0.1; done
     cat "$WORK/tunnel.log" >&2; return 1

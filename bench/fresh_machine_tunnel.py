@@ -1,9 +1,10 @@
 """The fresh machine's only way out: package registries, nothing else.
 
-    python3 bench/fresh_machine_tunnel.py /run/netns/NAME 127.0.0.2:80=deb.debian.org:80 ...
+    python3 bench/fresh_machine_tunnel.py /run/netns/NAME 127.0.0.2:80=MIRROR-HOST:80 ...
 
 Listens on each local address INSIDE the network namespace (its /etc/hosts maps the registry
-names there) and relays the bytes to the real host from the host's own network. TLS passes
+names there) and relays the bytes to the real host from the host's own network. The routes
+come from bench/fresh_machine_registries.py, out of this host's own apt and pip settings. TLS passes
 through untouched, so pip checks PyPI's certificate as it would anywhere. Used by
 bench/fresh_machine.sh only; the namespace's own 127.0.0.1 stays its own.
 """

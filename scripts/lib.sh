@@ -38,12 +38,14 @@ ensure_venv() {
 }
 
 # Programs the tests run besides Python, which a fresh Debian lacks: git (the quick-start test
-# clones this checkout), ss from iproute2 (fault tests find a process's connections) and
-# libatomic1 (Playwright's driver, the node binary in its wheel, is linked to it).
+# clones this checkout), ss from iproute2 (fault tests find a process's connections),
+# systemd-analyze from systemd (the unit files are verified) and libatomic1 (Playwright's
+# driver, the node binary in its wheel, is linked to it).
 ensure_test_programs() {
     local missing=()
     command -v git >/dev/null || missing+=(git)
     command -v ss >/dev/null || missing+=(iproute2)
+    command -v systemd-analyze >/dev/null || missing+=(systemd)
     deb_installed libatomic1 || missing+=(libatomic1)
     [ ${#missing[@]} = 0 ] || apt_install "${missing[@]}"
 }

@@ -126,10 +126,12 @@ def test_every_bad_line_is_named_at_once(queues, tmp_path):
 def test_status_counts_by_status_and_priority_and_queue_depths(queues):
     with psycopg.connect(queues.database_dsn) as conn:
         conn.execute("""
-            INSERT INTO notification (id, body, priority, status)
-            SELECT gen_random_uuid(), 'x', p, s
-            FROM (VALUES ('high', 'pending'), ('high', 'pending'), ('low', 'pending'),
-                         ('medium', 'sent'), ('low', 'errored')) AS v(p, s)""")
+            INSERT INTO notification (id, body, priority, status, publish_datetime)
+            SELECT gen_random_uuid(), 'x', p, s, now() - age
+            FROM (VALUES ('high', 'pending', interval '10 minutes'),
+                         ('high', 'pending', interval '0'), ('low', 'pending', interval '0'),
+                         ('medium', 'sent', interval '3 hours'),
+                         ('low', 'errored', interval '0')) AS v(p, s, age)""")
     publish_raw(queues, [b"waiting"] * 4)
     publish_raw(queues, [b"dead"], exchange="", routing_key=queues.dead_queue)
 
@@ -140,7 +142,8 @@ def test_status_counts_by_status_and_priority_and_queue_depths(queues):
     assert report["notifications"]["sent"] == {"high": 0, "medium": 1, "low": 0}
     assert report["notifications"]["errored"] == {"high": 0, "medium": 0, "low": 1}
     assert report["queues"] == {queues.smsq_queue: 4, queues.dead_queue: 1}
-    assert report["oldest_due_age_seconds"] >= 0
+    # The oldest pending one (the sent one, older still, is not due).
+    assert 600 <= report["oldest_due_age_seconds"] < 7200
 
     text = run_smsq(queues, "status")
     assert text.returncode == 0, text.stderr

@@ -7,6 +7,7 @@ test_dispatch_process.py, with the dispatcher as its own process.
 from __future__ import annotations
 
 import base64
+import time
 from datetime import datetime, timedelta, timezone
 
 import psycopg
@@ -14,7 +15,7 @@ from pydantic import AnyHttpUrl
 
 from tests.dispatch_support import (
     SENDER, TO, add_notifications, arrivals, dispatch_settings,
-    most_in_any_window, rows_by_id, running_dispatcher, statuses,
+    rows_by_id, running_dispatcher, statuses,
 )
 from tests.support import wait_until
 
@@ -73,29 +74,37 @@ def test_each_sender_sends_from_its_own_address(settings, fake_twilio):
 
 
 def test_pacing_holds_the_rate_and_the_capacity(settings, fake_twilio):
-    rate, count = 4.0, 13
-    settings = dispatch_settings(settings, fake_twilio, twilio_sms_rate=rate, smsq_burst=1.0)
+    rate, burst, count = 4.0, 3.0, 40
+    settings = dispatch_settings(settings, fake_twilio, twilio_sms_rate=rate, smsq_burst=burst)
     add_notifications(settings, *[{"body": f"paced {i}"} for i in range(count)])
+    started = time.monotonic()
     with running_dispatcher(settings):
-        wait_until(lambda: settled(settings, count), timeout=15, message="all sent")
-    times = [m["received_monotonic"] for m in arrivals(fake_twilio)]
-    assert len(times) == count
-    # A full bucket of 1 plus 4 per second: at most 5 in any second (1 of scheduling slack).
-    assert most_in_any_window(times) <= 1 + rate + 1
-    # Paced, not burst: 13 sends at 4/s with a bucket of 1 take at least 12/4 s.
-    assert times[-1] - times[0] >= (count - 1) / rate - 0.25
+        wait_until(lambda: len(arrivals(fake_twilio)) >= 12, timeout=15, message="twelve sent")
+        sent = len(arrivals(fake_twilio))
+        # Counted against all the time the test gave it (a slow machine only allows more):
+        # a full bucket, then the rate. Timings of each send: bench/dispatch.py --only pacing.
+        allowed = burst + rate * (time.monotonic() - started)
+    assert sent <= allowed
+    assert statuses(settings) == {"sent": len(arrivals(fake_twilio)),
+                                  "pending": count - len(arrivals(fake_twilio))}
 
 
 def test_a_multi_segment_message_costs_its_segments(settings, fake_twilio):
-    settings = dispatch_settings(settings, fake_twilio, twilio_sms_rate=4.0, smsq_burst=1.0)
+    # A refill so slow (a token in 100 s) that the bucket, read back, shows what a send cost.
+    settings = dispatch_settings(settings, fake_twilio, twilio_sms_rate=0.01, smsq_burst=1.0)
     add_notifications(settings, {"body": LONG_BODY, "priority": "high"})
     add_notifications(settings, {"body": "after the long one"})
-    with running_dispatcher(settings):
-        wait_until(lambda: settled(settings, 2), timeout=10, message="both sent")
-    first, second = arrivals(fake_twilio)
-    assert first["body"] == LONG_BODY
-    # 3 segments from a bucket of 1: a debt of 2 tokens, then 1 more, at 4 tokens/s.
-    assert second["received_monotonic"] - first["received_monotonic"] >= 3 / 4 - 0.05
+    saved_after_the_send = """
+        SELECT tokens FROM dispatch_sender
+        WHERE sender = '' AND updated_datetime > (SELECT sent_datetime FROM notification
+                                                  WHERE status = 'sent')"""
+    with running_dispatcher(settings), psycopg.connect(settings.database_dsn,
+                                                       autocommit=True) as conn:
+        wait_until(lambda: settled(settings, 1), timeout=10, message="the long one sent")
+        [tokens] = wait_until(lambda: conn.execute(saved_after_the_send).fetchone(),
+                              timeout=10, message="the bucket saved after the send")
+    assert round(tokens) == 1 - 3  # a full bucket of 1, less 3 segments: a debt of 2
+    assert [m["body"] for m in arrivals(fake_twilio)] == [LONG_BODY]  # the next one waits
 
 
 def test_a_high_priority_message_overtakes_a_claimed_backlog(settings, fake_twilio):
@@ -148,16 +157,16 @@ def test_an_expired_message_is_errored_and_never_sent(settings, fake_twilio):
 
 
 def test_twilio_latency_does_not_cap_the_rate(settings, fake_twilio):
-    rate, count = 10.0, 15
-    fake_twilio.set_latency(300)
-    settings = dispatch_settings(settings, fake_twilio, twilio_sms_rate=rate, smsq_burst=1.0)
-    add_notifications(settings, *[{"body": f"slow twilio {i}"} for i in range(count)])
+    fake_twilio.set_latency(2_000)
+    settings = dispatch_settings(settings, fake_twilio, twilio_sms_rate=10.0, smsq_burst=1.0,
+                                 smsq_twilio_read_timeout=10.0)
+    add_notifications(settings, *[{"body": f"slow twilio {i}"} for i in range(5)])
     with running_dispatcher(settings):
-        wait_until(lambda: settled(settings, count), timeout=15, message="all sent")
-    most = most_in_any_window([m["received_monotonic"] for m in arrivals(fake_twilio)])
-    # One request at a time could start at most 4 per second at 300 ms each.
-    assert most > 4
-    assert most <= 1 + rate + 1  # and still never faster than the bucket
+        wait_until(lambda: settled(settings, 5), timeout=15, message="all sent")
+    first_answer = min(row["sent_datetime"] for row in rows_by_id(settings).values())
+    # One request at a time would send each only after the answer to the one before; here
+    # all five were on the wire before the first answer came back.
+    assert max(m["received_at"] for m in arrivals(fake_twilio)) < first_answer.timestamp()
 
 
 def test_the_loop_reconnects_when_its_database_connections_are_cut(settings, fake_twilio):
@@ -203,3 +212,24 @@ def test_the_dispatcher_folds_the_status_counts(settings, fake_twilio):
                        message="deltas folded")
         assert conn.execute("SELECT status, priority, delta FROM notification_count_delta"
                             ).fetchall() == [("pending", "low", 3)]
+
+
+def test_a_row_held_longer_than_its_lease_keeps_its_lease_renewed(settings, fake_twilio):
+    """A slow answer must not let the row look abandoned (to a takeover, to the dashboard)."""
+    slow_to = "+14155550177"
+    fake_twilio.set_fault("slow", to=slow_to, slow_ms=8_000)
+    settings = dispatch_settings(settings, fake_twilio, smsq_lease_seconds=2.0,
+                                 smsq_twilio_read_timeout=20.0)
+    [row_id] = add_notifications(settings, {"body": "slow", "sms": {"to_phone_number": slow_to}})
+    lease = """SELECT status, claimed_by IS NOT NULL, lease_expire_datetime > now()
+               FROM notification WHERE id = %s"""
+    with running_dispatcher(settings), psycopg.connect(settings.database_dsn,
+                                                       autocommit=True) as conn:
+        wait_until(lambda: conn.execute(
+            "SELECT now() - claimed_datetime > interval '5 seconds' FROM notification "
+            "WHERE id = %s", (row_id,)).fetchone()[0], timeout=15,
+            message="the row held for more than two leases")
+        assert conn.execute(lease, (row_id,)).fetchone() == ("processing", True, True)
+        wait_until(lambda: settled(settings, 1), timeout=15, message="the slow one sent")
+    [request] = arrivals(fake_twilio)
+    assert rows_by_id(settings)[row_id]["twilio_sid"] == request["sid"]

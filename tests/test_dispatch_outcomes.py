@@ -165,3 +165,19 @@ def test_reconciliation_never_takes_the_sid_of_another_row(settings, fake_twilio
     accepted = fake_twilio.messages(accepted_only=True)
     assert len(accepted) == 2 and len(fake_twilio.messages()) == 3
     assert {rows[lost]["twilio_sid"], rows[kept]["twilio_sid"]} == {m["sid"] for m in accepted}
+
+
+def test_retry_after_holds_every_row_of_the_sender_not_only_the_one_refused(
+        settings, fake_twilio):
+    """Twilio's Retry-After asks the account to slow down: the sender's next rows wait too."""
+    fake_twilio.set_fault("429", count=1, retry_after=2)
+    # One request at a time: the 429 is handled before any other row could be released, so
+    # each later request shows whether the pause held it back.
+    settings = dispatch_settings(settings, fake_twilio, smsq_dispatch_concurrency=1)
+    add_notifications(settings, *[{"body": f"row {i}"} for i in range(4)])
+    with running_dispatcher(settings):
+        wait_until(lambda: statuses(settings) == {"sent": 4}, timeout=20, message="all sent")
+    refused, *later = arrivals(fake_twilio, accepted_only=False)
+    assert refused["fault"] == "429" and len(later) == 4  # the three others, and the retry
+    pause_ends = refused["received_monotonic"] + 2
+    assert [m["body"] for m in later if m["received_monotonic"] < pause_ends] == []

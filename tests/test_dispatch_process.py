@@ -79,6 +79,32 @@ def test_sigterm_hands_back_unsent_rows_and_releases_the_sender(settings, fake_t
     assert holder_of_default_sender(settings) is None
 
 
+
+def test_a_second_signal_exits_at_once_without_waiting_for_twilio(settings, fake_twilio, tmp_path):
+    """The first SIGTERM waits (up to a grace period) for the request on the wire; the second
+    ends the process there and then, leaving the row to reconciliation."""
+    fake_twilio.set_fault("slow", to=SLOW_TO, slow_ms=30_000)
+    settings = dispatch_settings(settings, fake_twilio, smsq_twilio_read_timeout=60.0)
+    log_path = tmp_path / "dispatch.log"
+    dispatcher = start_smsq(settings, "dispatch", log_path=log_path)
+    try:
+        wait_until(lambda: holder_of_default_sender(settings) == holder_name(dispatcher),
+                   timeout=15, message="the dispatcher to hold the sender")
+        [slow_id] = add_notifications(settings, {"body": "stuck at twilio",
+                                                 "sms": {"to_phone_number": SLOW_TO}})
+        wait_until(lambda: arrivals(fake_twilio), timeout=10, message="the request on the wire")
+        dispatcher.send_signal(signal.SIGTERM)
+        wait_until(lambda: "stop_requested" in log_path.read_text(), message="the first stop")
+        # A graceful stop would exit 0 once the grace period is over; a forced one exits 1.
+        assert stop(dispatcher, signal.SIGINT, timeout=10) == 1
+    finally:
+        if dispatcher.poll() is None:
+            dispatcher.kill()
+    log = log_path.read_text()
+    assert "stop_forced" in log
+    assert "senders_released" not in log  # the graceful stop never got to its end
+    assert rows_by_id(settings)[slow_id]["status"] == "processing"
+
 def test_standby_takes_over_a_killed_dispatcher_and_sends_nothing_twice(
         settings, fake_twilio, tmp_path):
     fake_twilio.set_fault("slow", to=SLOW_TO, slow_ms=30_000, count=1)

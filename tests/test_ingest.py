@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import subprocess
 import threading
 import time
 import uuid
@@ -152,6 +153,28 @@ def store_and_wait(settings: Settings, bodies: list[bytes], **publish) -> None:
     publish_raw(settings, [json.dumps(marker).encode()])
     wait_until(lambda: count_rows(settings, f"id = '{marker['id']}'") == 1, message="marker")
 
+
+
+def test_quorum_queues_are_declared_and_consumed(settings):
+    """SMSQ_QUORUM_QUEUES=true, on the single local node as on a cluster: both queues are
+    quorum queues, and messages go through them as through classic ones."""
+    settings = settings.model_copy(update={"smsq_quorum_queues": True})
+    message = simple()
+    with running(Ingester(settings, StopSignal())):
+        store_and_wait(settings, [json.dumps(message).encode(), b"not json"])
+        wait_until(lambda: queue_depth(settings, settings.dead_queue) == 1,
+                   message="the bad one dead-lettered")
+    assert queue_types(settings.smsq_queue, settings.dead_queue) == ["quorum", "quorum"]
+    assert count_rows(settings, f"id = '{message['id']}'") == 1
+    assert queue_depth(settings, settings.smsq_queue) == 0
+
+
+def queue_types(*queues: str) -> list[str]:
+    """Each queue's type (classic, quorum, stream), as the broker itself reports it."""
+    listed = subprocess.run(["rabbitmqctl", "list_queues", "-q", "--no-table-headers",
+                             "name", "type"], check=True, capture_output=True, text=True).stdout
+    types = dict(line.split("\t") for line in listed.splitlines())
+    return [types.get(queue) for queue in queues]
 
 @pytest.mark.parametrize("reader_attaches", [True, False])
 def test_deliveries_come_through_the_reader_or_else_through_pika(

@@ -9,6 +9,7 @@ really happened.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import socket
@@ -113,19 +114,32 @@ def log_of(path: Path) -> str:
 # -- killed with SIGKILL -------------------------------------------------------------------------
 
 def test_killed_several_times_during_a_stream_every_message_is_stored_once(settings, tmp_path):
+    """The first kill is aimed: the test holds the first message's id in an open transaction,
+    so the first batch waits on that lock while later batches commit, and none of them can be
+    acknowledged before it. The broker redelivers those committed ones to the next consumer,
+    which must acknowledge them without storing them again. The other kills land anywhere."""
     bodies, published = messages(20_000)
+    log_path = tmp_path / "consume.log"
     declare_queues(settings)
     publisher = publish_in_background(settings, bodies)
-    stored_at_kill = []
-    for kill in range(1, 5):
-        consumer = start_smsq(settings, "consume", log_path=tmp_path / "consume.log")
-        wait_until(lambda: stored_count(settings.database_dsn) >= kill * 3_000, timeout=60,
-                   message=f"progress before kill {kill}")
-        consumer.send_signal(signal.SIGKILL)
-        assert consumer.wait(timeout=10) == -signal.SIGKILL
+    with psycopg.connect(settings.database_dsn) as holder:
+        holder.execute("INSERT INTO notification (id, body) VALUES (%s, 'held by the test')",
+                       (json.loads(bodies[0])["id"],))
+        consumer = start_smsq(settings, "consume", log_path=log_path)
+        wait_until(lambda: stored_count(settings.database_dsn) >= 2_000, timeout=60,
+                   message="batches committed behind the held one")
+        kill(consumer)
+        committed_unacknowledged = stored_count(settings.database_dsn)
+        holder.rollback()
+    stored_at_kill = [committed_unacknowledged]
+    for kill_number in range(2, 5):
+        consumer = start_smsq(settings, "consume", log_path=log_path)
+        wait_until(lambda: stored_count(settings.database_dsn) >= kill_number * 3_000,
+                   timeout=60, message=f"progress before kill {kill_number}")
+        kill(consumer)
         stored_at_kill.append(stored_count(settings.database_dsn))
     publisher.join()
-    consumer = start_smsq(settings, "consume", log_path=tmp_path / "consume.log")
+    consumer = start_smsq(settings, "consume", log_path=log_path)
     wait_until(lambda: stored_count(settings.database_dsn) == len(published)
                and queue_counts(settings.smsq_queue) == (0, 0), timeout=60,
                message="everything stored after the last restart")
@@ -133,6 +147,18 @@ def test_killed_several_times_during_a_stream_every_message_is_stored_once(setti
     # The kills came mid-stream, each with messages still to come.
     assert all(0 < count < len(published) for count in stored_at_kill), stored_at_kill
     assert_stored_exactly_once(settings, published)
+    # Every message committed but unacknowledged at the first kill came again, a duplicate.
+    assert duplicates_acknowledged(log_of(log_path)) >= committed_unacknowledged
+
+
+def kill(consumer: subprocess.Popen) -> None:
+    consumer.send_signal(signal.SIGKILL)
+    assert consumer.wait(timeout=10) == -signal.SIGKILL
+
+
+def duplicates_acknowledged(log: str) -> int:
+    """Messages consume acknowledged without storing them, having stored them already."""
+    return sum(int(n) for n in re.findall(r"action=duplicates_acknowledged count=(\d+)", log))
 
 
 # -- Postgres stopped ----------------------------------------------------------------------------
@@ -216,6 +242,36 @@ def test_postgres_stopped_nothing_acknowledged_meanwhile_all_stored_once_back(
     assert stop(consumer) == 0
     assert_stored_exactly_once(settings, before_ids | during_ids)
 
+
+
+def test_the_prefetch_bounds_what_the_consumer_holds_while_postgres_is_away(
+        settings, own_postgres, tmp_path):
+    """Ten times the prefetch published during the outage: the consumer holds the prefetch,
+    no more (memory stays bounded), and the rest waits in the broker."""
+    migrate(own_postgres.url)
+    prefetch, published = 50, 500
+    settings = settings.model_copy(update={"database_url": PostgresDsn(own_postgres.url),
+                                           "smsq_prefetch": prefetch,
+                                           "smsq_ingest_batch_size": 10})
+    log_path = tmp_path / "consume.log"
+    consumer = start_smsq(settings, "consume", log_path=log_path)
+    wait_until(lambda: "consume_started" in log_of(log_path), message="consumer started")
+    own_postgres.stop()
+    bodies, ids = messages(published)
+    publish_in_transactions(settings, bodies)
+    wait_until(lambda: queue_counts(settings.smsq_queue)[1] >= prefetch,
+               message="the consumer to take its prefetch")
+    wait_until(lambda: log_of(log_path).count("postgres_retry") >= 2, timeout=30,
+               message="the consumer to fail to reach Postgres")
+    for _ in range(3):  # and it stays so while the writers retry
+        assert queue_counts(settings.smsq_queue) == (published - prefetch, prefetch)
+
+    own_postgres.start()
+    wait_until(lambda: stored_count(own_postgres.url) == published
+               and queue_counts(settings.smsq_queue) == (0, 0), timeout=60,
+               message="everything stored once Postgres is back")
+    assert stop(consumer) == 0
+    assert_stored_exactly_once(settings, ids)
 
 # -- RabbitMQ connection closed ------------------------------------------------------------------
 

@@ -149,3 +149,19 @@ def test_a_status_smsq_does_not_track_is_acknowledged_and_ignored(web):
     insert_notification(conn, status="sent", twilio_sid=SID)
     assert callback(client, params("canceled")) == 200
     assert delivery(conn) == (None, None)
+
+
+def test_a_parked_callback_whose_sid_never_shows_up_is_forgotten_after_a_day(web):
+    client, conn = web
+    day_old, younger = "SM" + "1" * 32, "SM" + "2" * 32
+    for sid in (day_old, younger):
+        assert callback(client, params("delivered", sid=sid)) == 200
+    parked = "SELECT twilio_sid FROM delivery_receipt_early ORDER BY twilio_sid"
+    assert conn.execute(parked).fetchall() == [(day_old,), (younger,)]
+    # Received a day and a minute ago, and a minute short of a day ago.
+    for sid, age in ((day_old, "1 day 1 minute"), (younger, "23 hours 59 minutes")):
+        conn.execute("UPDATE delivery_receipt_early SET received_datetime = "
+                     "received_datetime - %s::interval WHERE twilio_sid = %s", (age, sid))
+    # serve's housekeeping looks at parked receipts every second
+    wait_until(lambda: conn.execute(parked).fetchall() == [(younger,)], timeout=10,
+               message="the day-old receipt forgotten, the younger one kept")

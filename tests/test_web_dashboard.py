@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -208,9 +207,7 @@ def test_smsq_serve_listens_and_stops_cleanly_on_sigterm(settings, tmp_path):
         wait_until(lambda: _answers(f"http://127.0.0.1:{port}/healthz"), timeout=20,
                    message="smsq serve to answer")
         assert httpx2.get(f"http://127.0.0.1:{port}/", follow_redirects=False).status_code == 303
-        started = time.monotonic()
         assert stop(process, timeout=10) == 0
-        assert time.monotonic() - started < 10, log_path.read_text()
     finally:
         if process.poll() is None:
             process.kill()
