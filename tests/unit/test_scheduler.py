@@ -1,0 +1,236 @@
+"""The dispatcher's scheduling rules in memory: no database, no Twilio, a clock we move.
+
+Each test plays the dispatcher's part: it tells the scheduler what happened and does what the
+scheduler answers (claims are answered from an in-memory list of due rows).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from consumer.outcomes import Decision, RetryPolicy
+from consumer.scheduler import (
+    ALL_RANKS, ClaimRequest, Clock, Expire, Fail, Paused, Resumed, Scheduler, Send,
+)
+
+START = datetime(2026, 12, 2, 12, 0, tzinfo=timezone.utc)
+POLICY = RetryPolicy(max_attempts=10, backoff=4.0, backoff_max=60.0)
+
+
+class FakeClock(Clock):
+    def __init__(self) -> None:
+        self.seconds = 1000.0
+
+    def monotonic(self) -> float:
+        return self.seconds
+
+    def now(self) -> datetime:
+        return START + timedelta(seconds=self.seconds - 1000.0)
+
+    def advance(self, seconds: float) -> None:
+        self.seconds += seconds
+
+
+@dataclass
+class FakeRow:
+    body: str
+    priority_rank: int = 2
+    sender: str = ""
+    cost: int = 1
+    expire_datetime: datetime | None = None
+    publish_datetime: datetime = START
+    id: uuid.UUID = field(default_factory=uuid.uuid4)
+
+
+class Harness:
+    """A scheduler with a due list standing in for the database."""
+
+    def __init__(self, rate: float = 1.0, burst: float = 1.0, target: int = 3) -> None:
+        self.clock = FakeClock()
+        self.scheduler = Scheduler(rate, burst, target, POLICY, lambda row: row.cost,
+                                   clock=self.clock)
+        self.due: list[FakeRow] = []
+        self.rows: dict[uuid.UUID, FakeRow] = {}
+        self.handed_back: list[uuid.UUID] = []
+        self.claims: list[ClaimRequest] = []
+
+    def publish(self, *rows: FakeRow) -> None:
+        self.due.extend(rows)
+        for row in rows:
+            self.rows[row.id] = row
+            self.scheduler.announce(row.sender, row.priority_rank)
+
+    def step(self, free_slots: int = 100) -> list:
+        """One turn of the dispatcher's loop: claim what is asked, then release."""
+        for request in self.scheduler.claims():
+            self.claims.append(request)
+            wanted = sorted((r for r in self.due if r.sender == request.sender
+                             and r.priority_rank <= request.max_rank),
+                            key=lambda r: (r.priority_rank, r.publish_datetime))[:request.limit]
+            for row in wanted:
+                self.due.remove(row)
+            surplus = self.scheduler.claimed(request, wanted, len(wanted) < request.limit,
+                                             None)
+            self.handed_back += surplus
+            self.due += [self.rows[i] for i in surplus]  # back to pending
+        return list(self.scheduler.releases(free_slots))
+
+    def sent_bodies(self, actions: list) -> list[str]:
+        return [a.row.body for a in actions if isinstance(a, Send)]
+
+    def finish(self, actions: list, decision: Decision = Decision("sent"),
+               retry_after: float | None = None) -> list:
+        return [self.scheduler.finished(a.row.sender, decision, retry_after)
+                for a in actions if isinstance(a, Send)]
+
+
+def test_a_sender_sends_one_segment_a_second():
+    h = Harness(rate=1.0, burst=1.0)
+    h.scheduler.take("", "+15005550006")
+    h.publish(*[FakeRow(f"m{n}") for n in range(3)])
+    assert h.sent_bodies(h.step()) == ["m0"]
+    assert h.sent_bodies(h.step()) == []  # no token yet
+    assert h.scheduler.next_wake(100) == pytest.approx(h.clock.seconds + 1.0)
+    h.clock.advance(1.0)
+    assert h.sent_bodies(h.step()) == ["m1"]
+
+
+def test_a_burst_goes_at_once_and_then_the_rate_holds():
+    h = Harness(rate=1.0, burst=3.0, target=5)
+    h.scheduler.take("", "+15005550006")
+    h.publish(*[FakeRow(f"m{n}") for n in range(5)])
+    assert h.sent_bodies(h.step()) == ["m0", "m1", "m2"]
+    h.clock.advance(1.0)
+    assert h.sent_bodies(h.step()) == ["m3"]
+
+
+def test_a_message_larger_than_the_bucket_goes_when_full_and_leaves_a_debt():
+    h = Harness(rate=1.0, burst=1.0)
+    h.scheduler.take("", "+15005550006")
+    h.publish(FakeRow("long", cost=3), FakeRow("short"))
+    assert h.sent_bodies(h.step()) == ["long"]
+    h.clock.advance(2.9)  # the debt of 2 segments is paid first
+    assert h.sent_bodies(h.step()) == []
+    h.clock.advance(0.2)
+    assert h.sent_bodies(h.step()) == ["short"]
+
+
+def test_a_high_priority_message_overtakes_the_low_ones_in_hand():
+    h = Harness(rate=1.0, burst=1.0, target=3)
+    h.scheduler.take("", "+15005550006")
+    h.publish(*[FakeRow(f"low {n}") for n in range(10)])
+    assert h.sent_bodies(h.step()) == ["low 0"]
+    h.publish(FakeRow("code 1", priority_rank=0), FakeRow("code 2", priority_rank=0))
+    h.clock.advance(1.0)
+    assert h.sent_bodies(h.step()) == ["code 1"]
+    assert h.claims[-1] == ClaimRequest("", 3, 1, overtake=True)
+    # In hand: at most the target; the worst one went back to the database.
+    [surplus] = h.handed_back
+    assert surplus in {r.id for r in h.due if r.body.startswith("low")}
+    h.clock.advance(1.0)
+    assert h.sent_bodies(h.step()) == ["code 2"]
+
+
+def test_senders_take_turns_and_each_keeps_its_own_rate():
+    h = Harness(rate=1.0, burst=1.0)
+    for key in ("a", "b"):
+        h.scheduler.take(key, key)
+    h.publish(*[FakeRow(f"{key}{n}", sender=key) for key in ("a", "b") for n in range(2)])
+    assert sorted(h.sent_bodies(h.step())) == ["a0", "b0"]
+    h.clock.advance(1.0)
+    assert sorted(h.sent_bodies(h.step())) == ["a1", "b1"]
+
+
+def test_free_slots_bound_the_requests_released():
+    h = Harness(rate=100.0, burst=10.0, target=10)
+    h.scheduler.take("", "+15005550006")
+    h.publish(*[FakeRow(f"m{n}") for n in range(10)])
+    assert len(h.sent_bodies(h.step(free_slots=4))) == 4
+    assert h.scheduler.next_wake(0) is None or h.scheduler.next_wake(0) > h.clock.seconds
+
+
+def test_an_expired_row_is_expired_not_sent():
+    h = Harness()
+    h.scheduler.take("", "+15005550006")
+    h.publish(FakeRow("late", expire_datetime=START - timedelta(seconds=1)), FakeRow("fine"))
+    actions = h.step()
+    assert [type(a) for a in actions] == [Expire, Send]
+    assert actions[0].row.body == "late" and actions[1].row.body == "fine"
+
+
+def test_a_row_whose_cost_cannot_be_computed_fails_and_the_others_go_on():
+    h = Harness()
+    h.scheduler.take("", "+15005550006")
+    h.publish(FakeRow("bad", cost=None), FakeRow("good"))  # type: ignore[arg-type]
+    actions = h.step()
+    assert isinstance(actions[0], Fail) and actions[0].row.body == "bad"
+    assert h.sent_bodies(actions) == ["good"]
+
+
+def test_an_account_wide_error_pauses_the_sender_then_one_probe_goes_first():
+    h = Harness(rate=10.0, burst=5.0, target=8)
+    h.scheduler.take("", "+15005550006")
+    h.publish(*[FakeRow(f"m{n}") for n in range(12)])
+    first = h.step()
+    assert len(first) == 5
+    refused = Decision("pending", error_code=20003, pause="account_auth",
+                       status_message="sender paused: HTTP 401")
+    events = h.finish(first[:1], refused)
+    [paused] = events
+    assert isinstance(paused, Paused) and 2.0 <= paused.delay <= 4.0
+    # The others on the wire come back refused too: still one pause, not one per row.
+    assert h.finish(first[1:], refused) == [None] * (len(first) - 1)
+    assert len(h.scheduler.hand_back("")) == 3  # the dispatcher returns them to pending
+    assert h.step() == []  # nothing goes, nothing is claimed while paused
+    assert h.claims == [ClaimRequest("", 8, ALL_RANKS)]
+    h.clock.advance(paused.delay)
+    probe = h.step()
+    assert len(h.sent_bodies(probe)) == 1  # one request probes the account
+    assert h.step() == []
+    [again] = h.finish(probe, refused)
+    assert isinstance(again, Paused) and again.delay > paused.delay / 2  # growing
+    assert h.scheduler.senders[""].pauses == 2
+    h.clock.advance(again.delay)
+    probe = h.step()
+    [resumed] = h.finish(probe, Decision("sent"))
+    assert isinstance(resumed, Resumed) and resumed.pauses == 2
+    h.clock.advance(1.0)
+    assert len(h.sent_bodies(h.step())) > 1  # the rest flows at the rate again
+
+
+def test_retry_after_holds_the_whole_sender():
+    h = Harness(rate=10.0, burst=1.0)
+    h.scheduler.take("", "+15005550006")
+    h.publish(*[FakeRow(f"m{n}") for n in range(3)])
+    sent = h.step()
+    h.finish(sent, Decision("pending", retry_in=5.0), retry_after=5.0)
+    h.clock.advance(4.9)
+    assert h.step() == []
+    h.clock.advance(0.2)
+    assert h.sent_bodies(h.step()) == ["m1"]
+
+
+def test_a_drained_sender_sleeps_until_its_next_row_is_due():
+    h = Harness()
+    h.scheduler.take("", "+15005550006")
+    assert h.step() == []
+    assert h.claims == [ClaimRequest("", 3, ALL_RANKS)]
+    # Told that the next row becomes due in 30 s: no claim before then, one after.
+    h.scheduler.claimed(ClaimRequest("", 3, ALL_RANKS), [], True, 30.0)
+    h.clock.advance(29.0)
+    assert h.scheduler.claims() == []
+    h.clock.advance(1.0)
+    assert h.scheduler.claims() == [ClaimRequest("", 3, ALL_RANKS)]
+
+
+def test_losing_every_sender_forgets_them_all():
+    h = Harness()
+    h.scheduler.take("", "+15005550006")
+    h.publish(FakeRow("m0"))
+    h.scheduler.drop_all()
+    assert h.step() == [] and h.scheduler.queued_ids() == []
+    assert h.scheduler.next_wake(100) is None
