@@ -266,13 +266,20 @@ class Notification(_Strict):
         )
 
 
-def derive_id(message_id: str | None, body: bytes) -> uuid.UUID:
-    """The id of a message that carries none: its AMQP message_id, else a hash of the body."""
-    if message_id:
+def derive_id(message_id: str | bytes | None, body: bytes) -> uuid.UUID:
+    """The id of a message that carries none: its AMQP message_id, else a hash of the body.
+
+    A message_id that is not UTF-8 comes as bytes (pika leaves it undecoded); it is hashed
+    as it is, as a text one is hashed as its UTF-8 bytes."""
+    if isinstance(message_id, str) and message_id:
         try:
             return uuid.UUID(message_id)
         except ValueError:
             return uuid.uuid5(ID_NAMESPACE, message_id)
-    # UUIDv5 of the raw bytes (uuid.uuid5 takes text; this is the same hash on bytes).
-    digest = hashlib.sha1(ID_NAMESPACE.bytes + body).digest()
+    return _uuid5_of_bytes(message_id or body)
+
+
+def _uuid5_of_bytes(name: bytes) -> uuid.UUID:
+    # uuid.uuid5 takes text; this is the same hash on bytes.
+    digest = hashlib.sha1(ID_NAMESPACE.bytes + name).digest()
     return uuid.UUID(bytes=digest[:16], version=5)
