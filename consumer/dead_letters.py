@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import pika
 import pika.exceptions
@@ -17,6 +18,11 @@ from consumer.settings import Settings
 from schemas.message import derive_id
 
 PREVIEW_CHARS = 200
+MAX_ERROR_HEADER = 1000  # characters of x-error; the reason comes first, so little is lost
+# A dead letter carries its original headers unless they would make its properties larger
+# than this: the content header must fit in one AMQP frame (128 KB by default), and the
+# original ones came close enough to it that x-error might not fit too.
+MAX_PROPERTIES_BYTES = 64 * 1024
 # Headers smsq adds when dead-lettering; removed when a message is sent back.
 SMSQ_HEADERS = ("x-error", "x-dead-lettered-at")
 
@@ -32,6 +38,37 @@ class DeadLetter:
     def preview(self) -> str:
         text = self.body.decode("utf-8", errors="replace")
         return text if len(text) <= PREVIEW_CHARS else text[:PREVIEW_CHARS] + "…"
+
+
+def properties_for(original: pika.BasicProperties, reason: str) -> pika.BasicProperties:
+    """The properties of a dead letter: the original ones, with x-error saying why.
+
+    The original headers are left out, and x-error says so, when they cannot be encoded
+    again or would not fit in a frame: dead-lettering must never fail on them.
+    """
+    now = datetime.now(timezone.utc).isoformat()
+    headers = {**(original.headers or {}), "x-error": reason[:MAX_ERROR_HEADER],
+               "x-dead-lettered-at": now}
+    properties = _persistent_copy(original, headers)
+    try:
+        size = sum(len(piece) for piece in properties.encode())
+        problem = f"{size} bytes" if size > MAX_PROPERTIES_BYTES else None
+    except Exception as exc:  # noqa: BLE001 - whatever pika raises on a value it decoded
+        problem = f"{type(exc).__name__}: {str(exc)[:100]}"
+    if problem is None:
+        return properties
+    reason = f"{reason}; its original headers were left out ({problem})"
+    return _persistent_copy(original, {"x-error": reason[:MAX_ERROR_HEADER],
+                                       "x-dead-lettered-at": now})
+
+
+def _persistent_copy(properties: pika.BasicProperties, headers: dict) -> pika.BasicProperties:
+    return pika.BasicProperties(
+        content_type=properties.content_type, content_encoding=properties.content_encoding,
+        message_id=properties.message_id, correlation_id=properties.correlation_id,
+        timestamp=properties.timestamp, app_id=properties.app_id, headers=headers,
+        delivery_mode=pika.DeliveryMode.Persistent,
+    )
 
 
 def key_of(properties: pika.BasicProperties, body: bytes) -> str:
@@ -102,12 +139,7 @@ def requeue(settings: Settings, keys: Collection[str] | None = None) -> list[str
 
 def _without_smsq_headers(properties: pika.BasicProperties) -> pika.BasicProperties:
     headers = {k: v for k, v in (properties.headers or {}).items() if k not in SMSQ_HEADERS}
-    requeued = int(headers.get("x-smsq-requeued", 0)) + 1
-    headers["x-smsq-requeued"] = requeued
-    return pika.BasicProperties(
-        content_type=properties.content_type, content_encoding=properties.content_encoding,
-        message_id=properties.message_id, correlation_id=properties.correlation_id,
-        timestamp=properties.timestamp, app_id=properties.app_id, headers=headers,
-        delivery_mode=pika.DeliveryMode.Persistent,
-    )
+    requeued = headers.get("x-smsq-requeued", 0)
+    headers["x-smsq-requeued"] = (requeued if isinstance(requeued, int) else 0) + 1
+    return _persistent_copy(properties, headers)
 

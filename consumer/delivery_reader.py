@@ -52,9 +52,18 @@ _DELIVER = spec.Basic.Deliver.INDEX
 RawDelivery = tuple[int, bool, bytes, bytes]
 
 
+class UndecodableProperties(ValueError):
+    """Properties pika cannot decode; str() says why. RabbitMQ passes on whatever a producer
+    sent: a header timestamp no datetime holds, a NaN double, an unknown field type, tables
+    nested thousands deep, ..."""
+
+
 def decode_properties(raw: bytes) -> pika.BasicProperties:
     properties = pika.BasicProperties()
-    properties.decode(raw)
+    try:
+        properties.decode(raw)
+    except Exception as exc:  # noqa: BLE001 - pika raises what its struct and datetime calls do
+        raise UndecodableProperties(f"{type(exc).__name__}: {str(exc)[:200]}") from None
     return properties
 
 

@@ -44,7 +44,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from uuid import UUID, uuid4
 
 import pika
@@ -54,17 +53,16 @@ import tenacity
 from pika.adapters.blocking_connection import BlockingChannel
 
 from consumer import amqp, dead_letters, metrics, store
-from consumer.delivery_reader import DeliveryReader, decode_properties
+from consumer.delivery_reader import DeliveryReader, UndecodableProperties, decode_properties
 from consumer.logs import error_text, some_ids
 from consumer.senders import sender_for
 from consumer.settings import Settings
 from consumer.signals import StopSignal
 from schemas.errors import InvalidMessage, parse_notification
-from schemas.message import derive_id
+from schemas.message import Notification, derive_id
 
 log = logging.getLogger(__name__)
 
-MAX_ERROR_HEADER = 1000  # characters of x-error; the reason comes first, so little is lost
 IDLE_WAKE_SECONDS = 1.0  # how long an idle loop blocks before looking at the stop flag
 # Holding too much, the loop still looks at the connection this often, for its heartbeats
 # (pika sends one every half of the broker's timeout, 30 s by default). Each look may read
@@ -103,11 +101,17 @@ class Delivery:
     body: bytes
     row: store.IngestRow | None = None
     error: str | None = None  # why it goes to the dead-letter queue instead
+    # Why the properties could not be decoded (they then read as empty), or None.
+    properties_error: str | None = None
 
     @property
     def properties(self) -> pika.BasicProperties:
         if isinstance(self.raw_properties, bytes):
-            self.raw_properties = decode_properties(self.raw_properties)
+            try:
+                self.raw_properties = decode_properties(self.raw_properties)
+            except UndecodableProperties as exc:
+                self.properties_error = str(exc)
+                self.raw_properties = pika.BasicProperties()
         return self.raw_properties
 
 
@@ -446,9 +450,10 @@ class Ingester:
             log.exception("validation failed unexpectedly", extra={"action": "validation_bug"})
             delivery.error = "message: smsq could not validate it (a bug; see its log)"
             return delivery
-        notification_id = notification.id or derive_id(delivery.properties.message_id, body)
-        sender = sender_for(notification.sms.to_phone_number, self.senders)
-        delivery.row = store.IngestRow(notification, notification_id, sender)
+        notification_id = notification.id or _id_from_properties(delivery)
+        if notification_id is not None:
+            sender = sender_for(notification.sms.to_phone_number, self.senders)
+            delivery.row = store.IngestRow(notification, notification_id, sender)
         return delivery
 
     # -- hand over, then acknowledge what the writers stored --------------------------------
@@ -482,29 +487,19 @@ class Ingester:
                 self.channel.basic_ack(batch.deliveries[-1].tag, multiple=True)
 
     def _publish_dead(self, delivery: Delivery) -> None:
-        original = delivery.properties
-        headers = dict(original.headers or {})
-        headers["x-error"] = delivery.error[:MAX_ERROR_HEADER]
-        headers["x-dead-lettered-at"] = datetime.now(timezone.utc).isoformat()
-        properties = pika.BasicProperties(
-            content_type=original.content_type,
-            content_encoding=original.content_encoding,
-            message_id=original.message_id,
-            correlation_id=original.correlation_id,
-            timestamp=original.timestamp,
-            app_id=original.app_id,
-            headers=headers,
-            delivery_mode=pika.DeliveryMode.Persistent,
-        )
+        original, reason = delivery.properties, delivery.error
+        if delivery.properties_error is not None and "AMQP properties" not in reason:
+            reason += f"; message: its AMQP properties could not be decoded " \
+                      f"({delivery.properties_error})"
+        properties = dead_letters.properties_for(original, reason)
         # Confirmed publish: returns only once the broker has the dead letter.
         self.dead_channel.basic_publish("", self.settings.dead_queue, delivery.body,
                                         properties, mandatory=True)
-        field_at_fault = delivery.error.split(":", 1)[0]
-        metrics.MESSAGES_DEAD_LETTERED.labels(field_at_fault).inc()
+        metrics.MESSAGES_DEAD_LETTERED.labels(_field_at_fault(reason)).inc()
         log.warning("message dead-lettered", extra={
             "action": "message_dead_lettered",
             "key": dead_letters.key_of(original, delivery.body),  # as `smsq dead` names it
-            "reason": delivery.error})
+            "reason": reason})
 
     # -- the AMQP connection ----------------------------------------------------------------
 
@@ -551,6 +546,42 @@ class Ingester:
             except pika.exceptions.AMQPError:
                 pass
         self.amqp_connection = self.channel = self.dead_channel = self.reader = None
+
+
+def _id_from_properties(delivery: Delivery) -> UUID | None:
+    """The id of a message whose body carries none: from its message_id property, else
+    from its body; None (and the delivery's error set) when its properties, where a
+    message_id would be, cannot be decoded."""
+    message_id = delivery.properties.message_id
+    if delivery.properties_error is None:
+        return derive_id(message_id, delivery.body)
+    delivery.error = ("message: carries no id, and its AMQP properties could not be decoded "
+                      f"to look for a message_id ({delivery.properties_error})")
+    return None
+
+
+def _message_fields() -> frozenset[str]:
+    """Every field a reason may name: the only values of the dead-letter metric's label."""
+    def paths(model: type, prefix: str) -> list[str]:
+        found = []
+        for name, info in model.model_fields.items():
+            found.append(prefix + name)
+            inner = info.annotation
+            for candidate in (inner, *getattr(inner, "__args__", ())):
+                if isinstance(candidate, type) and hasattr(candidate, "model_fields"):
+                    found += paths(candidate, f"{prefix}{name}.")
+        return found
+    return frozenset(["message", *paths(Notification, "")])
+
+
+_MESSAGE_FIELDS = _message_fields()
+
+
+def _field_at_fault(reason: str) -> str:
+    """The field a reason names first, as a metric label: an unknown key a producer made up
+    (or a list index) must not add a time series of its own."""
+    field = ".".join(part for part in reason.split(":", 1)[0].split(".") if not part.isdigit())
+    return field if field in _MESSAGE_FIELDS else "unknown field"
 
 
 def _log_already_stored(rows: list[store.IngestRow], new_ids: list[UUID]) -> None:

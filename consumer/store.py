@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 from psycopg.rows import dict_row
 
-from schemas.message import Notification
+from schemas.message import LATEST_DATETIME, Notification
 
 # Hosted media outlives its message by this much, so Twilio can fetch it after accepting.
 MEDIA_TTL = timedelta(days=7)
@@ -208,9 +208,9 @@ def _insert_media(conn: psycopg.Connection, rows: list[IngestRow]) -> dict[uuid.
 def _media_expiry(n: Notification) -> datetime:
     last_useful = n.expire_datetime or n.publish_datetime or datetime.now(timezone.utc)
     try:
-        return last_useful + MEDIA_TTL
-    except OverflowError:  # a date near year 9999: kept as long as Python can count
-        return datetime.max.replace(tzinfo=timezone.utc)
+        return min(last_useful + MEDIA_TTL, LATEST_DATETIME)
+    except OverflowError:  # a date near year 9999: kept as long as a message may be
+        return LATEST_DATETIME
 
 
 STATUSES = ("pending", "processing", "sent", "errored", "failed", "canceled")

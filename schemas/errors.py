@@ -10,6 +10,7 @@ import json
 
 from pydantic import ValidationError
 
+from schemas.json_rules import problem_in
 from schemas.message import Notification
 
 
@@ -34,11 +35,16 @@ _PLAIN_WORDS = {
 def parse_notification(raw: bytes, default_region: str | None = None) -> Notification:
     """Validate one message body; raise InvalidMessage with a reason naming the field."""
     try:
-        return Notification.model_validate_json(raw, context={"default_region": default_region})
+        notification = Notification.model_validate_json(
+            raw, context={"default_region": default_region})
     except ValidationError as exc:
         # Looked for only now: decoding every valid message twice costs ingest time.
         _refuse_unless_utf8(raw)
         raise InvalidMessage(describe(exc, raw)) from None
+    problem = problem_in(raw, notification)
+    if problem is not None:
+        raise InvalidMessage(problem)
+    return notification
 
 
 def _refuse_unless_utf8(raw: bytes) -> None:
@@ -60,19 +66,20 @@ def describe(exc: ValidationError, raw: bytes = b"", names: dict[str, str] | Non
 
 def _describe_one(error: dict, raw: bytes, names: dict[str, str]) -> str:
     kind = error["type"]
-    field = ".".join(str(part) for part in error["loc"]) or "message"
+    field = _shown(".".join(str(part) for part in error["loc"])) or "message"
     field = names.get(field, field)
     if kind == "json_invalid":
         return f"message: not valid JSON ({error['ctx'].get('error', 'parse error')})"
     if kind in ("model_type", "model_attributes_type") and field == "message":
         return f"message: must be a JSON object, got {_json_kind(raw)}"
     if kind == "literal_error" and field == "type":
-        return f"type: only 'sms' is served, got {error['input']!r}"
+        return f"type: only 'sms' is served, got {_shown(repr(error['input']))}"
     if kind == "literal_error":
-        return f"{field}: must be one of {error['ctx']['expected']}, got {error['input']!r}"
-    if kind == "string_too_long":
+        return (f"{field}: must be one of {error['ctx']['expected']}, "
+                f"got {_shown(repr(error['input']))}")
+    if kind == "string_too_long":  # the input may be a number, counted as its digits
         limit = error["ctx"]["max_length"]
-        return f"{field}: at most {limit} characters, got {len(error['input'])}"
+        return f"{field}: at most {limit} characters, got {len(str(error['input']))}"
     if kind == "string_too_short":
         return f"{field}: must not be empty"
     if kind == "too_long":
@@ -85,10 +92,15 @@ def _describe_one(error: dict, raw: bytes, names: dict[str, str]) -> str:
     return f"{field}: {words or error['msg']}"
 
 
+def _shown(text: str, limit: int = 80) -> str:
+    """A value or field name as quoted in a reason: a huge one is cut, not repeated whole."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
 def _json_kind(raw: bytes) -> str:
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return "something else"
     names = {list: "an array", str: "a string", int: "a number", float: "a number",
              bool: "a boolean", type(None): "null"}

@@ -13,12 +13,13 @@ import functools
 import hashlib
 import re
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import phonenumbers
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
@@ -27,9 +28,10 @@ from pydantic import (
     ValidationInfo,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 
-MAX_MEDIA_URLS = 10
+MAX_MEDIA_URLS = 10  # Twilio's limit, counting an inline temporary_media too
 MAX_INLINE_MEDIA_BYTES = 5 * 1024 * 1024
 INLINE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/gif")
 CHANNELS_NOT_SERVED = ("email", "app", "push")
@@ -44,6 +46,30 @@ class _Strict(BaseModel):
     # made validation 15% slower (4.1 against 3.5 us a message, pydantic 2.14).
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, frozen=True,
                               cache_strings=False)
+
+
+# The times a message may carry, in UTC. Python holds years 1 to 9999 and Postgres far more,
+# so a time written with an offset (9999-12-31T23:00:00-05:00) could be stored and then
+# never loaded again: psycopg hands a timestamptz back in the session's time zone, up to a
+# day away from UTC (+14:00 today, local mean times of old dates reach almost 16 h). A day
+# of margin on each side keeps every stored time loadable in any session.
+EARLIEST_DATETIME = datetime.min.replace(tzinfo=timezone.utc) + timedelta(days=1)
+LATEST_DATETIME = datetime.max.replace(tzinfo=timezone.utc) - timedelta(days=1)
+_DATETIME_RANGE = (f"between {EARLIEST_DATETIME.date().isoformat()} and "
+                   f"{LATEST_DATETIME.date().isoformat()} in UTC")
+
+
+def _storable(value: datetime) -> datetime:
+    try:
+        in_utc = value.astimezone(timezone.utc)
+    except OverflowError:  # before year 1 or after 9999 once in UTC
+        in_utc = None
+    if in_utc is None or not EARLIEST_DATETIME <= in_utc <= LATEST_DATETIME:
+        raise ValueError(f"must lie {_DATETIME_RANGE}, got {value.isoformat()}")
+    return value
+
+
+StorableDatetime = Annotated[AwareDatetime, AfterValidator(_storable)]
 
 
 def _one_or_many(value: Any) -> Any:
@@ -114,7 +140,11 @@ def _national_prefix(country_code: int) -> re.Pattern | None:
 
 
 def _check_media_url(url: str) -> str:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - read for its check: a port out of range raises
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL ({exc}): {url!r}") from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"must be an http or https URL: {url!r}")
     return url
@@ -167,7 +197,8 @@ class SmsPart(_Strict):
         max_length=MAX_MEDIA_URLS,
         description="one http(s) URL or a list of at most 10 (MMS)",
     )
-    temporary_media: TemporaryMedia | None = None
+    temporary_media: TemporaryMedia | None = Field(
+        None, description="counts as one of the 10 media Twilio takes in all")
 
     @field_validator("to_phone_number")
     @classmethod
@@ -180,6 +211,14 @@ class SmsPart(_Strict):
     def _http_only(cls, urls: list[str]) -> list[str]:
         return [_check_media_url(url) for url in urls]
 
+    @model_validator(mode="after")
+    def _ten_media_in_all(self) -> SmsPart:
+        count = len(self.media_url) + (self.temporary_media is not None)
+        if count > MAX_MEDIA_URLS:
+            raise ValueError(f"at most {MAX_MEDIA_URLS} media in all (media_url and "
+                             f"temporary_media together), got {count}")
+        return self
+
 
 class Notification(_Strict):
     """One SMS notification, as published to the `notifications` exchange."""
@@ -191,8 +230,10 @@ class Notification(_Strict):
     body: str = Field(min_length=1, max_length=1600, description="the SMS text")
     url: str | None = None
     priority: Literal["low", "medium", "high"] = "low"
-    publish_datetime: AwareDatetime | None = Field(None, description="not sent before; default now")
-    expire_datetime: AwareDatetime | None = Field(None, description="not sent after")
+    publish_datetime: StorableDatetime | None = Field(
+        None, description=f"not sent before; default now; {_DATETIME_RANGE}")
+    expire_datetime: StorableDatetime | None = Field(
+        None, description=f"not sent after; {_DATETIME_RANGE}")
     content_type: str | None = None
     object_id: str | None = None
     sms: SmsPart
@@ -225,13 +266,20 @@ class Notification(_Strict):
         )
 
 
-def derive_id(message_id: str | None, body: bytes) -> uuid.UUID:
-    """The id of a message that carries none: its AMQP message_id, else a hash of the body."""
-    if message_id:
+def derive_id(message_id: str | bytes | None, body: bytes) -> uuid.UUID:
+    """The id of a message that carries none: its AMQP message_id, else a hash of the body.
+
+    A message_id that is not UTF-8 comes as bytes (pika leaves it undecoded); it is hashed
+    as it is, as a text one is hashed as its UTF-8 bytes."""
+    if isinstance(message_id, str) and message_id:
         try:
             return uuid.UUID(message_id)
         except ValueError:
             return uuid.uuid5(ID_NAMESPACE, message_id)
-    # UUIDv5 of the raw bytes (uuid.uuid5 takes text; this is the same hash on bytes).
-    digest = hashlib.sha1(ID_NAMESPACE.bytes + body).digest()
+    return _uuid5_of_bytes(message_id or body)
+
+
+def _uuid5_of_bytes(name: bytes) -> uuid.UUID:
+    # uuid.uuid5 takes text; this is the same hash on bytes.
+    digest = hashlib.sha1(ID_NAMESPACE.bytes + name).digest()
     return uuid.UUID(bytes=digest[:16], version=5)

@@ -218,6 +218,21 @@ stop_supervisord() {
     echo "supervisord ($pid) still runs after 60 s; see $ROOT/run/supervisord.log" >&2; return 1
 }
 
+# Node.js and Twilio's own segment calculator (the npm package, at one exact version), which
+# tests/test_segments_calculator.py compares smsq's segment count with; the package goes into
+# the gitignored .cache/node, where the test looks for it.
+SEGMENTS_CALCULATOR_VERSION=1.3.0
+ensure_node_tools() {
+    command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
+    local dir="$ROOT/.cache/node"
+    local installed="$dir/node_modules/sms-segments-calculator/package.json"
+    grep -q "\"version\": \"$SEGMENTS_CALCULATOR_VERSION\"" "$installed" 2>/dev/null && return 0
+    say "installing sms-segments-calculator $SEGMENTS_CALCULATOR_VERSION into .cache/node"
+    mkdir -p "$dir"
+    npm install --prefix "$dir" --no-audit --no-fund --no-save --loglevel=error \
+        "sms-segments-calculator@$SEGMENTS_CALCULATOR_VERSION" >/dev/null
+}
+
 # Headless Chromium for the browser test (Debian's packages; Playwright drives it through
 # executable_path, so `playwright install` and its downloads are never needed).
 ensure_browser() {

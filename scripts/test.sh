@@ -7,5 +7,6 @@ ensure_venv
 ensure_test_programs
 ensure_services
 ensure_browser
+ensure_node_tools
 cd "$ROOT"
 exec "$VENV/bin/pytest" "$@"

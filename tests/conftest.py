@@ -89,7 +89,12 @@ def template_database(service_urls: tuple[str, str]) -> Iterator[str]:
 @pytest.fixture
 def database_url(service_urls: tuple[str, str], template_database: str) -> Iterator[str]:
     """A fresh, migrated database of this test's own."""
-    server_url, _ = service_urls
+    yield from cloned_database(service_urls[0], template_database)
+
+
+def cloned_database(server_url: str, template_database: str) -> Iterator[str]:
+    """A migrated database cloned from the template (its URL), dropped afterwards; for a
+    fixture of any scope."""
     name = f"smsq_test_{uuid.uuid4().hex[:12]}"
     admin = _with_dbname(server_url, "postgres")
     with psycopg.connect(admin, autocommit=True) as conn:

@@ -84,6 +84,61 @@ def test_bad_input_is_rejected_naming_the_field(raw, expected):
     assert expected in reason(raw)
 
 
+MEDIA = {"name": "a.png", "content_type": "image/png", "content_base64": "AAAA"}
+PHONE = b'"sms": {"to_phone_number": "+14155550123"}'
+
+
+@pytest.mark.parametrize("raw, expected", [
+    # Times that Python cannot hold once in UTC, or that a session time zone far from UTC
+    # could not load back: a day of margin on each side.
+    (message(expire_datetime="9999-12-31T23:00:00-05:00"),
+     "expire_datetime: must lie between 0001-01-02 and 9999-12-30 in UTC, "
+     "got 9999-12-31T23:00:00-05:00"),
+    (message(publish_datetime="0001-01-01T00:30:00+01:00"),
+     "publish_datetime: must lie between 0001-01-02 and 9999-12-30 in UTC"),
+    (message(expire_datetime="9999-12-31T00:00:00Z"), "expire_datetime: must lie between"),
+    (message(publish_datetime="0001-01-01T23:59:59Z"), "publish_datetime: must lie between"),
+    # Ten media in all, an inline one included (Twilio's limit).
+    (message(sms={"media_url": ["https://e.com/a.png"] * 10, "temporary_media": MEDIA}),
+     "sms: at most 10 media in all (media_url and temporary_media together), got 11"),
+    # What pydantic's parser reads but JSON forbids, or Postgres cannot store.
+    (b'{"body": NaN, ' + PHONE + b'}', "body: NaN is not a number JSON can carry"),
+    (b'{"body": "x", "user_id": -Infinity, ' + PHONE + b'}', "user_id: -Infinity is not a number"),
+    (b'{"body": 1e400, ' + PHONE + b'}', "body: 1e400 is not a number JSON can carry"),
+    (b'{"body": "a", ' + PHONE + b', "body": "b"}', "body: given twice"),
+    (b'{"body": "a", "sms": {"to_phone_number": "+14155550123", "to_phone_number" : "+14155550124"}}',
+     "sms.to_phone_number: given twice"),
+    (b'{"body" : "a", "body": "b", ' + PHONE + b'}', "body: given twice"),
+    (b'{"body": "a", "title": "\\u0000", ' + PHONE + b'}', "title: contains a NUL character"),
+    # Numbers given for text fields are counted as their digits, and never repeated whole.
+    (b'{"body": "x", "sms": {"to_phone_number": ' + b"1" * 200 + b'}}',
+     "sms.to_phone_number: at most 64 characters, got 200"),
+    (b'{"body": "x", "title": ' + b"9" * 200 + b', ' + PHONE + b'}',
+     "title: at most 124 characters, got 200"),
+    (b'{"body": ' + b"[" * 10_000 + b"]" * 10_000 + b'}', "message: not valid JSON (recursion"),
+    (message(sms={"media_url": "http://[::1"}), "sms.media_url: not a valid URL"),
+    (message(sms={"media_url": "http://e.com:99999999/a.png"}), "sms.media_url: not a valid URL"),
+])
+def test_odd_input_is_rejected_naming_the_field(raw, expected):
+    assert expected in reason(raw)
+
+
+def test_a_huge_unknown_key_is_named_cut_short():
+    text = reason(b'{"body": "x", "' + b"k" * 100_000 + b'": 1, ' + PHONE + b'}')
+    assert len(text) < 300 and "(100000 characters): unknown field" in text
+
+
+@pytest.mark.parametrize("raw", [
+    message(publish_datetime="0001-01-02T00:00:00Z", expire_datetime="9999-12-30T23:59:59Z"),
+    message(sms={"media_url": ["https://e.com/a.png"] * 9, "temporary_media": MEDIA}),
+    message(body="NaN", title="inf", user_id="a \"quoted\" word", url="https://e.com/:x"),
+    message(body="\\u0000 is how JSON writes NUL"),
+    b'{\n  "body" : "spaced",\n  "sms" : {"to_phone_number" : "+14155550123"}\n}',
+])
+def test_edge_values_that_are_fine_pass(raw):
+    parse_notification(raw)
+
+
 def test_inline_media_over_5_mb_is_rejected():
     big = base64.b64encode(b"\0" * (5 * 1024 * 1024 + 1)).decode()
     raw = message(sms={"temporary_media": {"name": "a.png", "content_type": "image/png",
