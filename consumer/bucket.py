@@ -20,13 +20,15 @@ _EPSILON = 1e-9
 
 class TokenBucket:
     def __init__(self, rate: float, capacity: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 tokens: float | None = None) -> None:
+        """Full at first, or with `tokens` (a bucket handed over by another dispatcher)."""
         if rate <= 0 or capacity <= 0:
             raise ValueError("rate and capacity must be positive")
         self.rate = rate
         self.capacity = capacity
         self._clock = clock
-        self._tokens = capacity
+        self._tokens = capacity if tokens is None else min(capacity, tokens)
         self._updated = clock()
 
     @property

@@ -165,13 +165,14 @@ SELECT extract(epoch FROM least(
 
 _SAVE_BUCKET = """
 INSERT INTO dispatch_sender (sender, address, holder, tokens, rate, capacity, paused_until,
-                             pause_reason, pause_message, updated_datetime)
-VALUES (%s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s), %s, %s, now())
+                             pause_reason, pause_message, released_datetime, updated_datetime)
+VALUES (%s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s), %s, %s,
+        CASE WHEN %s::text IS NULL THEN now() END, now())
 ON CONFLICT (sender) DO UPDATE SET
     address = excluded.address, holder = excluded.holder, tokens = excluded.tokens,
     rate = excluded.rate, capacity = excluded.capacity, paused_until = excluded.paused_until,
     pause_reason = excluded.pause_reason, pause_message = excluded.pause_message,
-    updated_datetime = now()
+    released_datetime = excluded.released_datetime, updated_datetime = now()
 """
 
 # The claim could not load its rows: a timestamp outside what Python holds (stored before
@@ -191,6 +192,41 @@ WHERE id = %s AND status = 'processing'
 """
 
 
+# The lock connection's name says whose it is: pg_stat_activity then lists the dispatchers
+# alive, and Postgres forgets a dead one the moment its connection goes.
+LOCK_CONNECTION_PREFIX = "smsq dispatch locks "
+
+# Senders nobody holds: no session holds their advisory lock (pg_locks keeps the second key
+# as an oid, the unsigned form of hashtext's int4).
+_FREE_SENDERS = """
+SELECT s FROM unnest(%(senders)s::text[]) s
+WHERE NOT EXISTS (
+    SELECT 1 FROM pg_locks l
+    WHERE l.locktype = 'advisory' AND l.database = (SELECT oid FROM pg_database
+                                                    WHERE datname = current_database())
+      AND l.classid = %(namespace)s AND l.objsubid = 2
+      AND l.objid = (hashtext(s)::bigint & 4294967295)::oid)
+"""
+
+_LIVE_DISPATCHERS = """
+SELECT count(DISTINCT application_name) FROM pg_stat_activity
+WHERE datname = current_database() AND application_name LIKE %s
+"""
+
+_HEARTBEAT = """
+INSERT INTO dispatcher (holder, senders_held) VALUES (%(holder)s, %(held)s)
+ON CONFLICT (holder) DO UPDATE SET senders_held = excluded.senders_held,
+                                   updated_datetime = now(), stopped_datetime = NULL
+"""
+
+
+def free_senders(conn: psycopg.Connection, senders: list[str]) -> list[str]:
+    """The senders whose lock nobody holds now (a hint: taking one may still fail)."""
+    rows = conn.execute(_FREE_SENDERS, {"senders": senders,
+                                        "namespace": SENDER_LOCK_NAMESPACE}).fetchall()
+    return [row[0] for row in rows]
+
+
 def try_lock_senders(conn: psycopg.Connection, senders: list[str]) -> list[str]:
     """Take the advisory lock of each sender that nobody holds; return those now held.
 
@@ -202,6 +238,63 @@ def try_lock_senders(conn: psycopg.Connection, senders: list[str]) -> list[str]:
         (senders, SENDER_LOCK_NAMESPACE),
     ).fetchall()
     return [row[0] for row in rows]
+
+
+def unlock_sender(conn: psycopg.Connection, sender: str) -> None:
+    conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (SENDER_LOCK_NAMESPACE, sender))
+
+
+def live_dispatchers(conn: psycopg.Connection) -> int:
+    """Dispatchers whose lock connection is open now, this one included."""
+    return conn.execute(_LIVE_DISPATCHERS, (LOCK_CONNECTION_PREFIX + "%",)).fetchone()[0]
+
+
+def heartbeat(conn: psycopg.Connection, holder: str, held: int) -> None:
+    conn.execute(_HEARTBEAT, {"holder": holder, "held": held})
+
+
+def dispatcher_stopped(conn: psycopg.Connection, holder: str) -> None:
+    conn.execute("UPDATE dispatcher SET stopped_datetime = now(), senders_held = 0, "
+                 "updated_datetime = now() WHERE holder = %s", (holder,))
+    conn.execute("DELETE FROM dispatcher WHERE coalesce(stopped_datetime, updated_datetime) "
+                 "< now() - interval '1 day'")
+
+
+# A sender taken over: its bucket as the last holder left it, refilled since, if that holder
+# handed it over cleanly; empty if it died (it may have sent after it last wrote).
+_INHERITED_TOKENS = """
+SELECT CASE WHEN released_datetime IS NOT NULL THEN
+            least(capacity, tokens + rate * extract(epoch FROM now() - released_datetime))
+       ELSE 0 END
+FROM dispatch_sender WHERE sender = %s
+"""
+
+# Rows a previous holder left in processing: once its requests can no longer be on the wire
+# (connect and read timeouts and a tick since it lost the sender, which was before now), one
+# reconciliation that finds nothing may send them again. Not sooner, even if their lease ends
+# first; not later, however long their lease.
+_TAKE_OVER_ROWS = """
+WITH taken AS (
+    UPDATE notification
+    SET lease_expire_datetime = now() + make_interval(secs => %(wire_seconds)s)
+    WHERE status = 'processing' AND sender = %(sender)s AND claimed_by IS DISTINCT FROM %(holder)s
+    RETURNING id
+)
+UPDATE sms_notification s SET reconcile_checks = greatest(s.reconcile_checks, %(checks)s)
+FROM taken WHERE s.notification_id = taken.id
+"""
+
+
+def inherited_tokens(conn: psycopg.Connection, sender: str) -> float | None:
+    """Tokens the next holder of `sender` starts with; None when no holder ever wrote."""
+    row = conn.execute(_INHERITED_TOKENS, (sender,)).fetchone()
+    return float(row[0]) if row else None
+
+
+def take_over_rows(conn: psycopg.Connection, sender: str, holder: str, wire_seconds: float,
+                   checks: int) -> None:
+    conn.execute(_TAKE_OVER_ROWS, {"sender": sender, "holder": holder,
+                                   "wire_seconds": wire_seconds, "checks": checks})
 
 
 @dataclass
@@ -303,4 +396,4 @@ def save_buckets(conn: psycopg.Connection, buckets: list[tuple]) -> None:
     reason, pause message) of each sender, for status pages."""
     if buckets:
         with conn.transaction(), conn.cursor() as cur:
-            cur.executemany(_SAVE_BUCKET, buckets)
+            cur.executemany(_SAVE_BUCKET, [(*bucket, bucket[2]) for bucket in buckets])

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import queue
+import random
 import socket
 import threading
 import time
@@ -214,8 +215,14 @@ class Dispatcher:
     def _connect(self) -> None:
         dsn = self.settings.database_dsn
         if self.lock_db is None or self.lock_db.closed:
-            self.lock_db = psycopg.connect(dsn, autocommit=True,
-                                           application_name="smsq dispatch locks")
+            self.lock_db = psycopg.connect(
+                dsn, autocommit=True,
+                application_name=store.LOCK_CONNECTION_PREFIX + self.holder,
+                # Both ends notice a lost network in seconds, not TCP's hours: the server
+                # then frees our locks for another dispatcher, and we stop sending.
+                keepalives=1, keepalives_idle=5, keepalives_interval=1, keepalives_count=3)
+            self.lock_db.execute("SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 1;"
+                                 " SET tcp_keepalives_count = 3")
         if self.db is None or self.db.closed:
             self.db = psycopg.connect(dsn, autocommit=True, application_name="smsq dispatch")
         metrics.DEPENDENCY_UP.labels("postgres").set(1)
@@ -245,11 +252,9 @@ class Dispatcher:
 
     def _tick(self, now: float) -> None:
         self.next_tick = now + TICK_SECONDS
-        # Also proves the lock connection alive: if it died, our locks are gone with it.
-        for key in store.try_lock_senders(self.lock_db, [k for k in self.addresses
-                                                          if k not in self.held]):
-            self._take_over(key)
+        self._share_senders()
         self._save_buckets(self.holder)
+        store.heartbeat(self.db, self.holder, len(self.held))
         if now >= self.next_renew:
             self.next_renew = now + self.lease / 4
             store.renew_leases(self.db, self._claimed_ids(), self.holder, self.lease)
@@ -261,27 +266,75 @@ class Dispatcher:
             self.next_poll = now + self.settings.smsq_dispatch_poll_seconds
             self.scheduler.announce_all()
 
+    def _share_senders(self) -> None:
+        """Hold a fair share of the senders: ceil(S / D) with D dispatchers alive.
+
+        Asking who is alive goes through the lock connection, so it also proves that
+        connection alive: if it died, our locks died with it, and the OperationalError stops
+        every send of ours at once.
+        """
+        alive = store.live_dispatchers(self.lock_db)
+        share = math.ceil(len(self.addresses) / max(1, alive))
+        held = len(self.held)
+        if held > share:
+            for key in self._senders_to_hand_over(held - share):
+                self._hand_over(key)
+        elif held < share:
+            free = store.free_senders(self.lock_db, [k for k in self.addresses
+                                                     if k not in self.held])
+            random.shuffle(free)  # dispatchers starting together reach for different ones
+            for key in store.try_lock_senders(self.lock_db, free[:share - held]):
+                self._take_over(key)
+
+    def _senders_to_hand_over(self, count: int) -> list[str]:
+        """The ones whose handing over disturbs least: nothing on the wire, few rows in hand."""
+        return sorted(self.held, key=lambda k: (self.held[k].in_flight,
+                                                len(self.held[k].queue)))[:count]
+
     def _take_over(self, key: str) -> None:
-        self.scheduler.take(key, self.addresses[key])
+        tokens = store.inherited_tokens(self.db, key)
+        self.scheduler.take(key, self.addresses[key], tokens)
         metrics.SENDERS_HELD.set(len(self.held))
         log.info("pacing sender", extra={"action": "sender_acquired", "sender": key or "default",
-                                         "holder": self.holder})
-        # A previous holder may have died mid-send: ask Twilio before anything is resent.
+                                         "holder": self.holder, "tokens": tokens})
+        # A previous holder may have died mid-send: once its requests can no longer be on
+        # the wire, one reconciliation decides each of its rows (found: sent; else: again).
+        store.take_over_rows(self.db, key, self.holder, self._wire_seconds(),
+                             len(RECONCILE_DELAYS) - 1)
         self._reconcile([key], expired_only=False)
 
+    def _wire_seconds(self) -> float:
+        """How long a request of a previous holder may still be on its way to Twilio."""
+        return (self.settings.smsq_twilio_connect_timeout
+                + self.settings.smsq_twilio_read_timeout + TICK_SECONDS)
+
+    def _hand_over(self, key: str) -> None:
+        """Give `key` up for another dispatcher: rows in hand back to pending, the bucket
+        saved for the next holder, then the lock released."""
+        sender = self.held[key]
+        self._flush_outcomes()
+        store.release_unsent(self.db, self.scheduler.drop(key), self.holder)
+        store.save_buckets(self.db, [self._bucket_row(sender, None, time.monotonic())])
+        store.unlock_sender(self.lock_db, key)
+        metrics.SENDERS_HELD.set(len(self.held))
+        log.info("sender handed over", extra={"action": "sender_handed_over",
+                                              "sender": key or "default",
+                                              "holder": self.holder})
+
     def _save_buckets(self, holder: str | None) -> None:
-        rows = []
         now = time.monotonic()
-        for sender in self.held.values():
-            tokens = sender.bucket.tokens
-            metrics.BUCKET_TOKENS.labels(sender.key or "default").set(tokens)
-            paused = sender.pause_reason is not None and holder is not None
-            rows.append((sender.key, sender.address, holder, tokens,
-                         self.settings.twilio_sms_rate, sender.bucket.capacity,
-                         sender.paused_until - now if paused else None,
-                         sender.pause_reason if paused else None,
-                         sender.pause_message if paused else None))
-        store.save_buckets(self.db, rows)
+        store.save_buckets(self.db, [self._bucket_row(sender, holder, now)
+                                     for sender in self.held.values()])
+
+    def _bucket_row(self, sender: Sender, holder: str | None, now: float) -> tuple:
+        """dispatch_sender's row of `sender`; holder None: handed over, tokens kept."""
+        tokens = sender.bucket.tokens
+        metrics.BUCKET_TOKENS.labels(sender.key or "default").set(tokens)
+        paused = sender.pause_reason is not None and holder is not None
+        return (sender.key, sender.address, holder, tokens, self.settings.twilio_sms_rate,
+                sender.bucket.capacity, sender.paused_until - now if paused else None,
+                sender.pause_reason if paused else None,
+                sender.pause_message if paused else None)
 
     def _claimed_ids(self) -> list[UUID]:
         return self.scheduler.queued_ids() + list(self.in_flight)
@@ -470,9 +523,9 @@ class Dispatcher:
                 "action": "reconcile_failed", "notification_id": str(row.id),
                 "error": str(result.error)})
             return
-        if self._sending_to(row.to_phone_number):
-            # A send of ours to the same number may be the message Twilio listed: decide
-            # once that one is recorded (the row is looked at again, its lease expired).
+        if self._sending_alike(row):
+            # A send of ours of the same text to the same number may be the message Twilio
+            # listed: decide once that one is recorded (the row is looked at again).
             return
         found = self._first_unrecorded(row, result.found)
         if found is not None:
@@ -502,8 +555,9 @@ class Dispatcher:
         self.scheduler.wake(row.sender, time.monotonic())
         self._log_reconciled(row, "pending", None)
 
-    def _sending_to(self, number: str) -> bool:
-        return any(row.to_phone_number == number for row in self.in_flight.values())
+    def _sending_alike(self, row: store.ClaimedRow) -> bool:
+        return any(other.to_phone_number == row.to_phone_number and other.body == row.body
+                   and other.id != row.id for other in self.in_flight.values())
 
     def _first_unrecorded(self, row: store.ClaimedRow,
                           found: list[FoundMessage]) -> FoundMessage | None:
@@ -569,6 +623,7 @@ class Dispatcher:
                 self._flush_outcomes()
             self._flush_outcomes()
             self._save_buckets(None)
+            store.dispatcher_stopped(self.db, self.holder)
             log.info("released senders", extra={
                 "action": "senders_released", "returned_to_pending": returned,
                 "still_on_the_wire": len(self.in_flight)})

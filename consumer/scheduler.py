@@ -139,11 +139,20 @@ class Scheduler:
 
     # -- senders --------------------------------------------------------------------------
 
-    def take(self, key: str, address: str) -> Sender:
-        bucket = TokenBucket(self.rate, self.burst, clock=self.clock.monotonic)
+    def take(self, key: str, address: str, tokens: float | None = None) -> Sender:
+        """Pace `key` from now on; its bucket full, or with the `tokens` handed over."""
+        bucket = TokenBucket(self.rate, self.burst, clock=self.clock.monotonic, tokens=tokens)
         sender = self.senders[key] = Sender(key, address, bucket)
         self._to_claim[key] = None
         return sender
+
+    def drop(self, key: str) -> list[UUID]:
+        """Stop pacing `key` (handed to another dispatcher); the ids of its rows in hand."""
+        ids = self.hand_back(key)
+        del self.senders[key]
+        self._to_claim.pop(key, None)
+        self._to_release.pop(key, None)
+        return ids  # its timers find no sender and are skipped
 
     def drop_all(self) -> None:
         """Every lock is gone (the database went away): nothing is paced here any more."""
