@@ -159,12 +159,24 @@ def test_the_throttle_forgets_old_failures_and_a_success():
     throttle = auth.LoginThrottle(limit=3, window_seconds=60, clock=lambda: now[0])
     for second in (0, 10, 20):
         now[0] = second
-        assert throttle.wait_seconds("a") == 0
-        throttle.failed("a")
-    assert throttle.wait_seconds("a") == 40  # until the failure at 0 is 60 s old
-    assert throttle.wait_seconds("b") == 0  # another address is not held back
+        assert throttle.wait_seconds(USER, "a") == 0
+        throttle.failed(USER, "a")
+    assert throttle.wait_seconds(USER, "a") == 40  # until the failure at 0 is 60 s old
+    assert throttle.wait_seconds(USER, "b") == 0  # another address is not held back
     now[0] = 60
-    assert throttle.wait_seconds("a") == 0
-    throttle.failed("a")
-    throttle.succeeded("a")
-    assert throttle.wait_seconds("a") == 0 and "a" not in throttle.failures
+    assert throttle.wait_seconds(USER, "a") == 0
+    throttle.failed(USER, "a")
+    throttle.succeeded(USER, "a")
+    assert throttle.wait_seconds(USER, "a") == 0 and (USER, "a") not in throttle.failures
+
+
+def test_the_throttle_holds_a_name_from_one_address_and_an_address_trying_many_names():
+    throttle = auth.LoginThrottle(limit=2, address_limit=5, clock=lambda: 0.0)
+    for _ in range(2):
+        throttle.failed("someone-else", "proxy")
+    assert throttle.wait_seconds("someone-else", "proxy") > 0
+    assert throttle.wait_seconds(USER, "proxy") == 0  # a guess at another name locks nobody out
+    for name in ("a", "b", "c"):
+        throttle.failed(name, "proxy")
+    assert throttle.wait_seconds(USER, "proxy") > 0  # five failures from one address
+    assert throttle.wait_seconds(USER, "elsewhere") == 0

@@ -20,9 +20,13 @@ PUBLIC_URL = "https://smsq.example.test"
 
 
 def web_settings(settings: Settings, **overrides: object) -> Settings:
-    """The test's settings with a dashboard login, a Twilio auth token and a public URL."""
+    """The test's settings with a dashboard login, a Twilio auth token and a public URL.
+
+    Cookies are not Secure: the test client speaks plain HTTP to the app (as a proxy that
+    ends TLS would)."""
     values = {"smsq_dashboard_user": USER, "smsq_dashboard_password": PASSWORD,
-              "twilio_auth_token": AUTH_TOKEN, "smsq_public_url": PUBLIC_URL, **overrides}
+              "twilio_auth_token": AUTH_TOKEN, "smsq_public_url": PUBLIC_URL,
+              "smsq_secure_cookies": False, **overrides}
     return Settings(_env_file=None, **{**settings.model_dump(), **values})
 
 

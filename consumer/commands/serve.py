@@ -71,7 +71,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         create_app(settings), host=settings.smsq_http_host, port=settings.smsq_http_port,
         log_config=None,  # our logging (consumer.logs), not uvicorn's
         timeout_graceful_shutdown=GRACEFUL_SECONDS, server_header=False,
-        proxy_headers=True, forwarded_allow_ips="127.0.0.1",
+        proxy_headers=False,  # ProxyHeadersMiddleware in the app, with SMSQ_TRUSTED_PROXIES
     )
     require_current_schema(settings.database_dsn)
     listening = _listen(settings.smsq_http_host, settings.smsq_http_port)
