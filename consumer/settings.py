@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     smsq_http_body_timeout: float = Field(30.0, gt=0)
     smsq_http_max_connections: int = Field(1000, ge=10)
     smsq_access_log: bool = False
+    # The SharedKey secret of a Twilio Webhook Setting that signs smsq's webhooks (with
+    # HMAC-SHA256); those without one are signed with TWILIO_AUTH_TOKEN.
+    smsq_webhook_shared_key: SecretStr | None = None
 
     smsq_log_format: Literal["text", "json"] = "text"
     smsq_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

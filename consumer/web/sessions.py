@@ -48,9 +48,9 @@ def password_check(password: str, salt: bytes) -> bytes:
     return hashlib.scrypt(password.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)
 
 
-def log_out_everyone(conn: psycopg.Connection) -> None:
-    """A new key, no session rows: every cookie ever handed out is worthless."""
-    store.replace_session_key(conn, secrets.token_bytes(KEY_BYTES))
+def log_out_everyone(conn: psycopg.Connection) -> int:
+    """A new key, no session rows: every cookie handed out is worthless; how many ended."""
+    return store.replace_session_key(conn, secrets.token_bytes(KEY_BYTES))
 
 
 class SessionKeys:

@@ -234,13 +234,14 @@ def create_session_key(conn: psycopg.Connection, secret: bytes, salt: bytes,
 
 
 def replace_session_key(conn: psycopg.Connection, secret: bytes, salt: bytes | None = None,
-                        check: bytes | None = None) -> None:
-    """A new key (and password check, if given); every session ends with the old key."""
+                        check: bytes | None = None) -> int:
+    """A new key (and password check, if given); every session ends with the old key. How
+    many session rows there were."""
     conn.execute(
         """UPDATE dashboard_key SET secret = %s, password_salt = coalesce(%s, password_salt),
                   password_check = coalesce(%s, password_check), rotated_datetime = now()
            WHERE id = 1""", (secret, salt, check))
-    conn.execute("DELETE FROM dashboard_session")
+    return conn.execute("DELETE FROM dashboard_session").rowcount
 
 
 def start_session(conn: psycopg.Connection, session_id: str, user: str,
