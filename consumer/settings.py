@@ -163,7 +163,7 @@ class Settings(BaseSettings):
     def _messaging_service_sid(cls, value: str | None) -> str | None:
         return _sid(value, "MG", "a Messaging Service SID")
 
-    @field_validator("twilio_auth_token")
+    @field_validator("twilio_auth_token", "smsq_webhook_shared_key")
     @classmethod
     def _token_without_blanks(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and (not value.get_secret_value()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -12,7 +11,8 @@ from starlette.testclient import TestClient
 
 from consumer.web import auth
 from consumer.web.app import create_app
-from tests.web_support import PASSWORD, USER, csrf_of, insert_notification, log_in, web_settings
+from tests.web_support import (  # noqa: F401 - app and client are fixtures
+    PASSWORD, USER, app, client, csrf_of, insert_notification, log_in, web_settings)
 
 # The only routes that answer without a login: Twilio, Prometheus, load balancers, the form.
 EXPECTED_PUBLIC = {
@@ -33,17 +33,6 @@ def endpoints(app) -> list[tuple[str, str, str]]:
             "{notification_id}", str(uuid.uuid4()))
         found += [(route.path, method, url) for method in sorted(route.methods - {"HEAD"})]
     return found
-
-
-@pytest.fixture
-def app(settings):
-    return create_app(web_settings(settings))
-
-
-@pytest.fixture
-def client(app) -> Iterator[TestClient]:
-    with TestClient(app) as test_client:
-        yield test_client
 
 
 def test_only_the_expected_routes_are_public(app):

@@ -13,6 +13,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from consumer.settings import Settings
+from consumer.web.app import create_app
 
 USER, PASSWORD = "operator", "correct horse battery staple"
 AUTH_TOKEN = "test-auth-token-0123456789abcdef"
@@ -28,6 +29,18 @@ def web_settings(settings: Settings, **overrides: object) -> Settings:
               "twilio_auth_token": AUTH_TOKEN, "smsq_public_url": PUBLIC_URL,
               "smsq_secure_cookies": False, **overrides}
     return Settings(_env_file=None, **{**settings.model_dump(), **values})
+
+
+@pytest.fixture
+def app(settings: Settings):
+    """The app of `smsq serve` with web_settings (import it into a test module)."""
+    return create_app(web_settings(settings))
+
+
+@pytest.fixture
+def client(app) -> Iterator[TestClient]:
+    with TestClient(app) as test_client:
+        yield test_client
 
 
 @pytest.fixture

@@ -86,9 +86,9 @@ class SessionKeys:
     async def current(self, conn: HTTPConnection) -> bytes:
         return self.secret if self.secret is not None else await db.run(conn, self.load)
 
-    async def reloaded(self, conn: HTTPConnection) -> bytes | None:
-        """The key as Postgres has it now, if it was not read just now."""
-        if self.clock() - self.loaded_at < RELOAD_SECONDS:
+    async def reloaded(self, conn: HTTPConnection, always: bool = False) -> bytes | None:
+        """The key as Postgres has it now, if it was not read just now (or `always`)."""
+        if not always and self.clock() - self.loaded_at < RELOAD_SECONDS:
             return None
         return await db.run(conn, self.load)
 
@@ -164,7 +164,7 @@ class SessionCookie:
 async def begin(request: HTTPConnection, user: str) -> None:
     """A fresh session at login: a CSRF token planted before it is worth nothing."""
     keys: SessionKeys = request.app.state.session_keys
-    await keys.reloaded(request)  # sign with the newest key, whatever another copy did
+    await keys.reloaded(request, always=True)  # the newest key, whatever another copy did
     session_id = secrets.token_urlsafe(32)
     await db.run(request, store.start_session, session_id, user, SESSION_MAX_AGE)
     request.session.clear()
