@@ -12,8 +12,21 @@ import re
 import sys
 from datetime import datetime, timezone
 
-# E.164-looking numbers (7 to 15 digits after '+'); everything but the last 4 digits masked.
-_PHONE = re.compile(r"\+\d{3,11}(\d{4})\b")
+# What may be a phone number: digits in groups separated by one space or hyphen (a group may
+# stand in parentheses), with or without a leading '+', not part of a longer token (an id, a
+# UUID, a decimal, an address, a time). _masked decides by the number of digits.
+_PHONE = re.compile(r"""
+    (?<![\w.:/+-])                  # not inside a token
+    (?!\d{4}-\d\d-\d\d)              # an ISO date is not a number
+    \+?\(?\d+\)?(?:[ -]\(?\d+\)?)*
+    (?![\w.:/-])
+""", re.VERBOSE)
+MIN_DIGITS_WITH_PLUS = 7  # E.164: 7 to 15 digits after '+'
+MIN_DIGITS_WITHOUT = 8  # national numbers (4155550123); fewer would mask counts and codes
+MAX_DIGITS = 15
+# A field or message longer than this is cut (a reason quoting a 20,000-character field
+# name must not make a 20,000-character line).
+MAX_VALUE_CHARS = 1000
 _STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
@@ -24,11 +37,36 @@ def some_ids(ids: list, at_most: int) -> str:
 
 
 def mask_phone(text: str) -> str:
-    return _PHONE.sub(lambda m: "+" + "*" * (len(m.group(0)) - 5) + m.group(1), text)
+    """Every digit of a phone number but the last 4 masked: +1 415 555 0123 -> +* *** *** 0123."""
+    return _PHONE.sub(_masked, text)
+
+
+def _masked(match: re.Match) -> str:
+    found = match.group(0)
+    digits = sum(c.isdigit() for c in found)
+    least = MIN_DIGITS_WITH_PLUS if found.startswith("+") else MIN_DIGITS_WITHOUT
+    if not least <= digits <= MAX_DIGITS:
+        return found
+    to_mask = digits - 4
+    masked = []
+    for c in found:
+        if c.isdigit() and to_mask > 0:
+            masked.append("*")
+            to_mask -= 1
+        else:
+            masked.append(c)
+    return "".join(masked)
+
+
+def capped(value: object) -> object:
+    """Long text cut to MAX_VALUE_CHARS, saying how much was left out."""
+    if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
+        return f"{value[:MAX_VALUE_CHARS]}... ({len(value) - MAX_VALUE_CHARS} more characters)"
+    return value
 
 
 def _fields(record: logging.LogRecord) -> dict[str, object]:
-    return {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS}
+    return {k: capped(v) for k, v in vars(record).items() if k not in _STANDARD_ATTRS}
 
 
 class JsonFormatter(logging.Formatter):
@@ -37,7 +75,7 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": capped(record.getMessage()),
             **_fields(record),
         }
         if record.exc_info:
@@ -54,7 +92,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = " ".join(f"{k}={_one_line(v)}" for k, v in _fields(record).items())
         stamp = datetime.fromtimestamp(record.created, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        line = f"{stamp} {record.levelname:<7} {record.getMessage()}"
+        line = f"{stamp} {record.levelname:<7} {capped(record.getMessage())}"
         if fields:
             line += f" [{fields}]"
         if record.exc_info:

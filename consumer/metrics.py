@@ -9,7 +9,9 @@ group into a registry of its own (`program_registry`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import typing
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 
 import psycopg
 from prometheus_client import (
@@ -18,9 +20,12 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from psycopg_pool import PoolTimeout
+from pydantic import BaseModel
 
 from consumer import store
 from consumer.settings import ConfigError
+from schemas.message import Notification
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +37,38 @@ MESSAGES_DUPLICATE = Counter(
     "smsq_messages_duplicate_total", "Messages acknowledged whose id was already stored",
     registry=None,
 )
-MESSAGES_DEAD_LETTERED = Counter(
+def _field_paths(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Every field of the message format as an error names it: `sms.to_phone_number`."""
+    paths = set()
+    for name, field in model.model_fields.items():
+        paths.add(prefix + name)
+        for kind in (field.annotation, *typing.get_args(field.annotation)):
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                paths |= _field_paths(kind, f"{prefix}{name}.")
+    return paths
+
+
+# A label value comes from the message format, never from the message: an unknown field
+# named with 20,000 characters must not become a series of that name (nor one per name).
+DEAD_LETTER_FIELDS = frozenset({"message", *_field_paths(Notification)})
+UNKNOWN_FIELD = "unknown_field"
+
+
+def field_label(field: str) -> str:
+    """The label of the field at fault: `sms.media_url.2` is `sms.media_url`; a field the
+    format does not have is `unknown_field`."""
+    known = ".".join(part for part in field.split(".") if not part.isdigit())
+    return known if known in DEAD_LETTER_FIELDS else UNKNOWN_FIELD
+
+
+class FieldCounter(Counter):
+    """A counter labelled by a message field, whatever text its callers pass as the field."""
+
+    def labels(self, field: str) -> Counter:  # type: ignore[override]
+        return super().labels(field_label(field))
+
+
+MESSAGES_DEAD_LETTERED = FieldCounter(
     "smsq_messages_dead_lettered_total",
     "Messages sent to the dead-letter queue, by the first field at fault",
     ["field"],
@@ -113,24 +149,33 @@ MEDIA_DELETED = Counter(
 )
 
 
+Connect = Callable[[], AbstractContextManager[psycopg.Connection]]
+
+
+def connect_to(database_dsn: str) -> Connect:
+    """A new connection per scrape: for consume and dispatch, scraped by Prometheus alone."""
+    return lambda: psycopg.connect(database_dsn, connect_timeout=2)
+
+
 class BacklogCollector(Collector):
     """Backlog by status and priority, and the oldest due message's age, read at scrape time.
 
     Read from Postgres on each scrape (two indexed queries) rather than kept in gauges, so
     every program shows the same truth whoever changed the rows. When Postgres does not
     answer, the scrape still succeeds without these metrics (smsq_dependency_up says why).
+    `connect` gives the connection: `smsq serve`, which answers anyone, lends one of its pool.
     """
 
-    def __init__(self, database_dsn: str) -> None:
-        self.database_dsn = database_dsn
+    def __init__(self, connect: Connect) -> None:
+        self.connect = connect
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
-            with psycopg.connect(self.database_dsn, connect_timeout=2,
-                                 options="-c statement_timeout=2000") as conn:
+            with self.connect() as conn:
+                conn.execute("SET statement_timeout = 2000")
                 backlog = store.backlog_counts(conn)
                 oldest = store.oldest_due_age_seconds(conn)
-        except psycopg.Error as exc:
+        except (psycopg.Error, PoolTimeout) as exc:
             log.warning("backlog not readable", extra={"action": "metrics_backlog_failed",
                                                        "error": str(exc).splitlines()[0]})
             return
@@ -157,17 +202,18 @@ DISPATCH_METRICS = (DISPATCH_SENDS, DISPATCH_RECONCILED, TWILIO_REQUEST_SECONDS,
 SERVE_METRICS = (STATUS_CALLBACKS, MEDIA_REQUESTS, MEDIA_DELETED)
 
 
-def program_registry(program_metrics: tuple[Collector, ...],
-                     database_dsn: str) -> CollectorRegistry:
+def program_registry(program_metrics: tuple[Collector, ...], database_dsn: str,
+                     connect: Connect | None = None) -> CollectorRegistry:
     """What one program exports: its own metrics, the process's, the dependencies', the backlog."""
     registry = CollectorRegistry()
     for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR, DEPENDENCY_UP,
                       *program_metrics):
         registry.register(collector)
-    watch_backlog(database_dsn, registry)
+    watch_backlog(database_dsn, registry, connect)
     return registry
 
 
-def watch_backlog(database_dsn: str, registry: CollectorRegistry) -> None:
+def watch_backlog(database_dsn: str, registry: CollectorRegistry,
+                  connect: Connect | None = None) -> None:
     """Add the backlog to a registry: read from Postgres at each scrape."""
-    registry.register(BacklogCollector(database_dsn))
+    registry.register(BacklogCollector(connect or connect_to(database_dsn)))

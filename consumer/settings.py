@@ -6,6 +6,7 @@ error or the code sees the same name they set. Values also come from a `.env` fi
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Literal
 
@@ -90,6 +91,20 @@ class Settings(BaseSettings):
     smsq_media_grace_seconds: float = Field(86_400.0, ge=0)
     smsq_media_cleanup_seconds: float = Field(300.0, gt=0)
 
+    # `smsq serve` on the open internet. Cookies are Secure when SMSQ_PUBLIC_URL is https,
+    # unless this says otherwise. X-Forwarded-For is believed from these addresses only.
+    smsq_secure_cookies: bool | None = None
+    smsq_trusted_proxies: str = "127.0.0.1"
+    # A client must send its request headers, then its body, within these many seconds;
+    # past SMSQ_HTTP_MAX_CONNECTIONS open connections, new requests are answered 503.
+    smsq_http_header_timeout: float = Field(10.0, gt=0)
+    smsq_http_body_timeout: float = Field(30.0, gt=0)
+    smsq_http_max_connections: int = Field(1000, ge=10)
+    smsq_access_log: bool = False
+    # The SharedKey secret of a Twilio Webhook Setting that signs smsq's webhooks (with
+    # HMAC-SHA256); those without one are signed with TWILIO_AUTH_TOKEN.
+    smsq_webhook_shared_key: SecretStr | None = None
+
     smsq_log_format: Literal["text", "json"] = "text"
     smsq_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -148,7 +163,7 @@ class Settings(BaseSettings):
     def _messaging_service_sid(cls, value: str | None) -> str | None:
         return _sid(value, "MG", "a Messaging Service SID")
 
-    @field_validator("twilio_auth_token")
+    @field_validator("twilio_auth_token", "smsq_webhook_shared_key")
     @classmethod
     def _token_without_blanks(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and (not value.get_secret_value()
@@ -198,6 +213,19 @@ class Settings(BaseSettings):
                                  f"got {entry!r}")
         return value
 
+    @field_validator("smsq_trusted_proxies")
+    @classmethod
+    def _proxy_addresses(cls, value: str) -> str:
+        for entry in (e.strip() for e in value.split(",")):
+            if entry == "*":
+                continue
+            try:
+                ipaddress.ip_network(entry)
+            except ValueError:
+                raise ValueError("each comma-separated entry must be an IP address or network "
+                                 f"(127.0.0.1, 10.0.0.0/8) or *; got {entry!r}") from None
+        return value
+
     @field_validator("amqp_url")
     @classmethod
     def _amqp_scheme(cls, value: str) -> str:
@@ -227,6 +255,12 @@ class Settings(BaseSettings):
     @property
     def database_dsn(self) -> str:
         return str(self.database_url)
+
+    @property
+    def secure_cookies(self) -> bool:
+        if self.smsq_secure_cookies is not None:
+            return self.smsq_secure_cookies
+        return self.smsq_public_url is not None and self.smsq_public_url.scheme == "https"
 
     @property
     def dead_queue(self) -> str:

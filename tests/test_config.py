@@ -20,6 +20,8 @@ from tests.support import ROOT, run_smsq
 MALFORMED_TEXT = {
     "amqp_url": "http://guest:guest@127.0.0.1:5672/",
     "twilio_account_sid": "SK0123456789abcdef0123456789abcdef",  # an API key, not an account
+    "smsq_trusted_proxies": "127.0.0.1, my-proxy",
+    "smsq_webhook_shared_key": "has spaces in it",
     "twilio_auth_token": "has spaces in it",
     "twilio_phone_number": "555-0123",
     "twilio_messaging_service_sid": "AC0123456789abcdef0123456789abcdef",

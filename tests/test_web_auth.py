@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -12,7 +11,8 @@ from starlette.testclient import TestClient
 
 from consumer.web import auth
 from consumer.web.app import create_app
-from tests.web_support import PASSWORD, USER, csrf_of, insert_notification, log_in, web_settings
+from tests.web_support import (  # noqa: F401 - app and client are fixtures
+    PASSWORD, USER, app, client, csrf_of, insert_notification, log_in, web_settings)
 
 # The only routes that answer without a login: Twilio, Prometheus, load balancers, the form.
 EXPECTED_PUBLIC = {
@@ -34,17 +34,6 @@ def endpoints(app, notification_id: uuid.UUID | None = None) -> list[tuple[str, 
             "{notification_id}", str(notification_id or uuid.uuid4()))
         found += [(route.path, method, url) for method in sorted(route.methods - {"HEAD"})]
     return found
-
-
-@pytest.fixture
-def app(settings):
-    return create_app(web_settings(settings))
-
-
-@pytest.fixture
-def client(app) -> Iterator[TestClient]:
-    with TestClient(app) as test_client:
-        yield test_client
 
 
 def test_only_the_expected_routes_are_public(app):
@@ -162,12 +151,24 @@ def test_the_throttle_forgets_old_failures_and_a_success():
     throttle = auth.LoginThrottle(limit=3, window_seconds=60, clock=lambda: now[0])
     for second in (0, 10, 20):
         now[0] = second
-        assert throttle.wait_seconds("a") == 0
-        throttle.failed("a")
-    assert throttle.wait_seconds("a") == 40  # until the failure at 0 is 60 s old
-    assert throttle.wait_seconds("b") == 0  # another address is not held back
+        assert throttle.wait_seconds(USER, "a") == 0
+        throttle.failed(USER, "a")
+    assert throttle.wait_seconds(USER, "a") == 40  # until the failure at 0 is 60 s old
+    assert throttle.wait_seconds(USER, "b") == 0  # another address is not held back
     now[0] = 60
-    assert throttle.wait_seconds("a") == 0
-    throttle.failed("a")
-    throttle.succeeded("a")
-    assert throttle.wait_seconds("a") == 0 and "a" not in throttle.failures
+    assert throttle.wait_seconds(USER, "a") == 0
+    throttle.failed(USER, "a")
+    throttle.succeeded(USER, "a")
+    assert throttle.wait_seconds(USER, "a") == 0 and (USER, "a") not in throttle.failures
+
+
+def test_the_throttle_holds_a_name_from_one_address_and_an_address_trying_many_names():
+    throttle = auth.LoginThrottle(limit=2, address_limit=5, clock=lambda: 0.0)
+    for _ in range(2):
+        throttle.failed("someone-else", "proxy")
+    assert throttle.wait_seconds("someone-else", "proxy") > 0
+    assert throttle.wait_seconds(USER, "proxy") == 0  # a guess at another name locks nobody out
+    for name in ("a", "b", "c"):
+        throttle.failed(name, "proxy")
+    assert throttle.wait_seconds(USER, "proxy") > 0  # five failures from one address
+    assert throttle.wait_seconds(USER, "elsewhere") == 0

@@ -13,6 +13,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from consumer.settings import Settings
+from consumer.web.app import create_app
 
 USER, PASSWORD = "operator", "correct horse battery staple"
 AUTH_TOKEN = "test-auth-token-0123456789abcdef"
@@ -20,10 +21,26 @@ PUBLIC_URL = "https://smsq.example.test"
 
 
 def web_settings(settings: Settings, **overrides: object) -> Settings:
-    """The test's settings with a dashboard login, a Twilio auth token and a public URL."""
+    """The test's settings with a dashboard login, a Twilio auth token and a public URL.
+
+    Cookies are not Secure: the test client speaks plain HTTP to the app (as a proxy that
+    ends TLS would)."""
     values = {"smsq_dashboard_user": USER, "smsq_dashboard_password": PASSWORD,
-              "twilio_auth_token": AUTH_TOKEN, "smsq_public_url": PUBLIC_URL, **overrides}
+              "twilio_auth_token": AUTH_TOKEN, "smsq_public_url": PUBLIC_URL,
+              "smsq_secure_cookies": False, **overrides}
     return Settings(_env_file=None, **{**settings.model_dump(), **values})
+
+
+@pytest.fixture
+def app(settings: Settings):
+    """The app of `smsq serve` with web_settings (import it into a test module)."""
+    return create_app(web_settings(settings))
+
+
+@pytest.fixture
+def client(app) -> Iterator[TestClient]:
+    with TestClient(app) as test_client:
+        yield test_client
 
 
 @pytest.fixture

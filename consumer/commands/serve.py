@@ -16,12 +16,15 @@ from consumer.migrate import require_current_schema
 from consumer.settings import ConfigError, Settings
 from consumer.signals import log_in_handler
 from consumer.web.app import create_app
+from consumer.web.slow_clients import guarded_protocol
 
 log = logging.getLogger(__name__)
 
 # After SIGTERM, requests in flight get this long before connections are closed; with the
 # lifespan shutdown this keeps a clean stop well under 10 seconds.
 GRACEFUL_SECONDS = 5
+# Request line and headers together at most (h11's default); more is answered 400.
+HEADER_BYTES = 16 * 1024
 
 
 class Server(uvicorn.Server):
@@ -71,7 +74,10 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         create_app(settings), host=settings.smsq_http_host, port=settings.smsq_http_port,
         log_config=None,  # our logging (consumer.logs), not uvicorn's
         timeout_graceful_shutdown=GRACEFUL_SECONDS, server_header=False,
-        proxy_headers=True, forwarded_allow_ips="127.0.0.1",
+        proxy_headers=False,  # ProxyHeadersMiddleware in the app, with SMSQ_TRUSTED_PROXIES
+        http=guarded_protocol(settings.smsq_http_header_timeout, settings.smsq_http_body_timeout),
+        limit_concurrency=settings.smsq_http_max_connections,
+        h11_max_incomplete_event_size=HEADER_BYTES,
     )
     require_current_schema(settings.database_dsn)
     listening = _listen(settings.smsq_http_host, settings.smsq_http_port)

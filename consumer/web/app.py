@@ -7,20 +7,22 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-import psycopg
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
-from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from consumer import metrics
 from consumer.settings import Settings
-from consumer.web import auth, dashboard, health, housekeeping, login, media, receipts
+from consumer.web import (
+    access_log, auth, dashboard, db, health, housekeeping, limits, login, media, params,
+    receipts, sessions,
+)
 from consumer.web.render import HERE
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,7 @@ POOL_TIMEOUT = 3.0
 def routes() -> list[Route | Mount]:
     return [
         Route(receipts.CALLBACK_PATH, receipts.status_callback, methods=["POST"]),
-        Route("/media/{token}", media.hosted_media, methods=["GET"]),
+        Route(media.PREFIX + "{token}", media.hosted_media, methods=["GET"]),
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/readyz", health.readyz, methods=["GET"]),
         Route("/metrics", health.metrics, methods=["GET"]),
@@ -53,11 +55,17 @@ def routes() -> list[Route | Mount]:
 
 
 async def postgres_unreachable(request: Request, exc: Exception) -> Response:
-    """Postgres away: say so (Twilio retries nothing, but a person can wait and reload)."""
-    log.warning("request failed: Postgres unreachable", extra={
-        "action": "postgres_unreachable", "path": request.url.path, "error": str(exc)})
-    return PlainTextResponse("Postgres is unreachable; try again in a moment.\n",
-                             status_code=503, headers={"Retry-After": "5"})
+    return db.unreachable(request, exc)
+
+
+def middleware(settings: Settings, keys: sessions.SessionKeys | None) -> list[Middleware]:
+    """Outermost first: the client's address, the access log, body limits, the session."""
+    stack = [Middleware(ProxyHeadersMiddleware, trusted_hosts=settings.smsq_trusted_proxies)]
+    if settings.smsq_access_log:
+        stack.append(Middleware(access_log.AccessLog))
+    return [*stack, Middleware(limits.BodyLimits),
+            Middleware(sessions.SessionCookie, keys=keys, secure=settings.secure_cookies),
+            Middleware(auth.RequireLogin)]
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -77,20 +85,22 @@ def create_app(settings: Settings) -> Starlette:
             await asyncio.gather(*jobs, return_exceptions=True)
             await run_in_threadpool(pool.close, 5)
 
+    keys = (sessions.SessionKeys(settings.smsq_dashboard_password.get_secret_value())
+            if auth.dashboard_enabled(settings) else None)
     app = Starlette(
         routes=routes(),
-        middleware=[
-            Middleware(SessionMiddleware, secret_key=auth.session_secret(settings),
-                       session_cookie=auth.SESSION_COOKIE, max_age=auth.SESSION_MAX_AGE,
-                       same_site="lax"),
-            Middleware(auth.RequireLogin),
-        ],
+        middleware=middleware(settings, keys),
         lifespan=lifespan,
-        exception_handlers={psycopg.OperationalError: postgres_unreachable,
-                            PoolTimeout: postgres_unreachable},
+        exception_handlers={**{kind: postgres_unreachable for kind in db.UNREACHABLE},
+                            params.BadParameter: params.bad_parameter},
     )
     app.state.settings = settings
+    app.state.session_keys = keys
     app.state.login_throttle = auth.LoginThrottle()
-    app.state.metrics_registry = metrics.program_registry(metrics.SERVE_METRICS,
-                                                          settings.database_dsn)
+    app.state.readiness = health.Readiness()
+    # The backlog is read on one of the pool's connections: a flood of scrapes cannot open
+    # a connection each.
+    app.state.metrics_registry = metrics.program_registry(
+        metrics.SERVE_METRICS, settings.database_dsn,
+        connect=lambda: app.state.pool.connection(timeout=POOL_TIMEOUT))
     return app

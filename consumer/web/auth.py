@@ -7,7 +7,6 @@ SMSQ_DASHBOARD_USER and SMSQ_DASHBOARD_PASSWORD nothing behind it is served at a
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import secrets
@@ -22,14 +21,13 @@ from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from consumer.settings import Settings
+from consumer.web import db, sessions
 
 log = logging.getLogger(__name__)
 
 # Twilio, Prometheus and load balancers do not log in: these answer anyone.
 PUBLIC_PATHS = frozenset({"/twilio/status", "/metrics", "/healthz", "/readyz", "/login"})
 PUBLIC_PREFIXES = ("/media/", "/static/")
-SESSION_COOKIE = "smsq_session"
-SESSION_MAX_AGE = 12 * 3600
 DISABLED = ("The dashboard is disabled: set SMSQ_DASHBOARD_USER and SMSQ_DASHBOARD_PASSWORD "
             "to enable it.\n")
 
@@ -44,17 +42,9 @@ def dashboard_enabled(settings: Settings) -> bool:
 
 
 def client_address(conn: HTTPConnection) -> str:
-    """Who is asking: the peer's address (behind a proxy on this host, the forwarded one)."""
+    """Who is asking: the peer's address, or the one a trusted proxy (SMSQ_TRUSTED_PROXIES)
+    forwarded (uvicorn's ProxyHeadersMiddleware sets it)."""
     return conn.client.host if conn.client else ""
-
-
-def session_secret(settings: Settings) -> str:
-    """Derived from the credentials: every `serve` copy agrees, a new password ends all sessions."""
-    if not dashboard_enabled(settings):
-        return secrets.token_hex(32)  # nothing is accepted anyway
-    key = settings.smsq_dashboard_password.get_secret_value().encode()
-    return hmac.new(key, b"smsq session " + settings.smsq_dashboard_user.encode(),
-                    hashlib.sha256).hexdigest()
 
 
 def credentials_match(settings: Settings, user: str, password: str) -> bool:
@@ -66,15 +56,16 @@ def credentials_match(settings: Settings, user: str, password: str) -> bool:
     return user_ok and password_ok
 
 
+_LOGGED_IN = "smsq.logged_in"  # set in the scope by RequireLogin, once the session is checked
+
+
 def is_logged_in(conn: HTTPConnection) -> bool:
-    settings: Settings = conn.app.state.settings
-    user = conn.session.get("user")
-    return dashboard_enabled(settings) and user is not None and hmac.compare_digest(
-        user.encode(), settings.smsq_dashboard_user.encode())
+    return bool(conn.scope.get(_LOGGED_IN))
 
 
 class RequireLogin:
-    """ASGI middleware (inside SessionMiddleware): everything not public needs a session."""
+    """ASGI middleware (inside SessionCookie): everything not public needs a live session,
+    checked in Postgres on every request (a logout ends it everywhere at once)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -84,7 +75,15 @@ class RequireLogin:
             await self.app(scope, receive, send)
             return
         conn = HTTPConnection(scope)
-        if is_logged_in(conn):
+        settings: Settings = conn.app.state.settings
+        try:
+            live = dashboard_enabled(settings) and await sessions.is_live(
+                conn, settings.smsq_dashboard_user)
+        except db.UNREACHABLE as exc:
+            await db.unreachable(conn, exc)(scope, receive, send)
+            return
+        if live:
+            scope[_LOGGED_IN] = True
             await self.app(scope, receive, send)
             return
         await refusal(conn)(scope, receive, send)
@@ -103,35 +102,49 @@ def refusal(conn: HTTPConnection) -> Response:
 
 
 class LoginThrottle:
-    """Failed logins by client address: after `limit` within `window_seconds`, that address
-    may not try again until the oldest of them is that old. Kept in memory, per process."""
+    """Failed logins by user name and client address together: after `limit` within
+    `window_seconds`, that name may not be tried from that address until the oldest of them
+    is that old. Behind a shared proxy address (one SMSQ_TRUSTED_PROXIES does not name),
+    someone guessing another name locks nobody out; one address trying many names is held
+    back after `address_limit`. Kept in memory, per process."""
 
-    MAX_CLIENTS = 10_000  # beyond this many addresses, the ones with no recent failure go
+    MAX_KEYS = 10_000  # beyond this many, the ones with no recent failure go
+    MAX_NAME = 64  # characters of a typed user name kept as a key
 
-    def __init__(self, limit: int = 5, window_seconds: float = 900.0,
+    def __init__(self, limit: int = 5, window_seconds: float = 900.0, address_limit: int = 20,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
+        self.address_limit = address_limit
         self.window = window_seconds
         self.clock = clock
-        self.failures: dict[str, deque[float]] = {}
+        self.failures: dict[tuple[str | None, str], deque[float]] = {}
 
-    def wait_seconds(self, client: str) -> float:
-        """0 if `client` may try a password now, else how long until it may."""
-        recent = self._recent(client)
-        if len(recent) < self.limit:
+    def wait_seconds(self, user: str, client: str) -> float:
+        """0 if `user` may be tried from `client` now, else how long until it may."""
+        return max(self._wait(self._key(user, client), self.limit),
+                   self._wait((None, client), self.address_limit))
+
+    def failed(self, user: str, client: str) -> None:
+        if len(self.failures) >= self.MAX_KEYS:
+            self.failures = {k: q for k in list(self.failures) if (q := self._recent(k))}
+        for key, limit in ((self._key(user, client), self.limit),
+                           ((None, client), self.address_limit)):
+            self.failures.setdefault(key, deque(maxlen=limit)).append(self.clock())
+
+    def succeeded(self, user: str, client: str) -> None:
+        self.failures.pop(self._key(user, client), None)
+
+    def _key(self, user: str, client: str) -> tuple[str, str]:
+        return user[:self.MAX_NAME], client
+
+    def _wait(self, key: tuple[str | None, str], limit: int) -> float:
+        recent = self._recent(key)
+        if len(recent) < limit:
             return 0.0
         return recent[0] + self.window - self.clock()
 
-    def failed(self, client: str) -> None:
-        if len(self.failures) >= self.MAX_CLIENTS:
-            self.failures = {c: q for c in list(self.failures) if (q := self._recent(c))}
-        self.failures.setdefault(client, deque(maxlen=self.limit)).append(self.clock())
-
-    def succeeded(self, client: str) -> None:
-        self.failures.pop(client, None)
-
-    def _recent(self, client: str) -> deque[float]:
-        recent = self.failures.get(client, deque())
+    def _recent(self, key: tuple[str | None, str]) -> deque[float]:
+        recent = self.failures.get(key, deque())
         while recent and recent[0] <= self.clock() - self.window:
             recent.popleft()
         return recent

@@ -19,7 +19,7 @@ from consumer import amqp, dead_letters, operations
 from consumer import store as status_store
 from consumer.logs import error_text, some_ids
 from consumer.settings import Settings
-from consumer.web import auth, charts, db, render, store
+from consumer.web import auth, charts, db, params, render, store
 from schemas.message import normalise_phone_number
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def _as_e164(text: str, region: str | None) -> str | None:
 
 
 async def search(request: Request) -> Response:
-    query = request.query_params.get("q", "").strip()
+    query = params.text(request.query_params, "q").strip()
     settings: Settings = request.app.state.settings
     taken_as, results = "nothing", []
     if query:
@@ -138,8 +138,9 @@ def _detail(conn: psycopg.Connection, notification_id: uuid.UUID) -> dict | None
 
 
 async def notification_page(request: Request) -> Response:
-    notification_id = _as_uuid(request.path_params["notification_id"])
-    detail = await db.run(request, _detail, notification_id) if notification_id else None
+    notification_id = params.notification_id(request.path_params["notification_id"],
+                                              "notification_id")
+    detail = await db.run(request, _detail, notification_id)
     if detail is None:
         return render.page(request, "missing.html", status_code=404, what="notification")
     return render.page(request, "notification.html", **detail,
@@ -149,15 +150,8 @@ async def notification_page(request: Request) -> Response:
 # ---------------------------------------------------------------- errors and dead letters
 
 
-def _code_filter(raw: str | None) -> tuple[int | None, bool]:
-    """`?code=30003` -> (30003, False); `?code=none` -> (None, True); absent -> (None, False)."""
-    if raw == "none":
-        return None, True
-    return (int(raw), False) if raw and raw.isdigit() else (None, False)
-
-
 async def errors_page(request: Request) -> Response:
-    code, without_code = _code_filter(request.query_params.get("code"))
+    code, without_code = params.error_code_filter(request.query_params)
     rows = await db.run(request, store.recent_errors, ERROR_WINDOW_HOURS, code, without_code)
     return render.page(request, "errors.html", rows=rows, code=code, without_code=without_code,
                        hours=ERROR_WINDOW_HOURS, retryable=operations.RETRYABLE)
@@ -173,11 +167,11 @@ async def dead_letters_page(request: Request) -> Response:
 
 
 def _ids(form: FormData) -> list[uuid.UUID]:
-    return [i for i in (_as_uuid(str(raw)) for raw in form.getlist("id")) if i is not None]
+    return [params.notification_id(raw) for raw in params.texts(form, "id")]
 
 
 def _back(form: FormData) -> RedirectResponse:
-    return RedirectResponse(auth.safe_next(form.get("next")), status_code=303)
+    return RedirectResponse(auth.safe_next(params.text(form, "next")), status_code=303)
 
 
 def _report(request: Request, action: str, done: list, noun: str, outcome: str,
@@ -196,7 +190,7 @@ def _report(request: Request, action: str, done: list, noun: str, outcome: str,
 @auth.form_action
 async def retry_action(request: Request, form: FormData) -> Response:
     ids = _ids(form)
-    code, _ = _code_filter(form.get("code"))
+    code, _ = params.error_code_filter(form)
     if not ids and code is None:
         auth.flash(request, "warning", "Nothing selected to retry.")
         return _back(form)
@@ -217,8 +211,8 @@ async def cancel_action(request: Request, form: FormData) -> Response:
 
 @auth.form_action
 async def requeue_action(request: Request, form: FormData) -> Response:
-    everything = form.get("all") == "1"
-    keys = None if everything else [str(key) for key in form.getlist("key")]
+    everything = params.text(form, "all") == "1"
+    keys = None if everything else params.texts(form, "key")
     if not everything and not keys:
         auth.flash(request, "warning", "Nothing selected to requeue.")
         return _back(form)

@@ -1,11 +1,19 @@
-"""GET /healthz (the process answers), /readyz (RabbitMQ and Postgres reachable), /metrics."""
+"""GET /healthz (the process answers), /readyz (RabbitMQ and Postgres reachable), /metrics.
+
+These answer anyone, so they cost little whoever floods them: Postgres is asked on one of
+the pool's connections (never a new one per request), and the readiness answer is kept a
+second, however many ask in that second. Why a dependency is down goes to the log, not to
+the anonymous caller.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 
-import psycopg
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from psycopg_pool import ConnectionPool
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -14,18 +22,18 @@ from consumer import amqp
 from consumer.logs import error_text
 from consumer.settings import Settings
 
+log = logging.getLogger(__name__)
+
 CHECK_TIMEOUT = 3.0
+READY_CACHE_SECONDS = 1.0
 
 
 async def healthz(request: Request) -> Response:
     return PlainTextResponse("ok\n")
 
 
-def _postgres(settings: Settings) -> None:
-    # A new connection, not the pool's: it fails at once when Postgres refuses, where the
-    # pool would wait for one of its own, and it proves that new connections work.
-    with psycopg.connect(settings.database_dsn, connect_timeout=int(CHECK_TIMEOUT),
-                         application_name="smsq serve readyz") as conn:
+def _postgres(pool: ConnectionPool) -> None:
+    with pool.connection(timeout=CHECK_TIMEOUT) as conn:
         conn.execute("SELECT 1")
 
 
@@ -33,19 +41,38 @@ def _rabbitmq(settings: Settings) -> None:
     amqp.queue_depths(settings)
 
 
-async def _check(fn, *args) -> str:
+async def _check(name: str, fn, *args) -> str:
     try:
         await asyncio.wait_for(run_in_threadpool(fn, *args), CHECK_TIMEOUT + 1)
-    except Exception as exc:  # noqa: BLE001 - any failure means "not ready", said in words
-        return f"unreachable: {error_text(exc)}"
+    except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+        log.warning("readiness check failed", extra={
+            "action": "readyz_unready", "dependency": name, "error": error_text(exc)})
+        return "unreachable"
     return "ok"
 
 
+class Readiness:
+    """The last readiness answer, shared by the requests of the next second."""
+
+    def __init__(self, clock=time.monotonic) -> None:
+        self.clock = clock
+        self.checked_at = float("-inf")
+        self.checks: dict[str, str] = {}
+        self.lock = asyncio.Lock()
+
+    async def checks_of(self, request: Request) -> dict[str, str]:
+        async with self.lock:  # those arriving during a check wait for it, not start their own
+            if self.clock() - self.checked_at >= READY_CACHE_SECONDS:
+                postgres, rabbitmq = await asyncio.gather(
+                    _check("postgres", _postgres, request.app.state.pool),
+                    _check("rabbitmq", _rabbitmq, request.app.state.settings))
+                self.checks = {"postgres": postgres, "rabbitmq": rabbitmq}
+                self.checked_at = self.clock()
+            return self.checks
+
+
 async def readyz(request: Request) -> Response:
-    settings: Settings = request.app.state.settings
-    postgres, rabbitmq = await asyncio.gather(_check(_postgres, settings),
-                                              _check(_rabbitmq, settings))
-    checks = {"postgres": postgres, "rabbitmq": rabbitmq}
+    checks = await request.app.state.readiness.checks_of(request)
     ready = all(result == "ok" for result in checks.values())
     return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
 

@@ -14,6 +14,7 @@ from consumer.web import db, store
 
 log = logging.getLogger(__name__)
 
+PREFIX = "/media/"
 # secrets.token_urlsafe output; anything else cannot be a token, so no query is needed.
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
 _NOT_FOUND = PlainTextResponse("no such media, or it expired\n", status_code=404)

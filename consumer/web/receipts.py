@@ -9,13 +9,12 @@ from dataclasses import dataclass
 import psycopg
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
-from twilio.request_validator import RequestValidator
 
 from consumer import operations
 from consumer.metrics import STATUS_CALLBACKS
 from consumer.outcomes import RESEND_AFTER_FAILURE
 from consumer.settings import Settings
-from consumer.web import auth, db, delivery, store
+from consumer.web import auth, db, delivery, store, twilio_signature
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +50,12 @@ def signed_url(settings: Settings, request: Request) -> str:
 
 
 def signature_is_valid(settings: Settings, request: Request, form: object) -> bool:
-    signature = request.headers.get("X-Twilio-Signature")
-    if not signature:
-        return False
-    if settings.twilio_auth_token is None or settings.smsq_public_url is None:
-        log.error("cannot check Twilio signatures: TWILIO_AUTH_TOKEN or SMSQ_PUBLIC_URL unset",
+    if settings.smsq_public_url is None:
+        log.error("cannot check Twilio signatures: SMSQ_PUBLIC_URL unset",
                   extra={"action": "status_callback_unverifiable"})
         return False
-    validator = RequestValidator(settings.twilio_auth_token.get_secret_value())
-    return validator.validate(signed_url(settings, request), form, signature)
+    return twilio_signature.is_signed(settings, signed_url(settings, request), form,
+                                      request.headers)
 
 
 def record(conn: psycopg.Connection, twilio_sid: str, status: str, error_code: int | None,

@@ -71,7 +71,9 @@ def park_early_receipt(conn: psycopg.Connection, twilio_sid: str, status: str,
                        error_code: int | None) -> None:
     conn.execute(
         """INSERT INTO delivery_receipt_early (twilio_sid, delivery_status, error_code)
-           VALUES (%s, %s, %s)""", (twilio_sid, status, error_code))
+           VALUES (%s, %s, %s)
+           ON CONFLICT (twilio_sid, delivery_status, coalesce(error_code, -1)) DO NOTHING""",
+        (twilio_sid, status, error_code))
 
 
 def early_receipts_now_known(conn: psycopg.Connection, limit: int = 500) -> list[tuple]:
@@ -245,6 +247,54 @@ def media_of(conn: psycopg.Connection, media_id: uuid.UUID) -> dict | None:
                         expire_datetime FROM sms_temporary_media WHERE id = %s""",
         (media_id,))
     return found[0] if found else None
+
+
+# ---------------------------------------------------------------- dashboard sessions
+
+
+def session_key(conn: psycopg.Connection) -> tuple[bytes, bytes, bytes] | None:
+    """(secret, password salt, password check) of the dashboard's session key, if made yet."""
+    row = conn.execute("""SELECT secret, password_salt, password_check FROM dashboard_key
+                          WHERE id = 1""").fetchone()
+    return (bytes(row[0]), bytes(row[1]), bytes(row[2])) if row else None
+
+
+def create_session_key(conn: psycopg.Connection, secret: bytes, salt: bytes,
+                       check: bytes) -> None:
+    """The first key; a copy that made one at the same moment wins, and this does nothing."""
+    conn.execute(
+        """INSERT INTO dashboard_key (secret, password_salt, password_check)
+           VALUES (%s, %s, %s) ON CONFLICT (id) DO NOTHING""", (secret, salt, check))
+
+
+def replace_session_key(conn: psycopg.Connection, secret: bytes, salt: bytes | None = None,
+                        check: bytes | None = None) -> int:
+    """A new key (and password check, if given); every session ends with the old key. How
+    many session rows there were."""
+    conn.execute(
+        """UPDATE dashboard_key SET secret = %s, password_salt = coalesce(%s, password_salt),
+                  password_check = coalesce(%s, password_check), rotated_datetime = now()
+           WHERE id = 1""", (secret, salt, check))
+    return conn.execute("DELETE FROM dashboard_session").rowcount
+
+
+def start_session(conn: psycopg.Connection, session_id: str, user: str,
+                  seconds: float) -> None:
+    conn.execute(
+        """INSERT INTO dashboard_session (id, user_name, expire_datetime)
+           VALUES (%s, %s, now() + make_interval(secs => %s))""", (session_id, user, seconds))
+    conn.execute("DELETE FROM dashboard_session WHERE expire_datetime < now()")
+
+
+def session_is_live(conn: psycopg.Connection, session_id: str, user: str) -> bool:
+    return conn.execute(
+        """SELECT 1 FROM dashboard_session
+           WHERE id = %s AND user_name = %s AND expire_datetime > now()""",
+        (session_id, user)).fetchone() is not None
+
+
+def end_session(conn: psycopg.Connection, session_id: str) -> None:
+    conn.execute("DELETE FROM dashboard_session WHERE id = %s", (session_id,))
 
 
 def _dicts(conn: psycopg.Connection, query: str, params: object = None) -> list[dict]:
