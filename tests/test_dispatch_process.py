@@ -108,8 +108,11 @@ def test_a_second_signal_exits_at_once_without_waiting_for_twilio(settings, fake
 def test_standby_takes_over_a_killed_dispatcher_and_sends_nothing_twice(
         settings, fake_twilio, tmp_path):
     fake_twilio.set_fault("slow", to=SLOW_TO, slow_ms=30_000, count=1)
+    # The rows the dead one held wait as long as one of its requests could still be on the
+    # wire (connect and read timeouts and a tick), then one reconciliation decides them.
     settings = dispatch_settings(settings, fake_twilio, twilio_sms_rate=1.0,
-                                 smsq_twilio_read_timeout=60.0, smsq_lease_seconds=2.0)
+                                 smsq_twilio_connect_timeout=1.0, smsq_twilio_read_timeout=8.0,
+                                 smsq_lease_seconds=2.0)
     active = start_smsq(settings, "dispatch", log_path=tmp_path / "active.log")
     standby = None
     try:
@@ -130,7 +133,7 @@ def test_standby_takes_over_a_killed_dispatcher_and_sends_nothing_twice(
         wait_until(lambda: holder_of_default_sender(settings) == holder_name(standby),
                    timeout=5, interval=0.02, message="the standby to take over within 5 s")
         print(f"standby took over {time.monotonic() - killed_at:.2f} s after the SIGKILL")
-        wait_until(lambda: statuses(settings) == {"sent": 4}, timeout=20,
+        wait_until(lambda: statuses(settings) == {"sent": 4}, timeout=40,
                    message="everything sent")
     finally:
         for process in (active, standby):
