@@ -1,4 +1,7 @@
-"""The one module that knows pika: connections and the fixed AMQP topology."""
+"""The one module that knows pika: connections and the fixed AMQP topology.
+
+Contract: docs/contract.md (section 2, AMQP topology).
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 
 Pure: the Twilio adapter turns whatever happened on the wire into a `TwilioAttempt`, `decide`
 says which status the row gets, and the dispatcher records it.
+
+Contract: docs/contract.md (section 4, Statuses and status rules).
 """
 
 from __future__ import annotations

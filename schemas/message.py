@@ -3,6 +3,8 @@
 Every rule of the message format lives here, so the consumer, the CLI and producers written
 in Python share one definition; `notification.schema.json` is generated from these models
 for producers in other languages.
+
+Contract: docs/contract.md (section 1, Message).
 """
 
 from __future__ import annotations
