@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import SERVER_URL, with_dbname  # noqa: E402
 from consumer.migrate import migrate  # noqa: E402
 from consumer.settings import Settings  # noqa: E402
-from consumer.web import dashboard, store  # noqa: E402
-from consumer.web.app import create_app  # noqa: E402
+from consumer.serve import dashboard, store  # noqa: E402
+from consumer.serve.app import create_app  # noqa: E402
 from tests.web_support import RecordingCursor, log_in, web_settings  # noqa: E402
 
 # One statement per table; row i is published 2.5 s before row i-1 (a month for a million),

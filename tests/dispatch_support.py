@@ -12,8 +12,9 @@ from datetime import datetime, timezone
 import psycopg
 from pydantic import AnyHttpUrl, SecretStr
 
-from consumer import store
-from consumer.dispatcher import Dispatcher
+from consumer import pipeline
+from consumer.ingest import storage
+from consumer.dispatch.loop import Dispatcher
 from consumer.settings import Settings
 from consumer.signals import StopSignal
 from schemas.message import Notification
@@ -48,10 +49,10 @@ def add_notifications(settings: Settings, *messages: dict, sender: str = "") -> 
     for message in messages:
         message = {"body": "hello", "sms": {"to_phone_number": TO}} | message
         notification = Notification.model_validate(message).with_defaults(uuid.uuid4(), now)
-        rows.append(store.IngestRow.of(notification, sender))
+        rows.append(storage.IngestRow.of(notification, sender))
     with psycopg.connect(settings.database_dsn) as conn:
-        store.prepare_ingest(conn)
-        store.insert_batch(conn, rows)
+        storage.prepare_ingest(conn)
+        storage.insert_batch(conn, rows)
         conn.commit()
     return [row.notification.id for row in rows]
 

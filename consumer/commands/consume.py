@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import argparse
 
-from consumer import ingest
+from consumer.ingest import consume as ingest
 from consumer.commands import UsageError
 from consumer.migrate import require_current_schema
 from consumer.settings import Settings

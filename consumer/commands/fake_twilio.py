@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from consumer.commands import UsageError
-from consumer.fake_twilio import (
+from consumer.sandbox import (
     FAKE_ACCOUNT_SID,
     FAKE_AUTH_TOKEN,
     FAULT_MODES,

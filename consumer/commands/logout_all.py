@@ -13,7 +13,7 @@ import logging
 import psycopg
 
 from consumer.settings import Settings
-from consumer.web import sessions
+from consumer.serve import sessions
 
 log = logging.getLogger(__name__)
 

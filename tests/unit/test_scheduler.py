@@ -12,8 +12,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from consumer.outcomes import Decision, RetryPolicy
-from consumer.scheduler import (
+from consumer.dispatch.outcomes import Decision, RetryPolicy
+from consumer.dispatch.scheduler import (
     ALL_RANKS, ClaimRequest, Clock, Expire, Fail, Paused, Resumed, Scheduler, Send,
 )
 
