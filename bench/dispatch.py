@@ -42,9 +42,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import calls_per_second, scratch_database  # noqa: E402
 from consumer.dispatch import claims  # noqa: E402
+from consumer.dispatch.twilio_client import Outgoing, TwilioSender  # noqa: E402
 from consumer.sandbox import FakeTwilioControl, spawn  # noqa: E402
 from consumer.settings import Settings  # noqa: E402
-from consumer.dispatch.twilio_client import Outgoing, TwilioSender  # noqa: E402
 from tests.dispatch_support import most_in_any_window  # noqa: E402 - the tests' own measure
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")

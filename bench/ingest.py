@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pika
-from pika.adapters.blocking_connection import BlockingChannel
 import psycopg
+from pika.adapters.blocking_connection import BlockingChannel
 from pydantic import PostgresDsn
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,9 +22,9 @@ from psycopg import sql
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import scratch_database  # noqa: E402
-from consumer import # noqa: E402, pipeline
-from consumer.ingest import storage
+from consumer.ingest import storage  # noqa: E402
 from schemas.message import Notification  # noqa: E402
+
 
 def batch(size: int) -> list[storage.IngestRow]:
     return [storage.IngestRow.of(Notification.model_validate(

@@ -30,7 +30,7 @@ def properties_for(original: pika.BasicProperties, reason: str) -> pika.BasicPro
     now = datetime.now(timezone.utc).isoformat()
     headers = {**(original.headers or {}), "x-error": reason[:MAX_ERROR_HEADER],
                "x-dead-lettered-at": now}
-    properties = _persistent_copy(original, headers)
+    properties = persistent_copy(original, headers)
     try:
         size = sum(len(piece) for piece in properties.encode())
         problem = f"{size} bytes" if size > MAX_PROPERTIES_BYTES else None
@@ -39,11 +39,11 @@ def properties_for(original: pika.BasicProperties, reason: str) -> pika.BasicPro
     if problem is None:
         return properties
     reason = f"{reason}; its original headers were left out ({problem})"
-    return _persistent_copy(original, {"x-error": reason[:MAX_ERROR_HEADER],
+    return persistent_copy(original, {"x-error": reason[:MAX_ERROR_HEADER],
                                        "x-dead-lettered-at": now})
 
 
-def _persistent_copy(properties: pika.BasicProperties, headers: dict) -> pika.BasicProperties:
+def persistent_copy(properties: pika.BasicProperties, headers: dict) -> pika.BasicProperties:
     return pika.BasicProperties(
         content_type=properties.content_type, content_encoding=properties.content_encoding,
         message_id=properties.message_id, correlation_id=properties.correlation_id,

@@ -10,6 +10,7 @@ import ipaddress
 import re
 from typing import Literal
 
+import phonenumbers
 from pydantic import (
     AnyHttpUrl,
     Field,
@@ -20,8 +21,6 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-import phonenumbers
 
 TWILIO_DEFAULT_API_URL = "https://api.twilio.com"
 # The credentials `smsq fake-twilio` accepts by default, which `smsq dispatch` uses against a

@@ -17,8 +17,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from consumer.sandbox import FakeTwilioControl, FakeTwilioServer
 from consumer.migrate import migrate
+from consumer.sandbox import FakeTwilioControl, FakeTwilioServer
 from consumer.services import answers
 from consumer.settings import Settings
 

@@ -12,9 +12,8 @@ from datetime import datetime, timezone
 import psycopg
 from pydantic import AnyHttpUrl, SecretStr
 
-from consumer import pipeline
-from consumer.ingest import storage
 from consumer.dispatch.loop import Dispatcher
+from consumer.ingest import storage
 from consumer.settings import Settings
 from consumer.signals import StopSignal
 from schemas.message import Notification
@@ -98,7 +97,7 @@ def most_in_any_window(times: list[float], window: float = 1.0,
     weights = weights or [1.0] * len(times)
     events = sorted(zip(times, weights))
     best, start, total = 0.0, 0, 0.0
-    for end, (at, weight) in enumerate(events):
+    for at, weight in events:
         total += weight
         while at - events[start][0] >= window:
             total -= events[start][1]

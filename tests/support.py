@@ -20,7 +20,7 @@ from typing import Any
 import pika
 import psycopg
 
-from consumer import amqp, pipeline
+from consumer import amqp
 from consumer.ingest import storage
 from consumer.settings import Settings
 from schemas.message import Notification

@@ -10,8 +10,8 @@ import argparse
 
 import psycopg
 
-from consumer.ops import actions
 from consumer.commands import arguments, report
+from consumer.ops import actions
 from consumer.settings import Settings
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from consumer.ops import dead_queue
 from consumer.commands import UsageError
 from consumer.commands.table import render_table
+from consumer.ops import dead_queue
 from consumer.settings import Settings
 
 

@@ -11,9 +11,9 @@ from consumer.sandbox import (
     FAKE_AUTH_TOKEN,
     FAULT_MODES,
     UNDELIVERABLE_TO,
+    FakeTwilioServer,
     FaultError,
     FaultRule,
-    FakeTwilioServer,
 )
 from consumer.settings import Settings
 from consumer.signals import StopSignal

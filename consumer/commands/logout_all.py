@@ -12,8 +12,8 @@ import logging
 
 import psycopg
 
-from consumer.settings import Settings
 from consumer.serve import sessions
+from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from datetime import datetime, timezone
 
 import psycopg
 
-from consumer.ops import actions
 from consumer.commands import UsageError, arguments, report
+from consumer.ops import actions
 from consumer.settings import Settings
 
 

@@ -11,6 +11,7 @@ from consumer import amqp, pipeline
 from consumer.commands.table import render_table
 from consumer.settings import Settings
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 

@@ -78,8 +78,9 @@ class Outcome:
 _OUTCOME_FIELDS = [f.name for f in fields(Outcome)]
 
 _ROW_COLUMNS = """
-    c.id, c.sender, c.priority_rank, c.publish_datetime, c.expire_datetime, c.body, c.claimed_datetime,
-    s.to_phone_number, s.media_url, m.access_token AS media_token, s.attempts, s.reconcile_checks
+    c.id, c.sender, c.priority_rank, c.publish_datetime, c.expire_datetime, c.body,
+    c.claimed_datetime, s.to_phone_number, s.media_url, m.access_token AS media_token,
+    s.attempts, s.reconcile_checks
 """
 
 # Public: bench/dispatch.py explains it against a million pending rows.

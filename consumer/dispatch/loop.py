@@ -31,31 +31,28 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from uuid import UUID
 
 import psycopg
 
-from consumer.dispatch import claims
 from consumer import metrics, reconnect
+from consumer.dispatch import claims
 from consumer.dispatch.outcomes import (
     ACCOUNT_WIDE,
     RECONCILE_DELAYS,
     Decision,
     RetryPolicy,
-    TwilioAttempt,
     decide,
-    reconcile_next,
 )
 from consumer.dispatch.reconcile import Reconciliation
 from consumer.dispatch.scheduler import ALL_RANKS, Expire, Paused, Resumed, Scheduler, Send, Sender
-from consumer.settings import Settings
+from consumer.dispatch.threads import DueListener, SendResult, WorkerPool
+from consumer.dispatch.twilio_client import TwilioSender
 from consumer.logs import error_text
+from consumer.pipeline import FOLD_COUNTS_EVERY_SECONDS, fold_counts
+from consumer.settings import Settings
 from consumer.signals import StopSignal
-from consumer.pipeline import DUE_CHANNEL, FOLD_COUNTS_EVERY_SECONDS, fold_counts, parse_due
-from consumer.dispatch.twilio_client import FoundMessage, Outgoing, TwilioSender
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +91,8 @@ class Dispatcher(Reconciliation):
         in_hand_target = max(1, min(settings.twilio_sms_batch_size, math.ceil(
             settings.twilio_sms_rate * HORIZON_SECONDS + settings.smsq_burst)))
         self.scheduler = Scheduler(settings.twilio_sms_rate * (1 - PACING_MARGIN),
-                                   settings.smsq_burst, in_hand_target, policy, lambda row: row.cost)
+                                   settings.smsq_burst, in_hand_target, policy,
+                                   lambda row: row.cost)
         self.twilio = TwilioSender(settings, self.concurrency)
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.pool = WorkerPool(self.concurrency, self.events)

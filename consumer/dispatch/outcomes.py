@@ -85,8 +85,9 @@ def decide(attempt: TwilioAttempt, attempts: int, policy: RetryPolicy,
     # A 5xx, no answer after sending, or an answer that is neither success nor error (a 2xx
     # without a SID, a redirect from a proxy): Twilio may have created the message (its own
     # page for 20500 says so), so ask it before anything is sent again.
-    return Decision("processing", error_code=attempt.error_code,
-                    status_message=f"outcome unknown ({describe(attempt)}); reconciling with Twilio")
+    return Decision(
+        "processing", error_code=attempt.error_code,
+        status_message=f"outcome unknown ({describe(attempt)}); reconciling with Twilio")
 
 
 def account_wide_reason(attempt: TwilioAttempt) -> str | None:

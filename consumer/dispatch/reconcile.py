@@ -16,7 +16,7 @@ from consumer import metrics
 from consumer.dispatch import claims
 from consumer.dispatch.outcomes import RECONCILE_DELAYS, reconcile_next
 from consumer.dispatch.threads import ReconcileResult
-from consumer.dispatch.twilio_client import FoundMessage, Outgoing
+from consumer.dispatch.twilio_client import FoundMessage
 
 log = logging.getLogger(__name__)
 

@@ -177,7 +177,8 @@ class TwilioSender:
         media = list(message.media_url)
         if message.media_token:
             if not self.public_url:
-                raise MissingPublicUrl("hosted media needs SMSQ_PUBLIC_URL, where Twilio fetches it")
+                raise MissingPublicUrl(
+                    "hosted media needs SMSQ_PUBLIC_URL, where Twilio fetches it")
             media.append(f"{self.public_url}/media/{message.media_token}")
         if media:
             params["media_url"] = media

@@ -55,8 +55,8 @@ from pika.adapters.blocking_connection import BlockingChannel
 from consumer import amqp, dead_letters, metrics, reconnect
 from consumer.ingest import storage
 from consumer.ingest.delivery_reader import DeliveryReader, UndecodableProperties, decode_properties
-from consumer.logs import error_text, some_ids
 from consumer.ingest.senders import sender_for
+from consumer.logs import error_text, some_ids
 from consumer.settings import Settings
 from consumer.signals import StopSignal
 from schemas.errors import InvalidMessage, parse_notification

@@ -87,8 +87,9 @@ def retry_undelivered(conn: psycopg.Connection, *, ids: Sequence[uuid.UUID] | No
               "since": since}
     with conn.transaction():
         chosen = [row[0] for row in conn.execute(_UNDELIVERED, params).fetchall()]
-        return pipeline.send_again(conn, chosen, "sent again by an operator after a failed delivery",
-                          only_delivery=("undelivered", "failed"), fresh_attempts=True)
+        return pipeline.send_again(
+            conn, chosen, "sent again by an operator after a failed delivery",
+            only_delivery=("undelivered", "failed"), fresh_attempts=True)
 
 
 def cancel(conn: psycopg.Connection, ids: Sequence[uuid.UUID],

@@ -13,7 +13,7 @@ import pika
 import pika.exceptions
 
 from consumer import amqp
-from consumer.dead_letters import SMSQ_HEADERS, key_of
+from consumer.dead_letters import SMSQ_HEADERS, key_of, persistent_copy
 from consumer.settings import Settings
 
 PREVIEW_CHARS = 200
@@ -97,5 +97,5 @@ def _without_smsq_headers(properties: pika.BasicProperties) -> pika.BasicPropert
     headers = {k: v for k, v in (properties.headers or {}).items() if k not in SMSQ_HEADERS}
     requeued = headers.get("x-smsq-requeued", 0)
     headers["x-smsq-requeued"] = (requeued if isinstance(requeued, int) else 0) + 1
-    return _persistent_copy(properties, headers)
+    return persistent_copy(properties, headers)
 

@@ -1,4 +1,4 @@
-"""`smsq fake-twilio`: a local stand-in for Twilio's Messages API (`smsq fake-twilio`). Nothing reaches any phone.
+"""`smsq fake-twilio`: a local stand-in for Twilio's Messages API. Nothing reaches any phone.
 
 Good enough that the official `twilio` client works against it unchanged but for the base URL:
 create, fetch and list messages (To / From / DateSent filters, paging), HTTP basic auth, Twilio's
@@ -47,13 +47,20 @@ import-linter contract keeps it so). Its parts: `api.py` (state and answers), `f
 `callbacks.py`, `messages.py` (the message resources), `http.py` (the server), `control.py`.
 """
 from consumer.sandbox.api import (
-    API_VERSION, FAKE_ACCOUNT_SID, FAKE_AUTH_TOKEN, FakeTwilio,
+    API_VERSION,
+    FAKE_ACCOUNT_SID,
+    FAKE_AUTH_TOKEN,
+    FakeTwilio,
 )
 from consumer.sandbox.control import FakeTwilioControl, spawn
 from consumer.sandbox.faults import FAULT_MODES, FaultError, FaultRule, Reply
 from consumer.sandbox.http import FakeTwilioServer
 from consumer.sandbox.messages import (
-    DELIVERY_ERRORS, SERVICE_POOL_NUMBER, UNDELIVERABLE_TO, UNDELIVERED_ERROR, Received,
+    DELIVERY_ERRORS,
+    SERVICE_POOL_NUMBER,
+    UNDELIVERABLE_TO,
+    UNDELIVERED_ERROR,
+    Received,
 )
 
 __all__ = [

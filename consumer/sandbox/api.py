@@ -10,19 +10,13 @@ import base64
 import bisect
 import hmac
 import itertools
-import json
 import logging
 import random
 import secrets
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter, defaultdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import urlencode
 
 from twilio.request_validator import RequestValidator
 
@@ -30,7 +24,6 @@ from consumer.sandbox.callbacks import StatusCallbacks, callback_plan
 from consumer.sandbox.faults import (
     CREATED_FAULTS,
     FAIL_FAULTS,
-    FAULT_MODES,
     FaultBook,
     FaultError,
     FaultRule,
@@ -41,8 +34,6 @@ from consumer.sandbox.faults import (
 )
 from consumer.sandbox.messages import (
     API_VERSION,
-    DELIVERY_ERRORS,
-    SERVICE_POOL_NUMBER,
     UNDELIVERABLE_TO,
     UNDELIVERED_ERROR,
     Received,
@@ -51,7 +42,6 @@ from consumer.sandbox.messages import (
 )
 from consumer.segments import segments_of
 from consumer.settings import SANDBOX_ACCOUNT_SID, SANDBOX_AUTH_TOKEN
-
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +246,9 @@ class FakeTwilio:
         items = matching[:page_size]
 
         def page_uri(number: int, token: str | None = None) -> str:
-            extra = {"PageSize": page_size, "Page": number} | ({"PageToken": token} if token else {})
+            extra = {"PageSize": page_size, "Page": number}
+            if token:
+                extra["PageToken"] = token
             return f"{self.messages_uri}.json?{urlencode(filters | extra)}"
 
         return {

@@ -18,12 +18,22 @@ from starlette.staticfiles import StaticFiles
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from consumer import metrics
-from consumer.settings import Settings
 from consumer.serve import (
-    access_log, auth, dashboard, db, health, housekeeping, limits, login, media, params,
-    receipts, sessions,
+    access_log,
+    auth,
+    dashboard,
+    db,
+    health,
+    housekeeping,
+    limits,
+    login,
+    media,
+    params,
+    receipts,
+    sessions,
 )
 from consumer.serve.render import HERE
+from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from consumer.settings import Settings
 from consumer.serve import db, sessions
+from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
 

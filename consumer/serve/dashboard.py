@@ -15,12 +15,11 @@ from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from consumer import amqp
-from consumer.ops import actions, dead_queue
-from consumer import pipeline
+from consumer import amqp, pipeline
 from consumer.logs import error_text, some_ids
+from consumer.ops import actions, dead_queue
+from consumer.serve import auth, charts, db, params, queries, render
 from consumer.settings import Settings
-from consumer.serve import auth, charts, db, params, render, queries
 from schemas.message import normalise_phone_number
 
 log = logging.getLogger(__name__)

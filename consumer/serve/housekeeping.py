@@ -17,8 +17,8 @@ from starlette.concurrency import run_in_threadpool
 
 from consumer import pipeline
 from consumer.metrics import MEDIA_DELETED
+from consumer.serve import queries, receipts
 from consumer.settings import Settings
-from consumer.serve import receipts, queries
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 
-from consumer.settings import Settings
 from consumer.serve import auth, params, render, sessions
+from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 async def login_page(request: Request) -> Response:
     if not auth.dashboard_enabled(request.app.state.settings):
         return PlainTextResponse(auth.DISABLED, status_code=403)
-    return render.page(request, "login.html", next=auth.safe_next(params.text(request.query_params, "next")))
+    wanted = params.text(request.query_params, "next")
+    return render.page(request, "login.html", next=auth.safe_next(wanted))
 
 
 @auth.form_action

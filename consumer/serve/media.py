@@ -9,8 +9,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
 from consumer.metrics import MEDIA_REQUESTS
-from consumer.settings import Settings
 from consumer.serve import db, queries
+from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
 

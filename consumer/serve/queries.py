@@ -139,7 +139,8 @@ def delete_expired_media(conn: psycopg.Connection, grace_seconds: float, batch: 
 
 def sends_per_minute(conn: psycopg.Connection,
                      minutes: int = 60) -> tuple[datetime, list[tuple[datetime, int]]]:
-    """(this minute, [(minute, messages sent)]) over the last `minutes` minutes, this one included."""
+    """(this minute, [(minute, messages sent)]) over the last `minutes` minutes, this one
+    included."""
     this_minute = conn.execute("SELECT date_trunc('minute', now())").fetchone()[0]
     # A constant bound (not an expression of now()) lets the planner see how few rows it
     # covers and use notification_sent_idx instead of reading the table.

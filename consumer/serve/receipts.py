@@ -13,8 +13,8 @@ from starlette.responses import PlainTextResponse, Response
 from consumer import pipeline
 from consumer.metrics import STATUS_CALLBACKS
 from consumer.pipeline import RESEND_AFTER_FAILURE
-from consumer.settings import Settings
 from consumer.serve import auth, db, delivery, queries, twilio_signature
+from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -14,17 +14,16 @@ import socket
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import pika
 import psycopg
 import pytest
 import uvicorn
-from pydantic import AnyHttpUrl
 from playwright.sync_api import Page, expect, sync_playwright
+from pydantic import AnyHttpUrl
 
-from consumer.settings import Settings
 from consumer.serve.app import create_app
+from consumer.settings import Settings
 from tests.dispatch_support import add_notifications, dispatch_settings, running_dispatcher
 from tests.support import ROOT, declare_queues, publish_raw, wait_until
 from tests.web_support import PASSWORD, USER, insert_notification, web_settings
@@ -125,7 +124,7 @@ def page() -> Iterator[Page]:
 def test_an_operator_logs_in_finds_a_sent_message_and_retries_an_errored_one(
         settings, fake_twilio, page):
     sock = bound_socket()
-    base = "http://127.0.0.1:%d" % sock.getsockname()[1]
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     sending = dispatch_settings(settings, fake_twilio, smsq_public_url=AnyHttpUrl(base))
     web = web_settings(sending, smsq_public_url=base, twilio_auth_token=fake_twilio.auth_token)
     with psycopg.connect(settings.database_dsn, autocommit=True) as conn, serving(web, sock):

@@ -14,8 +14,14 @@ import psycopg
 from pydantic import AnyHttpUrl
 
 from tests.dispatch_support import (
-    SENDER, TO, add_notifications, arrivals, dispatch_settings,
-    rows_by_id, running_dispatcher, statuses,
+    SENDER,
+    TO,
+    add_notifications,
+    arrivals,
+    dispatch_settings,
+    rows_by_id,
+    running_dispatcher,
+    statuses,
 )
 from tests.support import wait_until
 

@@ -13,8 +13,12 @@ from pydantic import AnyHttpUrl, SecretStr
 from consumer import metrics
 from consumer.dispatch.outcomes import RECONCILE_DELAYS
 from tests.dispatch_support import (
-    add_notifications, arrivals, dispatch_settings,
-    rows_by_id, running_dispatcher, statuses,
+    add_notifications,
+    arrivals,
+    dispatch_settings,
+    rows_by_id,
+    running_dispatcher,
+    statuses,
 )
 from tests.support import wait_until
 

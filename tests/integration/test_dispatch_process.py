@@ -11,8 +11,11 @@ import psycopg
 
 from consumer.dispatch.claims import SENDER_LOCK_NAMESPACE
 from tests.dispatch_support import (
-    add_notifications, arrivals, dispatch_settings,
-    rows_by_id, statuses,
+    add_notifications,
+    arrivals,
+    dispatch_settings,
+    rows_by_id,
+    statuses,
 )
 from tests.support import run_smsq, start_smsq, stop, wait_until
 

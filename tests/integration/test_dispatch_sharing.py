@@ -11,7 +11,11 @@ import psycopg
 
 from consumer.dispatch.claims import LOCK_CONNECTION_PREFIX, SENDER_LOCK_NAMESPACE
 from tests.dispatch_support import (
-    add_notifications, dispatch_settings, most_in_any_window, rows_by_id, statuses,
+    add_notifications,
+    dispatch_settings,
+    most_in_any_window,
+    rows_by_id,
+    statuses,
 )
 from tests.support import start_smsq, stop, wait_until
 

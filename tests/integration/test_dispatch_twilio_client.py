@@ -7,18 +7,23 @@ import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
-
 from types import SimpleNamespace
 
 import pytest
 from pydantic import AnyHttpUrl, SecretStr
 
 from consumer.dispatch.outcomes import RetryPolicy, decide
-from consumer.settings import Settings
 from consumer.dispatch.twilio_client import (
-    CLOCK_SLACK, MAX_VALIDITY_SECONDS, TRIAL_PREFIX, MissingPublicUrl, Outgoing, TwilioSender,
-    _seconds_of_retry_after, validity_period,
+    CLOCK_SLACK,
+    MAX_VALIDITY_SECONDS,
+    TRIAL_PREFIX,
+    MissingPublicUrl,
+    Outgoing,
+    TwilioSender,
+    _seconds_of_retry_after,
+    validity_period,
 )
+from consumer.settings import Settings
 
 FROM = "+15005550006"
 TO = "+14155550123"

@@ -456,7 +456,7 @@ def test_faults_can_target_one_recipient_or_sender(client: Client,
 def test_drop_fault_accepts_the_message_then_closes_the_connection_without_answer(
         fake_twilio: FakeTwilioControl) -> None:
     fake_twilio.set_fault("drop", count=1)
-    form = "To=%2B14155550123&From=%2B15005550006&Body=dropped".encode()
+    form = b"To=%2B14155550123&From=%2B15005550006&Body=dropped"
     address = urlsplit(fake_twilio.url)
     with socket.create_connection((address.hostname, address.port), timeout=5) as sock:
         auth = requests.auth._basic_auth_str(fake_twilio.account_sid, fake_twilio.auth_token)

@@ -17,17 +17,17 @@ import pika
 import psycopg
 import pytest
 from hypothesis import HealthCheck, given
-from pydantic import PostgresDsn
 from hypothesis import settings as settings_of_hypothesis
 from hypothesis import strategies as st
+from pydantic import PostgresDsn
 
+import schemas.errors
 from consumer import amqp
 from consumer.ingest import consume as ingest
-from consumer.ingest.delivery_reader import DeliveryReader
 from consumer.ingest.consume import Ingester
+from consumer.ingest.delivery_reader import DeliveryReader
 from consumer.settings import Settings
 from consumer.signals import StopSignal
-import schemas.errors
 from schemas.message import derive_id
 from tests.support import (
     close_amqp_connections_of,

@@ -13,10 +13,10 @@ import re
 import shutil
 import signal
 import socket
-import time
 import subprocess
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path

@@ -8,7 +8,6 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 import pytest
 
-from consumer import pipeline
 from consumer.ingest import storage
 from tests.support import ingest_row as row
 

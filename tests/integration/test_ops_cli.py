@@ -14,10 +14,10 @@ import psycopg
 import pytest
 
 from consumer import amqp, pipeline
-from consumer.ops import actions
 from consumer.cli import run_with
 from consumer.commands import UsageError, arguments
 from consumer.commands.table import render_table
+from consumer.ops import actions
 from tests.support import declare_queues, env_of, publish_raw, queue_depth
 
 
@@ -86,7 +86,7 @@ def test_tokens_now_refills_at_the_rate_up_to_capacity(db):
                       updated_datetime) VALUES
                       ('a', 'a', 0.5, 2, 3, now() - interval '0.5 seconds'),
                       ('b', 'b', 0.5, 2, 3, now() - interval '60 seconds')""")
-        buckets = {b["sender"]: b["tokens_now"] for b in store.sender_buckets(db)}
+        buckets = {b["sender"]: b["tokens_now"] for b in pipeline.sender_buckets(db)}
     assert buckets == {"a": 1.5, "b": 3.0}
 
 
@@ -260,7 +260,7 @@ def test_prune_deletes_old_finished_notifications_with_their_details_and_history
     assert {row[0] for row in db.execute("SELECT id FROM notification")} == kept
     assert db.execute("SELECT count(*) FROM sms_notification").fetchone()[0] == 3
     assert db.execute(history, (doomed,)).fetchone()[0] == 0
-    assert {status: sum(row.values()) for status, row in store.counts_table(db).items()} == {
+    assert {status: sum(row.values()) for status, row in pipeline.counts_table(db).items()} == {
         "pending": 1, "processing": 1, "sent": 1, "errored": 0, "failed": 0, "canceled": 0}
 
 

@@ -11,10 +11,9 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from consumer import pipeline
-from consumer.ingest import storage
 from consumer.metrics import INGEST_METRICS, program_registry, serve_metrics, watch_backlog
-from tests.support import free_port
 from tests.integration.test_ops_cli import insert
+from tests.support import free_port
 
 NO_POSTGRES = "postgresql://postgres@127.0.0.1:1/none"
 

@@ -18,8 +18,15 @@ import pytest
 from consumer.sandbox import spawn
 from consumer.settings import Settings
 from schemas.message import derive_id
-from tests.support import (StreamPublisher, count_rows, declare_queues, free_port, publish_raw,
-                           start_smsq, wait_until)
+from tests.support import (
+    StreamPublisher,
+    count_rows,
+    declare_queues,
+    free_port,
+    publish_raw,
+    start_smsq,
+    wait_until,
+)
 
 AUTH_TOKEN = "tok-S3CRET-4b1d"
 DASHBOARD_PASSWORD = "dash-S3CRET-9e2f"

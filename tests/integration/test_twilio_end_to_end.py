@@ -18,7 +18,11 @@ import psycopg
 from pydantic import AnyHttpUrl
 
 from tests.dispatch_support import (
-    add_notifications, dispatch_settings, rows_by_id, running_dispatcher, statuses,
+    add_notifications,
+    dispatch_settings,
+    rows_by_id,
+    running_dispatcher,
+    statuses,
 )
 from tests.support import free_port, start_smsq, stop, wait_until
 

@@ -14,7 +14,12 @@ from twilio.request_validator import RequestValidator
 from consumer.ops import actions
 from consumer.serve.app import create_app
 from tests.dispatch_support import (
-    add_notifications, arrivals, dispatch_settings, rows_by_id, running_dispatcher, statuses,
+    add_notifications,
+    arrivals,
+    dispatch_settings,
+    rows_by_id,
+    running_dispatcher,
+    statuses,
 )
 from tests.support import wait_until
 from tests.web_support import AUTH_TOKEN, PUBLIC_URL, insert_notification, web_settings

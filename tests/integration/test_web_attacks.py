@@ -25,8 +25,18 @@ from consumer.serve.app import POOL_SIZE, create_app
 from schemas.errors import InvalidMessage, parse_notification
 from tests.support import free_port, run_smsq, start_smsq, stop, wait_until
 from tests.web_support import (  # noqa: F401 - app, client and conn are fixtures
-    AUTH_TOKEN, PASSWORD, PUBLIC_URL, USER, app, client, conn, csrf_of, insert_media, insert_notification,
-    log_in, web_settings,
+    AUTH_TOKEN,
+    PASSWORD,
+    PUBLIC_URL,
+    USER,
+    app,
+    client,
+    conn,
+    csrf_of,
+    insert_media,
+    insert_notification,
+    log_in,
+    web_settings,
 )
 
 CALLBACK = "/twilio/status"

@@ -5,14 +5,21 @@ from __future__ import annotations
 import uuid
 
 import psycopg
-import pytest
 from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
 from consumer.serve import auth
 from consumer.serve.app import create_app
 from tests.web_support import (  # noqa: F401 - app and client are fixtures
-    PASSWORD, USER, app, client, csrf_of, insert_notification, log_in, web_settings)
+    PASSWORD,
+    USER,
+    app,
+    client,
+    csrf_of,
+    insert_notification,
+    log_in,
+    web_settings,
+)
 
 # The only routes that answer without a login: Twilio, Prometheus, load balancers, the form.
 EXPECTED_PUBLIC = {
@@ -71,7 +78,7 @@ def test_logging_in_opens_every_page_and_no_page_can_be_framed(app, client, sett
     with psycopg.connect(settings.database_dsn, autocommit=True) as conn:
         notification_id = insert_notification(conn)
     log_in(client)
-    for path, method, url in endpoints(app, notification_id):
+    for _, method, url in endpoints(app, notification_id):
         if method == "GET" and not auth.is_public(url):
             response = client.get(url, follow_redirects=False)
             assert response.status_code == 200, url

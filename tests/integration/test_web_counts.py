@@ -6,10 +6,10 @@ import uuid
 
 import psycopg
 
-from consumer.ops import actions
-from consumer.migrate import available_migrations, migrate
 from consumer import pipeline
 from consumer.ingest import storage
+from consumer.migrate import available_migrations, migrate
+from consumer.ops import actions
 from schemas.message import Notification
 
 

@@ -15,8 +15,7 @@ from starlette.testclient import TestClient
 
 from consumer.serve.app import create_app
 from tests.support import declare_queues, publish_raw, queue_depth, start_smsq, stop, wait_until
-from tests.web_support import (  # noqa: F401 - conn is a fixture
-    USER, conn, insert_notification, log_in, web_settings)
+from tests.web_support import USER, conn, insert_notification, log_in, web_settings  # noqa: F401 - conn is a fixture
 
 
 @pytest.fixture

@@ -13,8 +13,7 @@ from starlette.testclient import TestClient
 from consumer.serve import queries
 from consumer.serve.app import create_app
 from tests.support import wait_until
-from tests.web_support import (  # noqa: F401 - conn is a fixture
-    conn, insert_media, insert_notification, web_settings)
+from tests.web_support import conn, insert_media, insert_notification, web_settings  # noqa: F401 - conn is a fixture
 
 GRACE = 3600.0
 PNG = b"\x89PNG\r\n\x1a\n" + os.urandom(2048)  # any bytes, including NULs and non-UTF-8

@@ -8,8 +8,8 @@ import urllib3.exceptions
 from urllib3.connection import HTTPConnection
 
 from consumer.dispatch.loop import paced_senders
-from consumer.settings import Settings
 from consumer.dispatch.twilio_client import _left_before_failure
+from consumer.settings import Settings
 
 
 def test_paced_senders_are_the_default_one_and_the_pool():

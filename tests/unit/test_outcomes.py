@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from consumer.dispatch.outcomes import (
+    RECONCILE_DELAYS,
     Decision,
     RetryPolicy,
     TwilioAttempt,
-    RECONCILE_DELAYS,
     backoff_delay,
     decide,
     describe,

@@ -14,7 +14,15 @@ import pytest
 
 from consumer.dispatch.outcomes import Decision, RetryPolicy
 from consumer.dispatch.scheduler import (
-    ALL_RANKS, ClaimRequest, Clock, Expire, Fail, Paused, Resumed, Scheduler, Send,
+    ALL_RANKS,
+    ClaimRequest,
+    Clock,
+    Expire,
+    Fail,
+    Paused,
+    Resumed,
+    Scheduler,
+    Send,
 )
 
 START = datetime(2026, 12, 2, 12, 0, tzinfo=timezone.utc)
