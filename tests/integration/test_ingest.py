@@ -24,6 +24,7 @@ from pydantic import PostgresDsn
 import schemas.errors
 from consumer import amqp
 from consumer.ingest import consume as ingest
+from consumer.ingest import writer
 from consumer.ingest.consume import Ingester
 from consumer.ingest.delivery_reader import DeliveryReader
 from consumer.settings import Settings
@@ -406,8 +407,8 @@ def test_after_a_batch_given_up_no_later_batch_is_acknowledged(settings):
     try:
         wait_until(taken_all_four, message="4 deliveries")
         deliveries = ingester.batch.deliveries
-        given_up = ingester_batch(ingester, deliveries[:2], ingest.Outcome.ABANDONED)
-        stored = ingester_batch(ingester, deliveries[2:], ingest.Outcome.STORED)
+        given_up = ingester_batch(ingester, deliveries[:2], writer.Outcome.ABANDONED)
+        stored = ingester_batch(ingester, deliveries[2:], writer.Outcome.STORED)
         ingester.in_flight.extend([given_up, stored])
         ingester._acknowledge_done()
         assert not ingester.in_flight
@@ -417,8 +418,8 @@ def test_after_a_batch_given_up_no_later_batch_is_acknowledged(settings):
                message="all four back in the queue")
 
 
-def ingester_batch(ingester: Ingester, deliveries, outcome) -> ingest.Batch:
-    return ingest.Batch(ingester.amqp_connection, list(deliveries), outcome=outcome)
+def ingester_batch(ingester: Ingester, deliveries, outcome) -> writer.Batch:
+    return writer.Batch(ingester.amqp_connection, list(deliveries), outcome=outcome)
 
 
 def test_a_deadlock_with_another_writer_is_retried_on_the_same_connection(settings, caplog):
@@ -426,10 +427,10 @@ def test_a_deadlock_with_another_writer_is_retried_on_the_same_connection(settin
     That is no outage: the batch is tried again on its connection, and stored."""
     caplog.set_level("INFO", logger="consumer.ingest")
     first, second = ingest_row(), ingest_row()
-    writer = ingest.BatchWriter(settings, StopSignal(), on_done=lambda _batch: None)
-    session = ingest.WriterSession(settings)
+    writer = writer.BatchWriter(settings, StopSignal(), on_done=lambda _batch: None)
+    session = writer.WriterSession(settings)
     connection = session.connection()
-    batch = ingest.Batch(None, [ingest.Delivery(tag, b"", b"", row=row)
+    batch = writer.Batch(None, [writer.Delivery(tag, b"", b"", row=row)
                                 for tag, row in enumerate((first, second), start=1)])
     with psycopg.connect(settings.database_dsn) as other:
         # The writer's deadlock check (1 s) fires before this one's: the writer is aborted.
@@ -441,7 +442,7 @@ def test_a_deadlock_with_another_writer_is_retried_on_the_same_connection(settin
         insert_notification(other, first.id)  # the crossing order: a deadlock
         other.rollback()
     storing.join(timeout=30)
-    assert batch.outcome is ingest.Outcome.STORED
+    assert batch.outcome is writer.Outcome.STORED
     assert count_rows(settings) == 2
     assert session.db is connection and not connection.closed
     actions = [getattr(r, "action", "") for r in caplog.records]
