@@ -427,7 +427,7 @@ def test_a_deadlock_with_another_writer_is_retried_on_the_same_connection(settin
     That is no outage: the batch is tried again on its connection, and stored."""
     caplog.set_level("INFO", logger="consumer.ingest")
     first, second = ingest_row(), ingest_row()
-    writer = writer.BatchWriter(settings, StopSignal(), on_done=lambda _batch: None)
+    batch_writer = writer.BatchWriter(settings, StopSignal(), on_done=lambda _batch: None)
     session = writer.WriterSession(settings)
     connection = session.connection()
     batch = writer.Batch(None, [writer.Delivery(tag, b"", b"", row=row)
@@ -436,7 +436,7 @@ def test_a_deadlock_with_another_writer_is_retried_on_the_same_connection(settin
         # The writer's deadlock check (1 s) fires before this one's: the writer is aborted.
         other.execute("SET LOCAL deadlock_timeout = '10s'")
         insert_notification(other, second.id)
-        storing = threading.Thread(target=writer._store, args=(session, batch))
+        storing = threading.Thread(target=batch_writer._store, args=(session, batch))
         storing.start()
         wait_until(lambda: waiting_on_a_lock(settings), message="the writer to wait on a lock")
         insert_notification(other, first.id)  # the crossing order: a deadlock
