@@ -41,10 +41,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import calls_per_second, scratch_database  # noqa: E402
-from consumer import dispatch_store  # noqa: E402
-from consumer.fake_twilio import FakeTwilioControl, spawn  # noqa: E402
+from consumer.dispatch import claims  # noqa: E402
+from consumer.dispatch.twilio_client import Outgoing, TwilioSender  # noqa: E402
+from consumer.sandbox import FakeTwilioControl, spawn  # noqa: E402
 from consumer.settings import Settings  # noqa: E402
-from consumer.twilio_client import Outgoing, TwilioSender  # noqa: E402
 from tests.dispatch_support import most_in_any_window  # noqa: E402 - the tests' own measure
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
@@ -180,9 +180,9 @@ def bench_claim(dsn: str, rows: int, runs: int = 50) -> None:
         for _ in range(runs):
             with conn.transaction(force_rollback=True):
                 plan = [r[0] for r in conn.execute(
-                    "EXPLAIN (ANALYZE, BUFFERS) " + dispatch_store.CLAIM_DUE, params)]
+                    "EXPLAIN (ANALYZE, BUFFERS) " + claims.CLAIM_DUE, params)]
             executions.append(float(plan[-1].split(":")[1].split()[0]))
-        claim_ms = timed(conn, runs, lambda: dispatch_store.claim_due(
+        claim_ms = timed(conn, runs, lambda: claims.claim_due(
             conn, "", "bench", 100, 60.0))
         some_id = conn.execute("SELECT id FROM notification LIMIT 1").fetchone()[0]
         lookup_ms = timed(conn, runs, lambda: conn.execute(

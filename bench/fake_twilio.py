@@ -23,7 +23,7 @@ from twilio.rest import Client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import calls_per_second  # noqa: E402
-from consumer.fake_twilio import FAKE_ACCOUNT_SID, FAKE_AUTH_TOKEN, spawn  # noqa: E402
+from consumer.sandbox import FAKE_ACCOUNT_SID, FAKE_AUTH_TOKEN, spawn  # noqa: E402
 
 TWILIO_API_URL = "https://api.twilio.com"
 ROUNDS = 3

@@ -40,15 +40,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pika
-from pika.adapters.blocking_connection import BlockingChannel
 import psycopg
+from pika.adapters.blocking_connection import BlockingChannel
 from pydantic import PostgresDsn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import scratch_database  # noqa: E402
-from consumer.delivery_reader import DeliveryReader  # noqa: E402
+from consumer.ingest.delivery_reader import DeliveryReader  # noqa: E402
 from consumer.settings import Settings  # noqa: E402
 from schemas.errors import parse_notification  # noqa: E402
 

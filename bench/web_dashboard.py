@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import SERVER_URL, with_dbname  # noqa: E402
 from consumer.migrate import migrate  # noqa: E402
+from consumer.serve import dashboard, queries  # noqa: E402
+from consumer.serve.app import create_app  # noqa: E402
 from consumer.settings import Settings  # noqa: E402
-from consumer.web import dashboard, store  # noqa: E402
-from consumer.web.app import create_app  # noqa: E402
 from tests.web_support import RecordingCursor, log_in, web_settings  # noqa: E402
 
 # One statement per table; row i is published 2.5 s before row i-1 (a month for a million),
@@ -141,10 +141,10 @@ def explain_queries(url: str) -> list[tuple[str, float, str]]:
     RecordingCursor.statements = []
     with psycopg.connect(url, cursor_factory=RecordingCursor) as conn:
         dashboard._overview_data(conn)
-        store.recent_errors(conn, 24, None, False)
-        store.recent_errors(conn, 24, 30003, False)
+        queries.recent_errors(conn, 24, None, False)
+        queries.recent_errors(conn, 24, 30003, False)
         phone = conn.execute("SELECT to_phone_number FROM sms_notification LIMIT 1").fetchone()[0]
-        store.notifications_to(conn, phone)
+        queries.notifications_to(conn, phone)
         recorded = list(RecordingCursor.statements)
     results = []
     with psycopg.connect(url) as conn:

@@ -22,11 +22,12 @@ from psycopg import sql
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import scratch_database  # noqa: E402
-from consumer import store  # noqa: E402
+from consumer.ingest import storage  # noqa: E402
 from schemas.message import Notification  # noqa: E402
 
-def batch(size: int) -> list[store.IngestRow]:
-    return [store.IngestRow.of(Notification.model_validate(
+
+def batch(size: int) -> list[storage.IngestRow]:
+    return [storage.IngestRow.of(Notification.model_validate(
         {"body": "Your code is 482910", "sms": {"to_phone_number": "+14155550123"}},
     ).with_defaults(uuid.uuid4())) for _ in range(size)]
 
@@ -34,7 +35,7 @@ def batch(size: int) -> list[store.IngestRow]:
 def one_round(conn: psycopg.Connection) -> tuple[float, float]:
     rows = batch(1000)
     started = time.perf_counter()
-    store.insert_batch(conn, rows)
+    storage.insert_batch(conn, rows)
     conn.commit()
     ingest = time.perf_counter() - started
     ids = [row.notification.id for row in rows[:100]]
@@ -54,7 +55,7 @@ def main() -> int:
     timings: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
     with scratch_database(f"smsq_bench_triggers_{uuid.uuid4().hex[:8]}") as url, \
             psycopg.connect(url) as conn:
-        store.prepare_ingest(conn)
+        storage.prepare_ingest(conn)
         for i in range(args.rounds):
             enabled = i % 2 == 0
             for table in ("notification", "sms_notification"):

@@ -1,23 +1,17 @@
-"""The dead-letter queue: see what was refused and why, and send it back after a fix.
+"""What a dead letter is: the original message, unchanged, with headers that say why.
 
-Listing browses without consuming: messages are fetched unacknowledged and handed back
-when the channel closes, so RabbitMQ puts them back where they were.
+Written by ingest (a message that cannot be accepted), read by the operator commands and the
+dashboard (`consumer/ops/dead_queue.py`). Contract: docs/contract.md (AMQP topology).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import pika
-import pika.exceptions
 
-from consumer import amqp
-from consumer.settings import Settings
 from schemas.message import derive_id
 
-PREVIEW_CHARS = 200
 MAX_ERROR_HEADER = 1000  # characters of x-error; the reason comes first, so little is lost
 # A dead letter carries its original headers unless they would make its properties larger
 # than this: the content header must fit in one AMQP frame (128 KB by default), and the
@@ -25,19 +19,6 @@ MAX_ERROR_HEADER = 1000  # characters of x-error; the reason comes first, so lit
 MAX_PROPERTIES_BYTES = 64 * 1024
 # Headers smsq adds when dead-lettering; removed when a message is sent back.
 SMSQ_HEADERS = ("x-error", "x-dead-lettered-at")
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    key: str  # the message_id, or a hash of the body for messages without one
-    reason: str
-    dead_lettered_at: str | None
-    body: bytes
-
-    @property
-    def preview(self) -> str:
-        text = self.body.decode("utf-8", errors="replace")
-        return text if len(text) <= PREVIEW_CHARS else text[:PREVIEW_CHARS] + "…"
 
 
 def properties_for(original: pika.BasicProperties, reason: str) -> pika.BasicProperties:
@@ -49,7 +30,7 @@ def properties_for(original: pika.BasicProperties, reason: str) -> pika.BasicPro
     now = datetime.now(timezone.utc).isoformat()
     headers = {**(original.headers or {}), "x-error": reason[:MAX_ERROR_HEADER],
                "x-dead-lettered-at": now}
-    properties = _persistent_copy(original, headers)
+    properties = persistent_copy(original, headers)
     try:
         size = sum(len(piece) for piece in properties.encode())
         problem = f"{size} bytes" if size > MAX_PROPERTIES_BYTES else None
@@ -58,11 +39,11 @@ def properties_for(original: pika.BasicProperties, reason: str) -> pika.BasicPro
     if problem is None:
         return properties
     reason = f"{reason}; its original headers were left out ({problem})"
-    return _persistent_copy(original, {"x-error": reason[:MAX_ERROR_HEADER],
+    return persistent_copy(original, {"x-error": reason[:MAX_ERROR_HEADER],
                                        "x-dead-lettered-at": now})
 
 
-def _persistent_copy(properties: pika.BasicProperties, headers: dict) -> pika.BasicProperties:
+def persistent_copy(properties: pika.BasicProperties, headers: dict) -> pika.BasicProperties:
     return pika.BasicProperties(
         content_type=properties.content_type, content_encoding=properties.content_encoding,
         message_id=properties.message_id, correlation_id=properties.correlation_id,
@@ -74,72 +55,3 @@ def _persistent_copy(properties: pika.BasicProperties, headers: dict) -> pika.Ba
 def key_of(properties: pika.BasicProperties, body: bytes) -> str:
     """How operators name a dead letter: in `smsq dead`, the dashboard and the log."""
     return properties.message_id or str(derive_id(None, body))
-
-
-def _as_dead_letter(properties: pika.BasicProperties, body: bytes) -> DeadLetter:
-    headers = properties.headers or {}
-    reason = headers.get("x-error", "(no reason recorded)")
-    at = headers.get("x-dead-lettered-at")
-    return DeadLetter(key_of(properties, body), _text(reason), _text(at) if at else None, body)
-
-
-def _text(value: object) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def list_dead(settings: Settings, limit: int = 100) -> list[DeadLetter]:
-    """The first `limit` dead letters, oldest first, left in the queue (none if it was
-    never declared: looking creates nothing)."""
-    found = []
-    with amqp.connect(settings, "dead-letters") as connection:
-        channel = connection.channel()
-        try:
-            while len(found) < limit:
-                method, properties, body = channel.basic_get(settings.dead_queue, auto_ack=False)
-                if method is None:
-                    break
-                found.append(_as_dead_letter(properties, body))
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code != 404:  # NOT_FOUND: no dead-letter queue yet
-                raise
-            return found
-        # Closing the channel hands every unacknowledged message back to the queue.
-        channel.close()
-    return found
-
-
-def requeue(settings: Settings, keys: Collection[str] | None = None) -> list[str]:
-    """Send dead letters back to the main queue (all, or those whose key is given).
-
-    Each one is published with a broker confirm before it is removed from the dead-letter
-    queue, so a failure in between leaves a copy in both places, never in neither; smsq
-    consume stores a redelivered id once. Returns the keys sent back.
-    """
-    sent_back = []
-    with amqp.connect(settings, "dead-letters") as connection:
-        channel = connection.channel()
-        amqp.declare_topology(channel, settings)
-        channel.confirm_delivery()
-        # Only what is there now: a message that fails again must not loop forever here.
-        waiting = channel.queue_declare(settings.dead_queue, passive=True).method.message_count
-        for _ in range(waiting):
-            method, properties, body = channel.basic_get(settings.dead_queue, auto_ack=False)
-            if method is None:
-                break
-            key = key_of(properties, body)
-            if keys is not None and key not in keys:
-                continue  # left unacknowledged: returned to the queue when the channel closes
-            channel.basic_publish("", settings.smsq_queue, body, _without_smsq_headers(properties),
-                                  mandatory=True)
-            channel.basic_ack(method.delivery_tag)
-            sent_back.append(key)
-        channel.close()
-    return sent_back
-
-
-def _without_smsq_headers(properties: pika.BasicProperties) -> pika.BasicProperties:
-    headers = {k: v for k, v in (properties.headers or {}).items() if k not in SMSQ_HEADERS}
-    requeued = headers.get("x-smsq-requeued", 0)
-    headers["x-smsq-requeued"] = (requeued if isinstance(requeued, int) else 0) + 1
-    return _persistent_copy(properties, headers)
-

@@ -15,15 +15,21 @@ from contextlib import AbstractContextManager
 
 import psycopg
 from prometheus_client import (
-    GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Counter, Gauge,
-    Histogram, start_http_server,
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from psycopg_pool import PoolTimeout
 from pydantic import BaseModel
 
-from consumer import store
+from consumer import pipeline
 from consumer.settings import ConfigError
 from schemas.message import Notification
 
@@ -173,8 +179,8 @@ class BacklogCollector(Collector):
         try:
             with self.connect() as conn:
                 conn.execute("SET statement_timeout = 2000")
-                backlog = store.backlog_counts(conn)
-                oldest = store.oldest_due_age_seconds(conn)
+                backlog = pipeline.backlog_counts(conn)
+                oldest = pipeline.oldest_due_age_seconds(conn)
         except (psycopg.Error, PoolTimeout) as exc:
             log.warning("backlog not readable", extra={"action": "metrics_backlog_failed",
                                                        "error": str(exc).splitlines()[0]})
@@ -189,8 +195,8 @@ def backlog_family(rows: list[tuple[str, str, int]]) -> GaugeMetricFamily:
     family = GaugeMetricFamily("smsq_backlog", "Messages not done yet, by status and priority",
                                labels=["status", "priority"])
     found = {(status, priority): count for status, priority, count in rows}
-    for status in store.NOT_DONE:
-        for priority in store.PRIORITIES:
+    for status in pipeline.NOT_DONE:
+        for priority in pipeline.PRIORITIES:
             family.add_metric([status, priority], found.get((status, priority), 0))
     return family
 

@@ -10,6 +10,7 @@ import ipaddress
 import re
 from typing import Literal
 
+import phonenumbers
 from pydantic import (
     AnyHttpUrl,
     Field,
@@ -21,9 +22,12 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-import phonenumbers
-
 TWILIO_DEFAULT_API_URL = "https://api.twilio.com"
+# The credentials `smsq fake-twilio` accepts by default, which `smsq dispatch` uses against a
+# sandbox when none are given. Shaped as Twilio's (AC + 32 hex digits); the same account as
+# the sandbox of scripts/run.sh and docker-compose.yml.
+SANDBOX_ACCOUNT_SID = "AC" + "0" * 32
+SANDBOX_AUTH_TOKEN = "fake-token"
 
 
 _BLANK = re.compile(r"\s")
@@ -124,7 +128,7 @@ class Settings(BaseSettings):
     smsq_ingest_writers: int = Field(3, ge=1, le=16)
     smsq_prefetch: int | None = Field(None, ge=1, le=65_535)
 
-    # Extra From numbers; each recipient sticks to one of them (see consumer.senders).
+    # Extra From numbers; each recipient sticks to one of them (see consumer.ingest.senders).
     smsq_senders: str = ""
 
     # Dispatch: Twilio requests in flight at most (threads, and pooled connections), the

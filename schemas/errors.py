@@ -83,7 +83,8 @@ def _describe_one(error: dict, raw: bytes, names: dict[str, str]) -> str:
     if kind == "string_too_short":
         return f"{field}: must not be empty"
     if kind == "too_long":
-        return f"{field}: at most {error['ctx']['max_length']} items, got {error['ctx']['actual_length']}"
+        context = error["ctx"]
+        return f"{field}: at most {context['max_length']} items, got {context['actual_length']}"
     if kind in ("datetime_parsing", "datetime_from_date_parsing"):
         return f"{field}: not a valid time ({error['ctx']['error']}), e.g. 2026-11-24T12:00:00Z"
     if kind == "value_error":

@@ -219,7 +219,7 @@ stop_supervisord() {
 }
 
 # Node.js and Twilio's own segment calculator (the npm package, at one exact version), which
-# tests/test_segments_calculator.py compares smsq's segment count with; the package goes into
+# tests/integration/test_segments_calculator.py compares smsq's segment count with; the package goes into
 # the gitignored .cache/node, where the test looks for it.
 SEGMENTS_CALCULATOR_VERSION=1.3.0
 ensure_node_tools() {

@@ -17,8 +17,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from consumer.fake_twilio import FakeTwilioControl, FakeTwilioServer
 from consumer.migrate import migrate
+from consumer.sandbox import FakeTwilioControl, FakeTwilioServer
 from consumer.services import answers
 from consumer.settings import Settings
 
@@ -139,6 +139,6 @@ def settings(database_url: str, amqp_names: dict[str, str],
 def fake_twilio() -> Iterator[FakeTwilioControl]:
     """A fake Twilio on a free port, in this process: `.url`, `.account_sid`, `.auth_token`,
     `.messages()`, `.set_fault(mode, count=..., ...)`, `.set_latency(ms)`, `.clear()`.
-    For a separate process use `consumer.fake_twilio.spawn()`."""
+    For a separate process use `consumer.sandbox.spawn()`."""
     with FakeTwilioServer() as server:
         yield FakeTwilioControl(server.url, server.fake.account_sid, server.fake.auth_token)

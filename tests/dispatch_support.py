@@ -12,8 +12,8 @@ from datetime import datetime, timezone
 import psycopg
 from pydantic import AnyHttpUrl, SecretStr
 
-from consumer import store
-from consumer.dispatcher import Dispatcher
+from consumer.dispatch.loop import Dispatcher
+from consumer.ingest import storage
 from consumer.settings import Settings
 from consumer.signals import StopSignal
 from schemas.message import Notification
@@ -48,10 +48,10 @@ def add_notifications(settings: Settings, *messages: dict, sender: str = "") -> 
     for message in messages:
         message = {"body": "hello", "sms": {"to_phone_number": TO}} | message
         notification = Notification.model_validate(message).with_defaults(uuid.uuid4(), now)
-        rows.append(store.IngestRow.of(notification, sender))
+        rows.append(storage.IngestRow.of(notification, sender))
     with psycopg.connect(settings.database_dsn) as conn:
-        store.prepare_ingest(conn)
-        store.insert_batch(conn, rows)
+        storage.prepare_ingest(conn)
+        storage.insert_batch(conn, rows)
         conn.commit()
     return [row.notification.id for row in rows]
 
@@ -97,7 +97,7 @@ def most_in_any_window(times: list[float], window: float = 1.0,
     weights = weights or [1.0] * len(times)
     events = sorted(zip(times, weights))
     best, start, total = 0.0, 0, 0.0
-    for end, (at, weight) in enumerate(events):
+    for at, weight in events:
         total += weight
         while at - events[start][0] >= window:
             total -= events[start][1]

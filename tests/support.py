@@ -20,7 +20,8 @@ from typing import Any
 import pika
 import psycopg
 
-from consumer import amqp, store
+from consumer import amqp
+from consumer.ingest import storage
 from consumer.settings import Settings
 from schemas.message import Notification
 
@@ -132,12 +133,12 @@ def get_all(settings: Settings, queue: str) -> list[tuple[pika.BasicProperties, 
 
 
 def ingest_row(priority: str = "low", sender: str = "", publish: datetime | None = None,
-               notification_id: uuid.UUID | None = None) -> store.IngestRow:
+               notification_id: uuid.UUID | None = None) -> storage.IngestRow:
     """A validated message, as consume hands it to the store."""
     notification = Notification.model_validate({
         "id": notification_id or uuid.uuid4(), "body": "hello", "priority": priority,
         "publish_datetime": publish, "sms": {"to_phone_number": "+14155550123"}})
-    return store.IngestRow.of(notification, sender)
+    return storage.IngestRow.of(notification, sender)
 
 
 def count_rows(settings: Settings, where: str = "true") -> int:

@@ -12,8 +12,8 @@ import psycopg
 import pytest
 from starlette.testclient import TestClient
 
+from consumer.serve.app import create_app
 from consumer.settings import Settings
-from consumer.web.app import create_app
 
 USER, PASSWORD = "operator", "correct horse battery staple"
 AUTH_TOKEN = "test-auth-token-0123456789abcdef"

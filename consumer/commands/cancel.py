@@ -10,8 +10,8 @@ import argparse
 
 import psycopg
 
-from consumer import operations
 from consumer.commands import arguments, report
+from consumer.ops import actions
 from consumer.settings import Settings
 
 
@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(settings: Settings, args: argparse.Namespace) -> int:
     wanted = list(dict.fromkeys(arguments.notification_id(i) for i in args.ids))
     with psycopg.connect(settings.database_dsn, autocommit=True) as conn:
-        canceled = operations.cancel(conn, wanted, reason=args.reason)
-        refused = operations.statuses_of(conn, report.left_over(wanted, canceled))
+        canceled = actions.cancel(conn, wanted, reason=args.reason)
+        refused = actions.statuses_of(conn, report.left_over(wanted, canceled))
     return report.print_outcome(canceled, refused, as_json=args.json,
                                 json_keys=("canceled", "not_canceled"), done_text="canceled",
                                 refused_text="not canceled (only pending ones can be)")

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import argparse
 
-from consumer import ingest
 from consumer.commands import UsageError
+from consumer.ingest import consume as ingest
 from consumer.migrate import require_current_schema
 from consumer.settings import Settings
 from consumer.signals import StopSignal

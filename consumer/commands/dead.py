@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from consumer import dead_letters
 from consumer.commands import UsageError
 from consumer.commands.table import render_table
+from consumer.ops import dead_queue
 from consumer.settings import Settings
 
 
@@ -38,7 +38,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
 def _list(settings: Settings, args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise UsageError("--limit must be at least 1")
-    found = dead_letters.list_dead(settings, limit=args.limit)
+    found = dead_queue.list_dead(settings, limit=args.limit)
     if args.json:
         print(json.dumps([{"key": d.key, "reason": d.reason, "dead_lettered_at": d.dead_lettered_at,
                            "body": d.body.decode("utf-8", "replace")} for d in found], indent=2))
@@ -55,7 +55,7 @@ def _list(settings: Settings, args: argparse.Namespace) -> int:
 def _requeue(settings: Settings, args: argparse.Namespace) -> int:
     if bool(args.keys) == args.all:
         raise UsageError("give the keys to send back (see `smsq dead list`), or --all")
-    sent_back = dead_letters.requeue(settings, keys=None if args.all else set(args.keys))
+    sent_back = dead_queue.requeue(settings, keys=None if args.all else set(args.keys))
     missing = sorted(set(args.keys) - set(sent_back))
     if args.json:
         print(json.dumps({"requeued": sent_back, "not_found": missing}))

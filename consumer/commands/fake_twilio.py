@@ -6,14 +6,14 @@ import argparse
 import logging
 
 from consumer.commands import UsageError
-from consumer.fake_twilio import (
+from consumer.sandbox import (
     FAKE_ACCOUNT_SID,
     FAKE_AUTH_TOKEN,
     FAULT_MODES,
     UNDELIVERABLE_TO,
+    FakeTwilioServer,
     FaultError,
     FaultRule,
-    FakeTwilioServer,
 )
 from consumer.settings import Settings
 from consumer.signals import StopSignal

@@ -12,8 +12,8 @@ import logging
 
 import psycopg
 
+from consumer.serve import sessions
 from consumer.settings import Settings
-from consumer.web import sessions
 
 log = logging.getLogger(__name__)
 

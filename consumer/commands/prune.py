@@ -15,8 +15,8 @@ from datetime import datetime, timezone
 
 import psycopg
 
-from consumer import operations
 from consumer.commands import UsageError, arguments
+from consumer.ops import actions
 from consumer.settings import Settings
 
 
@@ -37,7 +37,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UsageError("--batch-size: at least 1")
     with psycopg.connect(settings.database_dsn, autocommit=True) as conn:
-        count = operations.prune(conn, before, batch=args.batch_size, dry_run=args.dry_run)
+        count = actions.prune(conn, before, batch=args.batch_size, dry_run=args.dry_run)
     if args.json:
         print(json.dumps({"before": before.isoformat(), "dry_run": args.dry_run,
                           "notifications": count}))

@@ -13,8 +13,8 @@ from datetime import datetime, timezone
 
 import psycopg
 
-from consumer import operations
 from consumer.commands import UsageError, arguments, report
+from consumer.ops import actions
 from consumer.settings import Settings
 
 
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "of attempts. A notification being sent or already sent is never "
                           "touched; ids that could not be retried are listed (exit status 1).")
     parser.add_argument("ids", nargs="*", metavar="ID", help="notification ids")
-    parser.add_argument("--status", choices=operations.RETRYABLE,
+    parser.add_argument("--status", choices=actions.RETRYABLE,
                         help="only this status (default: both)")
     parser.add_argument("--error-code", type=int, metavar="CODE",
                         help="only this Twilio error code, e.g. 21611")
@@ -46,14 +46,14 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     if args.undelivered:
         return _undelivered(settings, args, wanted)
     with psycopg.connect(settings.database_dsn, autocommit=True) as conn:
-        retried = operations.retry(
+        retried = actions.retry(
             conn,
             ids=wanted or None,
-            statuses=[args.status] if args.status else operations.RETRYABLE,
+            statuses=[args.status] if args.status else actions.RETRYABLE,
             error_code=args.error_code,
             since=arguments.since(args.since, datetime.now(timezone.utc)) if args.since else None,
         )
-        refused = operations.statuses_of(conn, report.left_over(wanted, retried))
+        refused = actions.statuses_of(conn, report.left_over(wanted, retried))
     return report.print_outcome(
         retried, refused, as_json=args.json, json_keys=("retried", "not_retried"),
         done_text="back to pending",
@@ -64,10 +64,10 @@ def _undelivered(settings: Settings, args: argparse.Namespace, wanted: list) -> 
     if args.status:
         raise UsageError("--undelivered takes sent notifications; --status does not apply")
     with psycopg.connect(settings.database_dsn, autocommit=True) as conn:
-        again = operations.retry_undelivered(
+        again = actions.retry_undelivered(
             conn, ids=wanted or None, error_code=args.error_code,
             since=arguments.since(args.since, datetime.now(timezone.utc)) if args.since else None)
-        refused = operations.statuses_of(conn, report.left_over(wanted, again))
+        refused = actions.statuses_of(conn, report.left_over(wanted, again))
     return report.print_outcome(
         again, refused, as_json=args.json, json_keys=("retried", "not_retried"),
         done_text="back to pending, to be sent again",

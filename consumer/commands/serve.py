@@ -13,10 +13,10 @@ from collections.abc import Iterator
 import uvicorn
 
 from consumer.migrate import require_current_schema
+from consumer.serve.app import create_app
+from consumer.serve.slow_clients import guarded_protocol
 from consumer.settings import ConfigError, Settings
 from consumer.signals import log_in_handler
-from consumer.web.app import create_app
-from consumer.web.slow_clients import guarded_protocol
 
 log = logging.getLogger(__name__)
 

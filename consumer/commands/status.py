@@ -7,9 +7,10 @@ import json
 
 import psycopg
 
-from consumer import amqp, store
+from consumer import amqp, pipeline
 from consumer.commands.table import render_table
 from consumer.settings import Settings
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -17,10 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def collect(settings: Settings) -> dict:
     with psycopg.connect(settings.database_dsn) as conn:
-        table = store.counts_table(conn)
-        oldest = store.oldest_due_age_seconds(conn)
+        table = pipeline.counts_table(conn)
+        oldest = pipeline.oldest_due_age_seconds(conn)
         senders = [{**bucket, "updated_datetime": bucket["updated_datetime"].isoformat()}
-                   for bucket in store.sender_buckets(conn)]
+                   for bucket in pipeline.sender_buckets(conn)]
     return {"notifications": table, "oldest_due_age_seconds": oldest,
             "queues": amqp.queue_depths(settings), "senders": senders}
 
@@ -37,9 +38,9 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
 def render(report: dict) -> str:
     rows = []
     for status, by_priority in report["notifications"].items():
-        counts = [by_priority[p] for p in store.PRIORITIES]
+        counts = [by_priority[p] for p in pipeline.PRIORITIES]
         rows.append((status, *counts, sum(counts)))
-    lines = [render_table(["status", *store.PRIORITIES, "total"], rows)]
+    lines = [render_table(["status", *pipeline.PRIORITIES, "total"], rows)]
     age = report["oldest_due_age_seconds"]
     lines.append("")
     lines.append("oldest due message: " + ("none waiting" if age is None else f"{age:.1f} s old"))

@@ -12,9 +12,17 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from consumer.outcomes import Decision, RetryPolicy
-from consumer.scheduler import (
-    ALL_RANKS, ClaimRequest, Clock, Expire, Fail, Paused, Resumed, Scheduler, Send,
+from consumer.dispatch.outcomes import Decision, RetryPolicy
+from consumer.dispatch.scheduler import (
+    ALL_RANKS,
+    ClaimRequest,
+    Clock,
+    Expire,
+    Fail,
+    Paused,
+    Resumed,
+    Scheduler,
+    Send,
 )
 
 START = datetime(2026, 12, 2, 12, 0, tzinfo=timezone.utc)

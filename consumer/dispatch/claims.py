@@ -1,0 +1,414 @@
+"""Every SQL statement of `smsq dispatch`; the dispatcher loop calls only this.
+
+Connections are autocommit: each call is one short transaction (most are one statement; the
+claim is two that must see the same now()), and none is ever open while a Twilio request is
+on the wire.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from datetime import datetime
+from uuid import UUID
+
+import psycopg
+from psycopg.rows import class_row
+
+from consumer.dispatch.twilio_client import Outgoing
+from consumer.segments import cost_of
+
+# First key of the two-key advisory locks that give a dispatcher a sender; the second key
+# is hashtext(sender). Two senders hashing alike share a lock: one dispatcher paces both.
+SENDER_LOCK_NAMESPACE = 0x736D_7371  # "smsq"
+
+
+@dataclass
+class ClaimedRow:
+    """A notification in `processing`, as the dispatcher needs it to send or reconcile it."""
+
+    id: UUID
+    sender: str
+    priority_rank: int
+    publish_datetime: datetime
+    expire_datetime: datetime | None
+    body: str
+    claimed_datetime: datetime
+    to_phone_number: str
+    media_url: list[str]
+    media_token: str | None
+    attempts: int
+    reconcile_checks: int = 0
+    lease_expired: bool = False
+
+    @property
+    def cost(self) -> int:
+        """Tokens it takes from its sender's bucket: its segments, or one for an MMS."""
+        return cost_of(self.body, has_media=bool(self.media_url or self.media_token))
+
+    def outgoing(self, address: str) -> Outgoing:
+        """The message as it leaves, from `address` (a number or a Messaging Service)."""
+        return Outgoing(to=self.to_phone_number, sender_address=address, body=self.body,
+                        media_url=tuple(self.media_url), media_token=self.media_token,
+                        notification_id=self.id, expire_datetime=self.expire_datetime)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What to write for one row. status is the row's status afterwards.
+
+    `attempted` adds one to sms_notification.attempts (a request went to Twilio);
+    `lease_seconds` keeps a `processing` row leased that long (an unknown outcome, to be
+    reconciled when it expires); `retry_in` sets retry_datetime for a row back in `pending`.
+    """
+
+    id: UUID
+    status: str
+    status_message: str = ""
+    sid: str | None = None
+    segments: int | None = None
+    error_code: int | None = None
+    retry_in: float | None = None
+    lease_seconds: float | None = None
+    attempted: bool = True
+    sent_datetime: datetime | None = None
+    reconcile_checks: int | None = None  # None: as it is
+
+
+_OUTCOME_FIELDS = [f.name for f in fields(Outcome)]
+
+_ROW_COLUMNS = """
+    c.id, c.sender, c.priority_rank, c.publish_datetime, c.expire_datetime, c.body,
+    c.claimed_datetime, s.to_phone_number, s.media_url, m.access_token AS media_token,
+    s.attempts, s.reconcile_checks
+"""
+
+# Public: bench/dispatch.py explains it against a million pending rows.
+CLAIM_DUE = f"""
+WITH due AS (
+    SELECT id FROM notification
+    WHERE status = 'pending' AND sender = %(sender)s AND priority_rank <= %(max_rank)s
+      AND publish_datetime <= now()
+      AND (retry_datetime IS NULL OR retry_datetime <= now())
+    ORDER BY priority_rank, publish_datetime
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), c AS (
+    UPDATE notification n
+    SET status = 'processing', claimed_by = %(holder)s, claimed_datetime = now(),
+        lease_expire_datetime = now() + make_interval(secs => %(lease)s)
+    FROM due WHERE n.id = due.id
+    RETURNING n.id, n.sender, n.priority_rank, n.publish_datetime, n.expire_datetime, n.body,
+              n.claimed_datetime
+)
+SELECT {_ROW_COLUMNS}
+FROM c JOIN sms_notification s ON s.notification_id = c.id
+LEFT JOIN sms_temporary_media m ON m.id = s.temporary_media_id
+"""
+
+# Rows of these senders left in processing by anyone but what this process has in hand.
+_STALE = f"""
+SELECT {_ROW_COLUMNS}, c.lease_expire_datetime < now() AS lease_expired
+FROM notification c JOIN sms_notification s ON s.notification_id = c.id
+LEFT JOIN sms_temporary_media m ON m.id = s.temporary_media_id
+WHERE c.status = 'processing' AND c.sender = ANY(%(senders)s)
+  AND (NOT %(expired_only)s OR c.lease_expire_datetime < now())
+  AND NOT c.id = ANY(%(exclude)s)
+"""
+
+# One statement for a whole batch of outcomes: the columns arrive as arrays, side by side.
+_RECORD = """
+WITH o AS (
+    SELECT * FROM unnest(
+        %(id)s::uuid[], %(status)s::text[], %(status_message)s::text[], %(sid)s::text[],
+        %(segments)s::int[], %(error_code)s::int[], %(retry_in)s::float8[],
+        %(lease_seconds)s::float8[], %(attempted)s::bool[], %(sent_datetime)s::timestamptz[],
+        %(reconcile_checks)s::int[]
+    ) AS o(id, status, status_message, sid, segments, error_code, retry_in, lease_seconds,
+           attempted, sent_datetime, reconcile_checks)
+), n AS (
+    UPDATE notification t SET
+        status = o.status,
+        status_message = o.status_message,
+        sent_datetime = CASE WHEN o.status = 'sent' THEN coalesce(o.sent_datetime, now()) END,
+        retry_datetime = now() + make_interval(secs => o.retry_in),
+        lease_expire_datetime = now() + make_interval(secs => o.lease_seconds),
+        claimed_by = CASE WHEN o.status = 'processing' THEN t.claimed_by END,
+        claimed_datetime = CASE WHEN o.status = 'processing' THEN t.claimed_datetime END
+    FROM o
+    -- Twilio's acceptance wins even over a row that a reconciliation put back meanwhile;
+    -- any other outcome only lands on a row still in processing.
+    WHERE t.id = o.id AND (t.status = 'processing'
+                           OR (o.status = 'sent' AND t.status = 'pending'))
+    RETURNING t.id
+)
+UPDATE sms_notification s SET
+    twilio_sid = coalesce(o.sid, s.twilio_sid),
+    segments = coalesce(o.segments, s.segments),
+    error_code = o.error_code,
+    attempts = s.attempts + o.attempted::int,
+    reconcile_checks = coalesce(o.reconcile_checks, s.reconcile_checks)
+FROM n JOIN o ON o.id = n.id
+WHERE s.notification_id = n.id
+"""
+
+_RELEASE = """
+UPDATE notification
+SET status = 'pending', claimed_by = NULL, claimed_datetime = NULL, lease_expire_datetime = NULL
+WHERE id = ANY(%s) AND status = 'processing' AND claimed_by = %s
+"""
+
+_RENEW = """
+UPDATE notification SET lease_expire_datetime = now() + make_interval(secs => %s)
+WHERE id = ANY(%s) AND status = 'processing' AND claimed_by = %s
+"""
+
+# When the next pending row of a sender becomes due: one index probe per priority for
+# publish times (notification_due_idx), one for retry times (notification_retry_idx).
+_NEXT_DUE = """
+SELECT extract(epoch FROM least(
+    (SELECT min(p.next) FROM (VALUES (0), (1), (2)) r(rank), LATERAL (
+        SELECT publish_datetime AS next FROM notification
+        WHERE status = 'pending' AND sender = %(sender)s AND priority_rank = r.rank
+          AND publish_datetime > now()
+        ORDER BY publish_datetime LIMIT 1) p),
+    (SELECT min(retry_datetime) FROM notification
+     WHERE status = 'pending' AND sender = %(sender)s AND retry_datetime IS NOT NULL
+       AND retry_datetime > now())
+) - now())
+"""
+
+_SAVE_BUCKET = """
+INSERT INTO dispatch_sender (sender, address, holder, tokens, rate, capacity, paused_until,
+                             pause_reason, pause_message, released_datetime, updated_datetime)
+VALUES (%s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s), %s, %s,
+        CASE WHEN %s::text IS NULL THEN now() END, now())
+ON CONFLICT (sender) DO UPDATE SET
+    address = excluded.address, holder = excluded.holder, tokens = excluded.tokens,
+    rate = excluded.rate, capacity = excluded.capacity, paused_until = excluded.paused_until,
+    pause_reason = excluded.pause_reason, pause_message = excluded.pause_message,
+    released_datetime = excluded.released_datetime, updated_datetime = now()
+"""
+
+# The claim could not load its rows: a timestamp outside what Python holds (stored before
+# validation refused such times, or written by hand). Those rows become failed, so the
+# sender's other rows go on.
+_FAIL_UNLOADABLE = """
+UPDATE notification SET status = 'failed', status_message = %(message)s
+WHERE status = 'pending' AND sender = %(sender)s
+  AND (publish_datetime NOT BETWEEN '0001-01-02 00:00+00' AND '9999-12-30 00:00+00'
+       OR expire_datetime NOT BETWEEN '0001-01-02 00:00+00' AND '9999-12-30 00:00+00')
+RETURNING id
+"""
+
+_FAIL_ONE = """
+UPDATE notification SET status = 'failed', status_message = %s
+WHERE id = %s AND status = 'processing'
+"""
+
+
+# The lock connection's name says whose it is: pg_stat_activity then lists the dispatchers
+# alive, and Postgres forgets a dead one the moment its connection goes.
+LOCK_CONNECTION_PREFIX = "smsq dispatch locks "
+
+# Senders nobody holds: no session holds their advisory lock (pg_locks keeps the second key
+# as an oid, the unsigned form of hashtext's int4).
+_FREE_SENDERS = """
+SELECT s FROM unnest(%(senders)s::text[]) s
+WHERE NOT EXISTS (
+    SELECT 1 FROM pg_locks l
+    WHERE l.locktype = 'advisory' AND l.database = (SELECT oid FROM pg_database
+                                                    WHERE datname = current_database())
+      AND l.classid = %(namespace)s AND l.objsubid = 2
+      AND l.objid = (hashtext(s)::bigint & 4294967295)::oid)
+"""
+
+_LIVE_DISPATCHERS = """
+SELECT count(DISTINCT application_name) FROM pg_stat_activity
+WHERE datname = current_database() AND application_name LIKE %s
+"""
+
+_HEARTBEAT = """
+INSERT INTO dispatcher (holder, senders_held) VALUES (%(holder)s, %(held)s)
+ON CONFLICT (holder) DO UPDATE SET senders_held = excluded.senders_held,
+                                   updated_datetime = now(), stopped_datetime = NULL
+"""
+
+
+def free_senders(conn: psycopg.Connection, senders: list[str]) -> list[str]:
+    """The senders whose lock nobody holds now (a hint: taking one may still fail)."""
+    rows = conn.execute(_FREE_SENDERS, {"senders": senders,
+                                        "namespace": SENDER_LOCK_NAMESPACE}).fetchall()
+    return [row[0] for row in rows]
+
+
+def try_lock_senders(conn: psycopg.Connection, senders: list[str]) -> list[str]:
+    """Take the advisory lock of each sender that nobody holds; return those now held.
+
+    Session-level locks: they stay with this connection until released or until the
+    connection ends, which is what frees them when a dispatcher is killed.
+    """
+    rows = conn.execute(
+        "SELECT s FROM unnest(%s::text[]) s WHERE pg_try_advisory_lock(%s, hashtext(s))",
+        (senders, SENDER_LOCK_NAMESPACE),
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+def unlock_sender(conn: psycopg.Connection, sender: str) -> None:
+    conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (SENDER_LOCK_NAMESPACE, sender))
+
+
+def live_dispatchers(conn: psycopg.Connection) -> int:
+    """Dispatchers whose lock connection is open now, this one included."""
+    return conn.execute(_LIVE_DISPATCHERS, (LOCK_CONNECTION_PREFIX + "%",)).fetchone()[0]
+
+
+def heartbeat(conn: psycopg.Connection, holder: str, held: int) -> None:
+    conn.execute(_HEARTBEAT, {"holder": holder, "held": held})
+
+
+def dispatcher_stopped(conn: psycopg.Connection, holder: str) -> None:
+    conn.execute("UPDATE dispatcher SET stopped_datetime = now(), senders_held = 0, "
+                 "updated_datetime = now() WHERE holder = %s", (holder,))
+    conn.execute("DELETE FROM dispatcher WHERE coalesce(stopped_datetime, updated_datetime) "
+                 "< now() - interval '1 day'")
+
+
+# A sender taken over: its bucket as the last holder left it, refilled since, if that holder
+# handed it over cleanly; empty if it died (it may have sent after it last wrote).
+_INHERITED_TOKENS = """
+SELECT CASE WHEN released_datetime IS NOT NULL THEN
+            least(capacity, tokens + rate * extract(epoch FROM now() - released_datetime))
+       ELSE 0 END
+FROM dispatch_sender WHERE sender = %s
+"""
+
+# Rows a previous holder left in processing: once its requests can no longer be on the wire
+# (connect and read timeouts and a tick since it lost the sender, which was before now), one
+# reconciliation that finds nothing may send them again. Not sooner, even if their lease ends
+# first; not later, however long their lease.
+_TAKE_OVER_ROWS = """
+WITH taken AS (
+    UPDATE notification
+    SET lease_expire_datetime = now() + make_interval(secs => %(wire_seconds)s)
+    WHERE status = 'processing' AND sender = %(sender)s AND claimed_by IS DISTINCT FROM %(holder)s
+    RETURNING id
+)
+UPDATE sms_notification s SET reconcile_checks = greatest(s.reconcile_checks, %(checks)s)
+FROM taken WHERE s.notification_id = taken.id
+"""
+
+
+def inherited_tokens(conn: psycopg.Connection, sender: str) -> float | None:
+    """Tokens the next holder of `sender` starts with; None when no holder ever wrote."""
+    row = conn.execute(_INHERITED_TOKENS, (sender,)).fetchone()
+    return float(row[0]) if row else None
+
+
+def take_over_rows(conn: psycopg.Connection, sender: str, holder: str, wire_seconds: float,
+                   checks: int) -> None:
+    conn.execute(_TAKE_OVER_ROWS, {"sender": sender, "holder": holder,
+                                   "wire_seconds": wire_seconds, "checks": checks})
+
+
+@dataclass
+class Claim:
+    rows: list[ClaimedRow]
+    drained: bool = False  # fewer than asked were due
+    next_due_in: float | None = None  # then: seconds until the next one is (None: none waits)
+
+
+def claim_due(conn: psycopg.Connection, sender: str, holder: str, limit: int,
+              lease_seconds: float, max_rank: int = 2) -> Claim:
+    """Mark up to `limit` due rows of `sender` processing for `holder`, best first.
+
+    When fewer than `limit` were due (and every priority was asked for), also say when the
+    next one will be, in the same transaction: now() is one instant for both statements, so
+    a row becoming due between them cannot fall through the gap.
+    """
+    with conn.transaction(), conn.cursor(row_factory=class_row(ClaimedRow)) as cur:
+        cur.execute(CLAIM_DUE, {"sender": sender, "holder": holder, "limit": limit,
+                                "lease": lease_seconds, "max_rank": max_rank})
+        claim = Claim(cur.fetchall())
+        if len(claim.rows) < limit and max_rank == 2:
+            claim.drained = True
+            claim.next_due_in = _seconds_until_next_due(conn, sender)
+        return claim
+
+
+def stale_processing(conn: psycopg.Connection, senders: list[str], exclude: Iterable[UUID],
+                     expired_only: bool) -> list[ClaimedRow]:
+    """Rows of `senders` in processing that need reconciling with Twilio."""
+    with conn.cursor(row_factory=class_row(ClaimedRow)) as cur:
+        cur.execute(_STALE, {"senders": senders, "exclude": list(exclude),
+                             "expired_only": expired_only})
+        return cur.fetchall()
+
+
+def record_outcomes(conn: psycopg.Connection, outcomes: list[Outcome]) -> None:
+    """Write a batch of outcomes with one statement (one transaction, one round trip)."""
+    if outcomes:
+        columns = {name: [getattr(o, name) for o in outcomes] for name in _OUTCOME_FIELDS}
+        conn.execute(_RECORD, columns)
+
+
+def release_unsent(conn: psycopg.Connection, ids: list[UUID], holder: str) -> int:
+    """Hand rows claimed but never sent back to pending, as if never claimed."""
+    if not ids:
+        return 0
+    return conn.execute(_RELEASE, (ids, holder)).rowcount
+
+
+def renew_leases(conn: psycopg.Connection, ids: list[UUID], holder: str,
+                 lease_seconds: float) -> None:
+    if ids:
+        conn.execute(_RENEW, (lease_seconds, ids, holder))
+
+
+def _seconds_until_next_due(conn: psycopg.Connection, sender: str) -> float | None:
+    """Seconds until a pending row of `sender` becomes due; None when none is waiting."""
+    row = conn.execute(_NEXT_DUE, {"sender": sender}).fetchone()
+    return float(row[0]) if row and row[0] is not None else None
+
+
+def recorded_sids(conn: psycopg.Connection, sids: list[str]) -> set[str]:
+    """Which of these Twilio SIDs are already recorded for some notification, now or before
+    it was sent again."""
+    rows = conn.execute(
+        """SELECT twilio_sid FROM sms_notification WHERE twilio_sid = ANY(%(sids)s)
+           UNION SELECT sid FROM twilio_superseded_sid WHERE sid = ANY(%(sids)s)""",
+        {"sids": sids}).fetchall()
+    return {row[0] for row in rows}
+
+
+def fail_unloadable(conn: psycopg.Connection, sender: str) -> list[UUID]:
+    """Mark failed the pending rows of `sender` that no claim can load; their ids."""
+    message = ("failed in smsq: publish_datetime or expire_datetime lies outside what "
+               "smsq can hold (years 1 to 9999 in UTC)")
+    rows = conn.execute(_FAIL_UNLOADABLE, {"sender": sender, "message": message}).fetchall()
+    return [row[0] for row in rows]
+
+
+def record_each(conn: psycopg.Connection, outcomes: list[Outcome]) -> list[UUID]:
+    """Write outcomes one by one after a batch failed; a row whose own outcome cannot be
+    written becomes failed with the reason. The ids that became failed so."""
+    failed = []
+    for outcome in outcomes:
+        try:
+            record_outcomes(conn, [outcome])
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error as exc:
+            conn.execute(_FAIL_ONE, (f"failed in smsq: its outcome ({outcome.status}) could "
+                                     f"not be written: {exc}"[:2000], outcome.id))
+            failed.append(outcome.id)
+    return failed
+
+
+def save_buckets(conn: psycopg.Connection, buckets: list[tuple]) -> None:
+    """(sender, address, holder, tokens, rate, capacity, paused for seconds or None, pause
+    reason, pause message) of each sender, for status pages."""
+    if buckets:
+        with conn.transaction(), conn.cursor() as cur:
+            cur.executemany(_SAVE_BUCKET, [(*bucket, bucket[2]) for bucket in buckets])

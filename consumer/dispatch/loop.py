@@ -1,0 +1,485 @@
+"""`smsq dispatch`: Postgres -> token bucket per sender -> Twilio, by priority, never twice.
+
+One thread runs the loop and owns the two database connections; it never waits on Twilio.
+
+- The lock connection holds a session-level advisory lock per sender this process paces.
+  Every second the loop tries to take the free ones, so a standby takes over within about a
+  second of the holder's death (Postgres frees the locks when its connection closes).
+  Taking a sender over starts with reconciling its rows left in `processing`.
+- The work connection claims due rows (`FOR UPDATE SKIP LOCKED`, best priority first) and
+  writes outcomes, each in a short transaction of its own: none is open during a Twilio
+  request.
+- Only about two seconds of a sender's sending is claimed at a time, so a high-priority
+  message published into a backlog waits for little, and few rows sit claimed if this
+  process dies. A notification of a better priority than the worst row in hand claims the
+  better rows at once and merges them in; the surplus goes back to `pending`.
+- Rows leave the in-hand queue one by one as the sender's bucket allows, to a bounded pool of
+  threads that make the Twilio requests, so Twilio's latency does not cap the rate.
+- A listener thread (its own connection, LISTEN smsq_due), the workers and the signal handler
+  all post to one event queue; the loop sleeps on it until the next event or the next thing
+  it has scheduled (a token, a publish or retry time, the tick), so a due message is sent
+  within milliseconds. Outcomes that arrive together are written with one statement.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import random
+import socket
+import threading
+import time
+from datetime import datetime, timezone
+from uuid import UUID
+
+import psycopg
+
+from consumer import metrics, reconnect
+from consumer.dispatch import claims
+from consumer.dispatch.outcomes import (
+    ACCOUNT_WIDE,
+    RECONCILE_DELAYS,
+    Decision,
+    RetryPolicy,
+    decide,
+)
+from consumer.dispatch.reconcile import Reconciliation
+from consumer.dispatch.scheduler import ALL_RANKS, Expire, Paused, Resumed, Scheduler, Send, Sender
+from consumer.dispatch.threads import DueListener, SendResult, WorkerPool
+from consumer.dispatch.twilio_client import TwilioSender
+from consumer.logs import error_text
+from consumer.pipeline import FOLD_COUNTS_EVERY_SECONDS, fold_counts
+from consumer.settings import Settings
+from consumer.signals import StopSignal
+
+log = logging.getLogger(__name__)
+
+TICK_SECONDS = 1.0  # take free senders, save buckets, reconcile expired leases
+HORIZON_SECONDS = 2.0  # claim about this much of a sender's sending at a time
+# Twilio counts arrivals, and a request's way there varies by milliseconds (a new
+# connection, thread scheduling, the network): paced at exactly the rate, two sends of a 1/s
+# sender now and then arrive less than a second apart. Pacing 1% slower (10 ms a token at
+# 1/s) absorbs that, and still sends within one message a minute of the rate.
+PACING_MARGIN = 0.01
+SHUTDOWN_GRACE_SECONDS = 5.0  # wait this long for requests on the wire at SIGTERM
+
+
+def paced_senders(settings: Settings) -> dict[str, str]:
+    """sender key (as stored in notification.sender) -> the From number or Messaging Service."""
+    senders = {}
+    default = settings.twilio_messaging_service_sid or settings.twilio_phone_number
+    if default:
+        senders[""] = default
+    for number in settings.extra_senders:
+        senders[number] = number
+    return senders
+
+
+class Dispatcher(Reconciliation):
+    def __init__(self, settings: Settings, stop: StopSignal) -> None:
+        self.settings = settings
+        self.stop = stop
+        self.holder = f"{socket.gethostname()}:{os.getpid()}"
+        self.addresses = paced_senders(settings)
+        policy = RetryPolicy(settings.smsq_max_attempts, settings.smsq_retry_backoff,
+                             settings.smsq_retry_backoff_max)
+        self.policy = policy
+        self.lease = settings.smsq_lease_seconds
+        self.concurrency = settings.smsq_dispatch_concurrency
+        in_hand_target = max(1, min(settings.twilio_sms_batch_size, math.ceil(
+            settings.twilio_sms_rate * HORIZON_SECONDS + settings.smsq_burst)))
+        self.scheduler = Scheduler(settings.twilio_sms_rate * (1 - PACING_MARGIN),
+                                   settings.smsq_burst, in_hand_target, policy,
+                                   lambda row: row.cost)
+        self.twilio = TwilioSender(settings, self.concurrency)
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.pool = WorkerPool(self.concurrency, self.events)
+        self.in_flight: dict[UUID, claims.ClaimedRow] = {}  # sends and reconciliations
+        self.outcomes: list[claims.Outcome] = []
+        self.lock_db: psycopg.Connection | None = None
+        self.db: psycopg.Connection | None = None
+        self.next_tick = self.next_poll = self.next_renew = self.next_fold = 0.0
+
+    @property
+    def held(self) -> dict[str, Sender]:
+        return self.scheduler.senders
+
+    # -- the outer loop: connect, dispatch, reconnect ------------------------------------------
+
+    def run(self) -> None:
+        DueListener(self.settings, self.events, self.stop).start()
+        threading.Thread(target=self._wake_on_stop, name="stop", daemon=True).start()
+        log.info("dispatching", extra={"action": "dispatch_started", "holder": self.holder,
+                                       "senders": len(self.addresses)})
+        while not self.stop.requested:
+            if not reconnect.until_connected("postgres", self.stop, psycopg.OperationalError,
+                                             log, self._connect):
+                break
+            try:
+                self._loop()
+            except psycopg.OperationalError as exc:
+                log.warning("postgres connection lost", extra={
+                    "action": "postgres_lost", "error": error_text(exc)})
+            except Exception:  # noqa: BLE001 - a bug of ours must not stop every sender
+                log.exception("dispatch loop failed, starting afresh", extra={
+                    "action": "dispatch_loop_error"})
+            self._forget_senders()
+            self._close()
+            self.stop.wait(reconnect.FIRST_WAIT_SECONDS)  # a loop that fails at once must not spin
+        self._shut_down()
+        log.info("dispatcher stopped", extra={"action": "dispatch_stopped"})
+
+    def _wake_on_stop(self) -> None:
+        self.stop.wait(None)
+        self.events.put(("stop",))
+
+    def _connect(self) -> None:
+        dsn = self.settings.database_dsn
+        if self.lock_db is None or self.lock_db.closed:
+            self.lock_db = psycopg.connect(
+                dsn, autocommit=True,
+                application_name=claims.LOCK_CONNECTION_PREFIX + self.holder,
+                # Both ends notice a lost network in seconds, not TCP's hours: the server
+                # then frees our locks for another dispatcher, and we stop sending.
+                keepalives=1, keepalives_idle=5, keepalives_interval=1, keepalives_count=3)
+            self.lock_db.execute("SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 1;"
+                                 " SET tcp_keepalives_count = 3")
+        if self.db is None or self.db.closed:
+            self.db = psycopg.connect(dsn, autocommit=True, application_name="smsq dispatch")
+        metrics.DEPENDENCY_UP.labels("postgres").set(1)
+
+    def _close(self) -> None:
+        metrics.DEPENDENCY_UP.labels("postgres").set(0)
+        for conn in (self.lock_db, self.db):
+            if conn is not None:
+                try:
+                    conn.close()
+                except psycopg.Error:
+                    pass
+        self.lock_db = self.db = None
+
+    def _loop(self) -> None:
+        while not self.stop.requested:
+            self._flush_outcomes()  # first: a row put back to pending must be claimable
+            now = time.monotonic()
+            if now >= self.next_tick:
+                self._tick(now)
+            self._claim_where_needed()
+            self._release_ready()
+            self._flush_outcomes()
+            self._wait_for_events(self._next_wake() - time.monotonic())
+
+    # -- every second: senders, buckets, leases -------------------------------------------------
+
+    def _tick(self, now: float) -> None:
+        self.next_tick = now + TICK_SECONDS
+        self._share_senders()
+        self._save_buckets(self.holder)
+        claims.heartbeat(self.db, self.holder, len(self.held))
+        if now >= self.next_renew:
+            self.next_renew = now + self.lease / 4
+            claims.renew_leases(self.db, self._claimed_ids(), self.holder, self.lease)
+        self._reconcile(list(self.held), expired_only=True)
+        if now >= self.next_fold:  # keeps the counts cheap to read, with or without serve
+            self.next_fold = now + FOLD_COUNTS_EVERY_SECONDS
+            fold_counts(self.db)
+        if now >= self.next_poll:  # the fallback, should a notification ever be missed
+            self.next_poll = now + self.settings.smsq_dispatch_poll_seconds
+            self.scheduler.announce_all()
+
+    def _share_senders(self) -> None:
+        """Hold a fair share of the senders: ceil(S / D) with D dispatchers alive.
+
+        Asking who is alive goes through the lock connection, so it also proves that
+        connection alive: if it died, our locks died with it, and the OperationalError stops
+        every send of ours at once.
+        """
+        alive = claims.live_dispatchers(self.lock_db)
+        share = math.ceil(len(self.addresses) / max(1, alive))
+        held = len(self.held)
+        if held > share:
+            for key in self._senders_to_hand_over(held - share):
+                self._hand_over(key)
+        elif held < share:
+            free = claims.free_senders(self.lock_db, [k for k in self.addresses
+                                                     if k not in self.held])
+            random.shuffle(free)  # dispatchers starting together reach for different ones
+            for key in claims.try_lock_senders(self.lock_db, free[:share - held]):
+                self._take_over(key)
+
+    def _senders_to_hand_over(self, count: int) -> list[str]:
+        """The ones whose handing over disturbs least: nothing on the wire, few rows in hand."""
+        return sorted(self.held, key=lambda k: (self.held[k].in_flight,
+                                                len(self.held[k].queue)))[:count]
+
+    def _take_over(self, key: str) -> None:
+        tokens = claims.inherited_tokens(self.db, key)
+        self.scheduler.take(key, self.addresses[key], tokens)
+        metrics.SENDERS_HELD.set(len(self.held))
+        log.info("pacing sender", extra={"action": "sender_acquired", "sender": key or "default",
+                                         "holder": self.holder, "tokens": tokens})
+        # A previous holder may have died mid-send: once its requests can no longer be on
+        # the wire, one reconciliation decides each of its rows (found: sent; else: again).
+        claims.take_over_rows(self.db, key, self.holder, self._wire_seconds(),
+                             len(RECONCILE_DELAYS) - 1)
+        self._reconcile([key], expired_only=False)
+
+    def _wire_seconds(self) -> float:
+        """How long a request of a previous holder may still be on its way to Twilio."""
+        return (self.settings.smsq_twilio_connect_timeout
+                + self.settings.smsq_twilio_read_timeout + TICK_SECONDS)
+
+    def _hand_over(self, key: str) -> None:
+        """Give `key` up for another dispatcher: rows in hand back to pending, the bucket
+        saved for the next holder, then the lock released."""
+        sender = self.held[key]
+        self._flush_outcomes()
+        claims.release_unsent(self.db, self.scheduler.drop(key), self.holder)
+        claims.save_buckets(self.db, [self._bucket_row(sender, None, time.monotonic())])
+        claims.unlock_sender(self.lock_db, key)
+        metrics.SENDERS_HELD.set(len(self.held))
+        log.info("sender handed over", extra={"action": "sender_handed_over",
+                                              "sender": key or "default",
+                                              "holder": self.holder})
+
+    def _save_buckets(self, holder: str | None) -> None:
+        now = time.monotonic()
+        claims.save_buckets(self.db, [self._bucket_row(sender, holder, now)
+                                     for sender in self.held.values()])
+
+    def _bucket_row(self, sender: Sender, holder: str | None, now: float) -> tuple:
+        """dispatch_sender's row of `sender`; holder None: handed over, tokens kept."""
+        tokens = sender.bucket.tokens
+        metrics.BUCKET_TOKENS.labels(sender.key or "default").set(tokens)
+        paused = sender.pause_reason is not None and holder is not None
+        return (sender.key, sender.address, holder, tokens, self.settings.twilio_sms_rate,
+                sender.bucket.capacity, sender.paused_until - now if paused else None,
+                sender.pause_reason if paused else None,
+                sender.pause_message if paused else None)
+
+    def _claimed_ids(self) -> list[UUID]:
+        return self.scheduler.queued_ids() + list(self.in_flight)
+
+    # -- claiming and releasing, as the scheduler says ----------------------------------------
+
+    def _claim_where_needed(self) -> None:
+        for request in self.scheduler.claims():
+            try:
+                claim = claims.claim_due(self.db, request.sender, self.holder, request.limit,
+                                        self.lease, request.max_rank)
+            except psycopg.DataError as exc:
+                self._fail_unloadable(request.sender, exc)
+                continue
+            surplus = self.scheduler.claimed(request, claim.rows, claim.drained,
+                                             claim.next_due_in)
+            claims.release_unsent(self.db, surplus, self.holder)
+
+    def _fail_unloadable(self, key: str, exc: psycopg.DataError) -> None:
+        failed = claims.fail_unloadable(self.db, key)
+        log.error("rows no claim can load marked failed", extra={
+            "action": "claim_unloadable", "sender": key or "default",
+            "notification_ids": [str(i) for i in failed], "error": error_text(exc)})
+        if not failed:
+            raise exc
+        self.scheduler.announce(key, ALL_RANKS)  # claimed again at once, without them
+
+    def _release_ready(self) -> None:
+        for action in self.scheduler.releases(self.concurrency - len(self.in_flight)):
+            if isinstance(action, Send):
+                self.in_flight[action.row.id] = action.row
+                self.pool.submit(self._send, action.sender.address, action.row)
+            elif isinstance(action, Expire):
+                self._expire(action.row)
+            else:
+                self._fail(action.row, action.error)
+
+    def _fail(self, row: claims.ClaimedRow, exc: Exception) -> None:
+        """DESIGN.md: a row smsq cannot handle becomes failed; the others go on."""
+        message = f"failed in smsq: {type(exc).__name__}: {exc}"[:2000]
+        self.outcomes.append(claims.Outcome(row.id, "failed", message, attempted=False))
+        metrics.DISPATCH_SENDS.labels("failed", "").inc()
+        log.error("message failed in smsq", exc_info=exc, extra={
+            "action": "send_failed", "notification_id": str(row.id)})
+
+    def _expire(self, row: claims.ClaimedRow) -> None:
+        message = f"expired at {row.expire_datetime.isoformat()} before it could be sent"
+        self.outcomes.append(claims.Outcome(row.id, "errored", message, attempted=False))
+        metrics.DISPATCH_SENDS.labels("expired", "").inc()
+        log.info("message expired", extra={"action": "message_expired",
+                                           "notification_id": str(row.id)})
+
+    def _next_wake(self) -> float:
+        wake = self.scheduler.next_wake(self.concurrency - len(self.in_flight))
+        return min(self.next_tick, self.next_poll, wake if wake is not None else math.inf)
+
+    # -- events: notifications and results --------------------------------------------------------
+
+    def _wait_for_events(self, timeout: float) -> None:
+        try:
+            event = self.events.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return
+        while True:
+            self._handle(event)
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, event: tuple) -> None:
+        kind = event[0]
+        if kind == "due":
+            self.scheduler.announce(event[1], event[2])
+        elif kind == "poll":
+            self.scheduler.announce_all()
+        elif kind == "done":
+            result = event[1]
+            self.in_flight.pop(result.row.id, None)
+            try:
+                if isinstance(result, SendResult):
+                    self._on_sent(result)
+                else:
+                    self._on_reconciled(result)
+            except psycopg.OperationalError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one row smsq cannot handle
+                self._fail(result.row, exc)
+
+    # -- sending (in a worker thread) and its outcome (in the loop) ----------------------------
+
+    def _send(self, address: str, row: claims.ClaimedRow) -> SendResult:
+        started = time.perf_counter()
+        try:
+            attempt, error = self.twilio.send(row.outgoing(address)), None
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: the row becomes failed
+            attempt, error = None, exc
+        seconds = time.perf_counter() - started
+        metrics.TWILIO_REQUEST_SECONDS.observe(seconds)
+        return SendResult(row, attempt, error, seconds, datetime.now(timezone.utc))
+
+    def _on_sent(self, result: SendResult) -> None:
+        row = result.row
+        if result.error is not None:
+            decision = Decision("failed", status_message=(
+                f"smsq error: {type(result.error).__name__}: {result.error}"))
+        else:
+            decision = decide(result.attempt, row.attempts + 1, self.policy)
+        self.outcomes.append(self._outcome_of(result, decision))
+        retry_after = result.attempt.retry_after if result.attempt else None
+        event = self.scheduler.finished(row.sender, decision, retry_after)
+        if isinstance(event, Paused):
+            self._on_paused(event)
+        elif isinstance(event, Resumed):
+            self._on_resumed(event)
+        code = decision.error_code
+        metrics.DISPATCH_SENDS.labels(decision.status, str(code) if code else "").inc()
+        log.info(_SEND_LOG[decision.status][1], extra={
+            "action": _SEND_LOG[decision.status][0], "notification_id": str(row.id),
+            "sid": result.attempt.sid if result.attempt else None, "error_code": code,
+            "status_message": decision.status_message or None,
+            "twilio_ms": round(result.seconds * 1000, 1)})
+
+    def _outcome_of(self, result: SendResult, decision: Decision) -> claims.Outcome:
+        row, attempt = result.row, result.attempt
+        if decision.status == "sent":
+            return claims.Outcome(row.id, "sent", sid=attempt.sid,
+                                 segments=attempt.segments or row.cost,
+                                 sent_datetime=result.finished)
+        unknown = decision.status == "processing"
+        return claims.Outcome(
+            row.id, decision.status, decision.status_message, error_code=decision.error_code,
+            retry_in=decision.retry_in,
+            # An unknown outcome is reconciled soon: first check when this lease ends.
+            lease_seconds=RECONCILE_DELAYS[0] if unknown else None,
+            reconcile_checks=0 if unknown else None,
+            attempted=attempt is not None and decision.pause is None)
+
+    def _on_paused(self, event: Paused) -> None:
+        sender, decision = event.sender, event.decision
+        label = sender.key or "default"
+        for reason in {r for r in ACCOUNT_WIDE.values() if r != sender.pause_reason}:
+            metrics.SENDER_PAUSED.labels(label, reason).set(0)
+        metrics.SENDER_PAUSED.labels(label, sender.pause_reason).set(1)
+        log.error("sender paused: Twilio refuses every message of this account or sender",
+                  extra={"action": "sender_paused", "sender": label,
+                         "reason": sender.pause_reason, "error_code": decision.error_code,
+                         "status_message": decision.status_message,
+                         "pause_seconds": round(event.delay, 1),
+                         "pauses_in_a_row": sender.pauses})
+        # Rows in hand go back to pending while it waits (status shows them so).
+        self._flush_outcomes()
+        claims.release_unsent(self.db, self.scheduler.hand_back(sender.key), self.holder)
+
+    def _on_resumed(self, event: Resumed) -> None:
+        label = event.sender.key or "default"
+        metrics.SENDER_PAUSED.labels(label, event.reason).set(0)
+        log.info("sender resumed", extra={"action": "sender_resumed", "sender": label,
+                                          "reason": event.reason,
+                                          "pauses_in_a_row": event.pauses})
+
+    # -- writing outcomes, losing and releasing senders ------------------------------------------
+
+    def _flush_outcomes(self) -> None:
+        if not self.outcomes:
+            return
+        # Kept until written: a lost connection retries them after the reconnect.
+        try:
+            claims.record_outcomes(self.db, self.outcomes)
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error as exc:  # one row's outcome: write the others, fail that one
+            failed = claims.record_each(self.db, self.outcomes)
+            log.error("outcomes that could not be written marked failed", extra={
+                "action": "record_failed", "error": error_text(exc),
+                "notification_ids": [str(i) for i in failed]})
+        self.outcomes = []
+
+    def _forget_senders(self) -> None:
+        """The database went away, and our locks with it: another dispatcher may pace them now.
+
+        Rows in hand stay `processing` under our name until their lease expires, and are then
+        reconciled by whoever holds the sender. Requests on the wire finish; their outcomes
+        are written after the reconnect.
+        """
+        self.scheduler.drop_all()
+        metrics.SENDERS_HELD.set(0)
+
+    def _shut_down(self) -> None:
+        """Hand back what is not sent, let requests on the wire finish, release the locks."""
+        try:
+            self._connect()
+            unsent = [i for key in self.held for i in self.scheduler.hand_back(key)]
+            returned = claims.release_unsent(self.db, unsent, self.holder)
+            deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
+            while self.in_flight and time.monotonic() < deadline:
+                self._wait_for_events(min(0.1, deadline - time.monotonic()))
+                self._flush_outcomes()
+            self._flush_outcomes()
+            self._save_buckets(None)
+            claims.dispatcher_stopped(self.db, self.holder)
+            log.info("released senders", extra={
+                "action": "senders_released", "returned_to_pending": returned,
+                "still_on_the_wire": len(self.in_flight)})
+        except psycopg.OperationalError as exc:
+            log.warning("could not hand rows back; they are reconciled after their lease",
+                        extra={"action": "release_failed", "error": error_text(exc)})
+        finally:
+            self._close()  # closing the lock connection frees every sender's lock
+            self.twilio.close()
+
+
+_SEND_LOG = {
+    "sent": ("message_sent", "message sent"),
+    "pending": ("send_retry", "send failed, will retry"),
+    "errored": ("send_errored", "message rejected"),
+    "processing": ("send_unknown", "send outcome unknown, will reconcile"),
+    "failed": ("send_failed", "message failed in smsq"),
+}
+
+
+def run(settings: Settings, stop: StopSignal) -> None:
+    metrics.serve_metrics(settings.smsq_metrics_port, settings.smsq_metrics_host,
+                          metrics.program_registry(metrics.DISPATCH_METRICS, settings.database_dsn))
+    Dispatcher(settings, stop).run()

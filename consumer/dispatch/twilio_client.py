@@ -1,0 +1,257 @@
+"""The Twilio adapter: the official `twilio` client, and every outcome turned into a TwilioAttempt.
+
+This is the only module that knows the twilio library. It adds what the library leaves to its
+user:
+
+- the base URL from TWILIO_API_URL (a sandbox such as `smsq fake-twilio`), by setting the
+  `api` domain's base_url, which is how the library builds every Messages URL;
+- explicit (connect, read) timeouts, and one requests session whose pool holds as many
+  connections as the dispatcher has threads, for http:// and https:// alike (the library
+  only mounts a pool for https://, sized to the CPU count);
+- the response of the current thread kept aside, because the library's exception does not
+  carry headers and a 429's Retry-After is in a header;
+- the classification the status table needs: did the request leave before the failure?
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from email.utils import parsedate_to_datetime
+from uuid import UUID
+
+import requests
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+from twilio.base.exceptions import TwilioRestException, TwilioServiceException
+from twilio.http.http_client import TwilioHttpClient
+from twilio.http.response import Response
+from twilio.rest import Client
+
+from consumer.dispatch.outcomes import TwilioAttempt
+from consumer.settings import SANDBOX_ACCOUNT_SID, SANDBOX_AUTH_TOKEN, Settings
+
+# Reconciliation looks this far before the claim, for clocks that disagree a little (Twilio's
+# dates have whole seconds). Small on purpose: an earlier message with the same text must
+# not be taken for ours.
+CLOCK_SLACK = timedelta(seconds=5)
+RECONCILE_PAGE = 50
+# What a trial account puts before every body it sends.
+TRIAL_PREFIX = "Sent from your Twilio trial account - "
+# Twilio keeps a message in its queue at most this long (ValidityPeriod, error 21624).
+MAX_VALIDITY_SECONDS = 36_000
+# The library logs every request and its headers at INFO; not an smsq event.
+_HTTP_LOG = logging.getLogger("consumer.dispatch.twilio_client.http")
+_HTTP_LOG.setLevel(logging.WARNING)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One message as it leaves: what Twilio's Messages create needs."""
+
+    to: str
+    sender_address: str  # a From number, or a Messaging Service SID (MG...)
+    body: str
+    media_url: tuple[str, ...] = ()
+    media_token: str | None = None  # hosted temporary media, served by `smsq serve`
+    notification_id: UUID | None = None  # named in the status callback URL
+    expire_datetime: datetime | None = None  # becomes ValidityPeriod
+
+
+@dataclass(frozen=True)
+class FoundMessage:
+    sid: str
+    segments: int | None
+    date_created: datetime | None
+
+    @property
+    def order(self) -> tuple[datetime, str]:
+        """Oldest first, then by SID: the same answer however Twilio ordered its pages."""
+        return (self.date_created or datetime.max.replace(tzinfo=timezone.utc), self.sid)
+
+
+class MissingPublicUrl(Exception):
+    """Hosted media needs SMSQ_PUBLIC_URL: Twilio must be able to fetch it from us."""
+
+
+class PooledHttpClient(TwilioHttpClient):
+    """TwilioHttpClient with a pool sized to the concurrency and per-thread last responses."""
+
+    def __init__(self, base_url: str, pool_size: int, connect_timeout: float,
+                 read_timeout: float) -> None:
+        super().__init__(pool_connections=True, logger=_HTTP_LOG)
+        self.timeout = (connect_timeout, read_timeout)  # requests takes a tuple
+        # No transport retries: a blind retry of a POST is exactly a possible double send.
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        # The standard proxy variables (HTTPS_PROXY, NO_PROXY) are read once, here: looking
+        # them up on every request was a quarter of a request's CPU time.
+        self.session.proxies = requests.utils.get_environ_proxies(base_url)
+        self.session.trust_env = False
+        self._local = threading.local()
+
+    def request(self, *args, **kwargs) -> Response:
+        self._local.response = None
+        response = super().request(*args, **kwargs)
+        self._local.response = response
+        return response
+
+    @property
+    def last_response(self) -> Response | None:
+        return getattr(self._local, "response", None)
+
+
+class TwilioSender:
+    """Sends messages and finds them again; safe to call from many threads at once."""
+
+    def __init__(self, settings: Settings, pool_size: int) -> None:
+        base_url = str(settings.twilio_api_url).rstrip("/")
+        self.http = PooledHttpClient(base_url, pool_size, settings.smsq_twilio_connect_timeout,
+                                     settings.smsq_twilio_read_timeout)
+        token = settings.twilio_auth_token
+        self.client = Client(
+            username=settings.twilio_account_sid or SANDBOX_ACCOUNT_SID,
+            password=token.get_secret_value() if token else SANDBOX_AUTH_TOKEN,
+            http_client=self.http,
+            environment={},  # no TWILIO_EDGE / TWILIO_REGION from the environment
+        )
+        self.client.api.base_url = base_url
+        public = str(settings.smsq_public_url).rstrip("/") if settings.smsq_public_url else None
+        self.public_url = public
+        self.status_callback = f"{public}/twilio/status" if public else None
+
+    def send(self, message: Outgoing) -> TwilioAttempt:
+        """Create the message at Twilio; never raises for anything Twilio or the network does."""
+        params = self._create_params(message)
+        try:
+            created = self.client.messages.create(**params)
+        except TwilioRestException as exc:  # the legacy error body
+            return TwilioAttempt(request_sent=True, http_status=exc.status, error_code=exc.code,
+                                 error_message=exc.msg, retry_after=self._retry_after())
+        except TwilioServiceException as exc:  # the RFC 9457 problem body of newer APIs
+            return TwilioAttempt(request_sent=True, http_status=exc.status, error_code=exc.code,
+                                 error_message=exc.detail or exc.title,
+                                 retry_after=self._retry_after())
+        except requests.RequestException as exc:
+            return TwilioAttempt(request_sent=_left_before_failure(exc),
+                                 error_message=f"{type(exc).__name__}: {exc}")
+        status = self.http.last_response.status_code if self.http.last_response else 201
+        return TwilioAttempt(request_sent=True, http_status=status, sid=created.sid,
+                             segments=_int_or_none(created.num_segments))
+
+    def find_sent(self, message: Outgoing, since: datetime) -> list[FoundMessage]:
+        """Messages Twilio holds that may be `message`, created at or after `since`, oldest
+        first: to that number, from that sender, with exactly that body.
+
+        Two views of the Messages list, because neither alone sees every message: the one
+        filtered by DateSent (a GMT date, as Twilio documents it) finds messages sent since,
+        however many came after them; the unfiltered one, newest first, finds those still
+        queued, whose date_sent is null until Twilio sends them. The caller skips SIDs it has
+        recorded already. Raises on network or API errors.
+        """
+        after = since - CLOCK_SLACK
+        # A string: the library would write a date object as a datetime.
+        sent_since = after.astimezone(timezone.utc).date().isoformat()
+        found = {m.sid: m for m in self._matching(message, after, date_sent_after=sent_since)}
+        found.update((m.sid, m) for m in self._matching(message, after))
+        return sorted(found.values(), key=lambda m: m.order)
+
+    def _matching(self, message: Outgoing, after: datetime, **filters) -> list[FoundMessage]:
+        if not message.sender_address.startswith("MG"):
+            filters["from_"] = message.sender_address
+        listed = self.client.messages.list(to=message.to, limit=RECONCILE_PAGE, **filters)
+        return [FoundMessage(m.sid, _int_or_none(m.num_segments), m.date_created)
+                for m in listed if _is_match(m, message, after)]
+
+    def _create_params(self, message: Outgoing) -> dict:
+        params: dict = {"to": message.to, "body": message.body}
+        if message.sender_address.startswith("MG"):
+            params["messaging_service_sid"] = message.sender_address
+        else:
+            params["from_"] = message.sender_address
+        media = list(message.media_url)
+        if message.media_token:
+            if not self.public_url:
+                raise MissingPublicUrl(
+                    "hosted media needs SMSQ_PUBLIC_URL, where Twilio fetches it")
+            media.append(f"{self.public_url}/media/{message.media_token}")
+        if media:
+            params["media_url"] = media
+        if self.status_callback:
+            # Our id in the URL: a callback for a message whose create answer was lost
+            # still tells us which notification it is (serve records its SID).
+            params["status_callback"] = (f"{self.status_callback}?n={message.notification_id}"
+                                         if message.notification_id else self.status_callback)
+        validity = validity_period(message.expire_datetime, datetime.now(timezone.utc))
+        if validity is not None:
+            params["validity_period"] = validity
+        return params
+
+    def _retry_after(self) -> float | None:
+        response = self.http.last_response
+        value = response.headers.get("Retry-After") if response is not None else None
+        return _seconds_of_retry_after(value) if value else None
+
+    def close(self) -> None:
+        self.http.session.close()
+
+
+def validity_period(expire: datetime | None, now: datetime) -> int | None:
+    """Twilio's ValidityPeriod for a message that expires at `expire`: Twilio drops it from
+    its queue after that many seconds (whole, 1 to 36,000), instead of sending it late."""
+    if expire is None:
+        return None
+    seconds = math.ceil((expire - now).total_seconds())
+    return max(1, min(MAX_VALIDITY_SECONDS, seconds))
+
+
+def _is_match(candidate, message: Outgoing, after: datetime) -> bool:
+    created = candidate.date_created or candidate.date_sent
+    if created is None or created < after:
+        return False
+    if message.sender_address.startswith("MG"):
+        same_sender = candidate.messaging_service_sid == message.sender_address
+    else:
+        same_sender = candidate.from_ == message.sender_address
+    body = candidate.body or ""
+    return same_sender and body in (message.body, TRIAL_PREFIX + message.body)
+
+
+def _left_before_failure(exc: requests.RequestException) -> bool:
+    """True unless the connection failed before any byte of the request went out.
+
+    A refused or timed-out connect is safe to retry. Anything else (a read timeout, a
+    connection reset or closed after the request was written) leaves the outcome unknown.
+    """
+    if isinstance(exc, requests.ConnectTimeout):
+        return False
+    reason = exc.args[0] if exc.args else None
+    if isinstance(reason, urllib3.exceptions.MaxRetryError):
+        reason = reason.reason
+    return not isinstance(reason, (urllib3.exceptions.NewConnectionError,
+                                   urllib3.exceptions.ConnectTimeoutError))
+
+
+def _seconds_of_retry_after(value: str) -> float | None:
+    """Retry-After is delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _int_or_none(value: object) -> int | None:
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,156 @@
+"""The sandbox over HTTP: Twilio's paths, the control paths under /_fake/, and a server.
+
+Stdlib `ThreadingHTTPServer` speaking HTTP/1.1 keep-alive, chosen over uvicorn because a fault
+must be able to close the TCP connection without any response, which ASGI cannot express.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+from consumer.sandbox.api import API_VERSION, FakeTwilio
+from consumer.sandbox.faults import FaultError, FaultRule, Reply, error_reply
+
+log = logging.getLogger(__name__)
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Routes one request to the FakeTwilio of its server; keep-alive, one write per answer."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # small answers must not wait for the client's delayed ACK
+    server: FakeTwilioHTTPServer
+
+    def do_GET(self) -> None:
+        self._route("GET")
+
+    def do_POST(self) -> None:
+        self._route("POST")
+
+    def do_DELETE(self) -> None:
+        self._route("DELETE")
+
+    def _route(self, method: str) -> None:
+        fake = self.server.fake
+        url = urlsplit(self.path)
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if url.path.startswith("/_fake/"):
+            self._answer(self._control(fake, method, url.path, url.query, body))
+            return
+        reply = self._api(fake, method, url.path, url.query, body)
+        delay = fake.latency() + reply.delay
+        if delay > 0:  # even sleep(0) costs a GIL round trip, a third of a fast request
+            time.sleep(delay)
+        if reply.drop:
+            self.close_connection = True  # the socket is closed with nothing written
+            return
+        self._answer(reply)
+
+    def _api(self, fake: FakeTwilio, method: str, path: str, query: str, body: bytes) -> Reply:
+        if not path.startswith(f"/{API_VERSION}/Accounts/"):
+            return error_reply(404, 20404, f"The requested resource {path} was not found")
+        if not fake.authorised(self.headers.get("Authorization")):
+            return error_reply(401, 20003, "Authenticate")
+        prefix = fake.messages_uri
+        if method == "POST" and path == f"{prefix}.json":
+            return fake.create(parse_qs(body.decode(), keep_blank_values=True))
+        refused = fake.account_refusal(path)  # creates meet their fault rules in create()
+        if refused is not None:
+            return refused
+        if method == "GET" and path == f"{prefix}.json":
+            return fake.list_messages(parse_qs(query, keep_blank_values=True))
+        if method == "GET" and path.startswith(f"{prefix}/") and path.endswith(".json"):
+            return fake.fetch(path[len(prefix) + 1:-len(".json")], path)
+        return error_reply(404, 20404, f"The requested resource {path} was not found")
+
+    @staticmethod
+    def _control(fake: FakeTwilio, method: str, path: str, query: str, body: bytes) -> Reply:
+        try:
+            payload = json.loads(body) if body else {}
+            if path == "/_fake/messages" and method in ("GET", "DELETE"):
+                if method == "DELETE":
+                    fake.clear()
+                after = int(parse_qs(query).get("after", ["0"])[0])
+                return Reply(200, {"messages": fake.received(after)})
+            if path == "/_fake/faults" and method in ("GET", "POST", "DELETE"):
+                if method != "GET":
+                    specs = payload if isinstance(payload, list) else [payload] if payload else []
+                    fake.set_faults([FaultRule.from_dict(s) for s in specs])
+                return Reply(200, {"faults": fake.faults()})
+            if path == "/_fake/config" and method in ("GET", "POST"):
+                return Reply(200, fake.configure(payload))
+            if path == "/_fake/stats" and method == "GET":
+                return Reply(200, fake.all_stats())
+            if path == "/_fake/callbacks" and method == "GET":
+                return Reply(200, {"callbacks": fake.callbacks.entries()})
+        except (FaultError, TypeError, ValueError) as exc:
+            return Reply(400, {"error": str(exc)})
+        return Reply(404, {"error": f"no {method} {path}"})
+
+    def _answer(self, reply: Reply) -> None:
+        if isinstance(reply.body, str):  # a proxy's error page
+            content, content_type = reply.body.encode(), "text/html"
+        else:
+            content, content_type = json.dumps(reply.body).encode(), "application/json"
+        head = [f"HTTP/1.1 {reply.status} {self.responses.get(reply.status, ('',))[0]}",
+                f"Content-Type: {content_type}; charset=utf-8",
+                f"Content-Length: {len(content)}",
+                *(f"{name}: {value}" for name, value in reply.headers.items())]
+        if self.close_connection:
+            head.append("Connection: close")
+        try:
+            self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode() + content)
+        except OSError:  # the client gave up first (e.g. its read timeout on a slow answer)
+            self.close_connection = True
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib's name
+        log.debug(format, *args, extra={"action": "fake_twilio_request"})
+
+
+class FakeTwilioHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 1024  # 100+ clients connect at once; the default backlog is 5
+
+    def __init__(self, address: tuple[str, int], fake: FakeTwilio) -> None:
+        self.fake = fake
+        super().__init__(address, Handler)
+
+
+class FakeTwilioServer:
+    """The fake, running in this process on its own threads (tests, benchmarks).
+
+        with FakeTwilioServer() as server:
+            client = Client(server.fake.account_sid, ..., http_client=...(server.url))
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, **options: object) -> None:
+        self.fake = FakeTwilio(**options)  # type: ignore[arg-type]
+        self.http = FakeTwilioHTTPServer((host, port), self.fake)
+        self._thread = threading.Thread(target=self.http.serve_forever, name="fake-twilio",
+                                        kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.http.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> FakeTwilioServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+        self.fake.callbacks.stop()
+
+    def __enter__(self) -> FakeTwilioServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,192 @@
+"""The Twilio adapter against the fake over HTTP: what went out, and how each failure is read."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
+from types import SimpleNamespace
+
+import pytest
+from pydantic import AnyHttpUrl, SecretStr
+
+from consumer.dispatch.outcomes import RetryPolicy, decide
+from consumer.dispatch.twilio_client import (
+    CLOCK_SLACK,
+    MAX_VALIDITY_SECONDS,
+    TRIAL_PREFIX,
+    MissingPublicUrl,
+    Outgoing,
+    TwilioSender,
+    _seconds_of_retry_after,
+    validity_period,
+)
+from consumer.settings import Settings
+
+FROM = "+15005550006"
+TO = "+14155550123"
+
+
+class RecordingSender(TwilioSender):
+    """Keeps every request the twilio library built (method, params, form), to check them."""
+
+    def __init__(self, settings: Settings, pool_size: int) -> None:
+        super().__init__(settings, pool_size)
+        self.http.requests = []
+        request = self.http.request
+
+        def recording(method, url, params=None, data=None, *args, **kwargs):
+            self.http.requests.append(SimpleNamespace(method=method, params=params or {},
+                                                      data=data or {}))
+            return request(method, url, params, data, *args, **kwargs)
+        self.http.request = recording
+
+
+def sender_for(fake, **changes) -> RecordingSender:
+    settings = Settings(_env_file=None, twilio_api_url=AnyHttpUrl(fake.url),
+                        twilio_account_sid=fake.account_sid,
+                        twilio_auth_token=SecretStr(fake.auth_token),
+                        smsq_twilio_read_timeout=1.0, **changes)
+    return RecordingSender(settings, pool_size=4)
+
+
+def test_an_accepted_message_gives_its_sid_and_segments(fake_twilio):
+    attempt = sender_for(fake_twilio).send(Outgoing(TO, FROM, "hello " * 40))
+    [received] = fake_twilio.messages()
+    assert attempt.request_sent and attempt.http_status == 201
+    assert attempt.sid == received["sid"] and attempt.segments == 2
+    assert received["status_callback"] is None  # no SMSQ_PUBLIC_URL, no callback
+
+
+def test_a_refused_connection_was_not_sent():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    fake = type("Nowhere", (), {"url": f"http://127.0.0.1:{port}", "account_sid": "AC1",
+                                "auth_token": "x"})
+    attempt = sender_for(fake).send(Outgoing(TO, FROM, "hello"))
+    assert not attempt.request_sent
+    policy = RetryPolicy(max_attempts=5, backoff=1, backoff_max=10)
+    assert decide(attempt, 1, policy).status == "pending"
+
+
+@pytest.mark.parametrize("fault", [{"mode": "drop"}, {"mode": "slow", "slow_ms": 3000}])
+def test_an_answer_lost_after_sending_is_unknown(fake_twilio, fault):
+    fake_twilio.set_faults([fault])
+    attempt = sender_for(fake_twilio).send(Outgoing(TO, FROM, "hello"))
+    [received] = fake_twilio.messages()
+    assert received["accepted"] and received["fault"] == fault["mode"]
+    assert attempt.request_sent and attempt.http_status is None
+    decision = decide(attempt, 1, RetryPolicy(5, 1, 10))
+    assert decision.status == "processing"
+
+
+def test_too_many_requests_carries_retry_after(fake_twilio):
+    fake_twilio.set_fault("429", retry_after=7)
+    attempt = sender_for(fake_twilio).send(Outgoing(TO, FROM, "hello"))
+    assert attempt.http_status == 429 and attempt.error_code == 20429
+    assert attempt.retry_after == 7.0
+
+
+def test_retry_after_may_be_an_http_date():
+    later = datetime.now(timezone.utc) + timedelta(seconds=30)
+    assert 25 <= _seconds_of_retry_after(format_datetime(later, usegmt=True)) <= 30
+    assert _seconds_of_retry_after("3") == 3.0
+    assert _seconds_of_retry_after("soon") is None
+
+
+def test_hosted_media_needs_a_public_url(fake_twilio):
+    with pytest.raises(MissingPublicUrl):
+        sender_for(fake_twilio).send(Outgoing(TO, FROM, "label", media_token="abc"))
+    assert fake_twilio.messages() == []
+
+
+def test_find_sent_matches_recipient_body_and_sender_even_while_queued(fake_twilio):
+    fake_twilio.configure(send_delay_ms=60_000)  # still queued: no DateSent yet
+    twilio = sender_for(fake_twilio)
+    since = datetime.now(timezone.utc)
+    sent = twilio.send(Outgoing(TO, FROM, "your code is 1"))
+    twilio.send(Outgoing(TO, FROM, "your code is 2"))
+    twilio.send(Outgoing(TO, "+15017122661", "your code is 1"))
+    twilio.send(Outgoing("+14155550100", FROM, "your code is 1"))
+    [found] = twilio.find_sent(Outgoing(TO, FROM, "your code is 1"), since)
+    assert found.sid == sent.sid and found.segments == 1
+    assert twilio.find_sent(Outgoing(TO, FROM, "never sent"), since) == []
+
+
+def test_find_sent_takes_only_the_exact_body_from_that_sender_after_the_claim(fake_twilio):
+    twilio = sender_for(fake_twilio)
+    earlier = twilio.send(Outgoing(TO, FROM, "your code is 1"))  # before the claim
+    time.sleep(CLOCK_SLACK.total_seconds() + 1.1)  # Twilio's dates have whole seconds
+    since = datetime.now(timezone.utc)
+    for body in ("Your code is 1", "xyour code is 1", "your code is 1 ", "code is 1"):
+        twilio.send(Outgoing(TO, FROM, body))  # another application's, or another text
+    assert twilio.find_sent(Outgoing(TO, FROM, "your code is 1"), since) == []
+    first = twilio.send(Outgoing(TO, FROM, "your code is 1"))
+    second = twilio.send(Outgoing(TO, FROM, "your code is 1"))
+    found = twilio.find_sent(Outgoing(TO, FROM, "your code is 1"), since)
+    assert earlier.sid not in [f.sid for f in found]
+    assert {f.sid for f in found} == {first.sid, second.sid}
+
+
+def test_find_sent_accepts_the_trial_accounts_prefix(fake_twilio):
+    twilio = sender_for(fake_twilio)
+    since = datetime.now(timezone.utc)
+    trial = twilio.send(Outgoing(TO, FROM, TRIAL_PREFIX + "hello"))
+    assert [f.sid for f in twilio.find_sent(Outgoing(TO, FROM, "hello"), since)] == [trial.sid]
+
+
+def test_find_sent_asks_for_messages_sent_since_a_gmt_date(fake_twilio):
+    """Twilio documents DateSent as a GMT date; the library would write a datetime."""
+    twilio = sender_for(fake_twilio)
+    since = datetime(2026, 12, 2, 0, 30, tzinfo=timezone(timedelta(hours=2)))
+    twilio.find_sent(Outgoing(TO, FROM, "hello"), since)
+    asked = [request.params for request in fake_list_requests(twilio)]
+    assert {"To": TO, "From": FROM, "DateSent>": "2026-12-01", "PageSize": 50} in asked
+    assert any("DateSent>" not in params for params in asked)  # the queued ones too
+
+
+def fake_list_requests(twilio: TwilioSender) -> list:
+    return [request for request in twilio.http.requests if request.method == "GET"]
+
+
+def test_validity_period_follows_expire_datetime_within_twilios_range() -> None:
+    now = datetime(2026, 12, 2, 12, 0, tzinfo=timezone.utc)
+    assert validity_period(None, now) is None
+    assert validity_period(now + timedelta(minutes=10), now) == 600
+    assert validity_period(now + timedelta(seconds=0.2), now) == 1
+    assert validity_period(now - timedelta(seconds=5), now) == 1
+    assert validity_period(now + timedelta(days=3), now) == MAX_VALIDITY_SECONDS == 36_000
+
+
+def test_the_request_carries_validity_period_and_our_id_in_the_callback(fake_twilio):
+    twilio = sender_for(fake_twilio, smsq_public_url=AnyHttpUrl("https://smsq.example.com"))
+    notification_id = uuid.uuid4()
+    expire = datetime.now(timezone.utc) + timedelta(minutes=10)
+    twilio.send(Outgoing(TO, FROM, "hello", notification_id=notification_id,
+                         expire_datetime=expire))
+    [request] = [r for r in twilio.http.requests if r.method == "POST"]
+    assert 590 <= int(request.data["ValidityPeriod"]) <= 600
+    assert request.data["StatusCallback"] == (
+        f"https://smsq.example.com/twilio/status?n={notification_id}")
+    twilio.send(Outgoing(TO, FROM, "no expiry"))
+    assert "ValidityPeriod" not in [r for r in twilio.http.requests if r.method == "POST"][-1].data
+
+
+def test_find_sent_through_a_messaging_service(fake_twilio):
+    service = "MG" + "2" * 32
+    twilio = sender_for(fake_twilio)
+    sent = twilio.send(Outgoing(TO, service, "via the service"))
+    [received] = fake_twilio.messages()
+    assert received["messaging_service_sid"] == service and received["from"] is None
+    found = twilio.find_sent(Outgoing(TO, service, "via the service"),
+                             datetime.now(timezone.utc) - timedelta(seconds=5))
+    assert [f.sid for f in found] == [sent.sid]
+
+
+def test_without_credentials_it_uses_the_ones_the_fake_accepts(fake_twilio):
+    settings = Settings(_env_file=None, twilio_api_url=AnyHttpUrl(fake_twilio.url))
+    attempt = TwilioSender(settings, pool_size=1).send(Outgoing(TO, FROM, "sandbox"))
+    assert attempt.http_status == 201

@@ -1,0 +1,173 @@
+"""The token bucket, exactly, on a fake clock: nothing here sleeps."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from consumer.dispatch.bucket import TokenBucket
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def test_starts_full_and_refuses_when_empty(clock: FakeClock) -> None:
+    bucket = TokenBucket(rate=1, capacity=1, clock=clock)
+    assert bucket.tokens == 1
+    assert bucket.wait_time(1) == 0.0
+    assert bucket.try_take(1)
+    assert bucket.tokens == 0
+    assert not bucket.try_take(1)
+    assert bucket.tokens == 0  # a refused take changes nothing
+    assert bucket.wait_time(1) == 1.0
+    clock.advance(0.999)
+    assert not bucket.try_take(1)
+    assert bucket.wait_time(1) == pytest.approx(0.001)
+    clock.advance(0.001)
+    assert bucket.try_take(1)
+
+
+def test_fractional_rate(clock: FakeClock) -> None:
+    bucket = TokenBucket(rate=0.5, capacity=1, clock=clock)
+    assert bucket.try_take(1)
+    assert bucket.wait_time(1) == 2.0
+    clock.advance(1.0)
+    assert bucket.tokens == 0.5
+    assert not bucket.try_take(1)
+    assert bucket.wait_time(1) == 1.0
+    clock.advance(1.0)
+    assert bucket.try_take(1)
+
+
+def test_burst_capacity_allows_that_many_at_once_then_paces(clock: FakeClock) -> None:
+    bucket = TokenBucket(rate=2, capacity=3, clock=clock)
+    assert [bucket.try_take(1) for _ in range(4)] == [True, True, True, False]
+    assert bucket.wait_time(1) == 0.5
+    assert bucket.wait_time(2) == 1.0
+    clock.advance(0.5)
+    assert bucket.try_take(1)
+    assert not bucket.try_take(1)
+
+
+def test_refill_is_capped_at_capacity(clock: FakeClock) -> None:
+    bucket = TokenBucket(rate=10, capacity=3, clock=clock)
+    bucket.try_take(3)
+    clock.advance(3600)
+    assert bucket.tokens == 3
+    assert [bucket.try_take(1) for _ in range(4)] == [True, True, True, False]
+
+
+def test_message_larger_than_capacity_waits_for_a_full_bucket_then_leaves_a_debt(
+        clock: FakeClock) -> None:
+    bucket = TokenBucket(rate=1, capacity=1, clock=clock)
+    assert bucket.try_take(3)  # full bucket: a 3-segment message goes
+    assert bucket.tokens == -2
+    assert bucket.wait_time(1) == 3.0  # the debt is paid before the next one
+    clock.advance(2.5)
+    assert not bucket.try_take(1)
+    clock.advance(0.5)
+    assert bucket.try_take(1)
+
+
+def test_large_message_needs_a_full_bucket_not_just_some_tokens(clock: FakeClock) -> None:
+    bucket = TokenBucket(rate=1, capacity=4, clock=clock)
+    assert bucket.try_take(2)
+    assert bucket.tokens == 2
+    assert not bucket.try_take(6)
+    assert bucket.wait_time(6) == 2.0  # until full (4), not until 6 tokens
+    clock.advance(2.0)
+    assert bucket.try_take(6)
+    assert bucket.tokens == -2
+    assert bucket.wait_time(6) == 6.0
+
+
+def test_waiting_exactly_wait_time_always_suffices(clock: FakeClock) -> None:
+    # Rates and costs whose quotients are not exact binary fractions.
+    for rate, capacity, cost in [(3, 1, 1), (0.7, 2, 1.3), (1 / 3, 1, 1), (100, 5, 7), (9.1, 3.3, 2)]:
+        bucket = TokenBucket(rate=rate, capacity=capacity, clock=clock)
+        for _ in range(200):
+            clock.advance(bucket.wait_time(cost))
+            assert bucket.try_take(cost), (rate, capacity, cost)
+
+
+def test_rejects_nonsense_parameters() -> None:
+    with pytest.raises(ValueError):
+        TokenBucket(rate=0, capacity=1)
+    with pytest.raises(ValueError):
+        TokenBucket(rate=1, capacity=0)
+
+
+def simulate(rate: float, capacity: float, costs: list[int], seed: int,
+             idle_chance: float = 0.0) -> list[tuple[float, int]]:
+    """A greedy sender on a fake clock: sends each message as soon as the bucket allows,
+    sometimes pausing (idle) first. Returns (time, cost) of each send."""
+    rng = random.Random(seed)
+    clock = FakeClock(0.0)
+    bucket = TokenBucket(rate=rate, capacity=capacity, clock=clock)
+    sends = []
+    for cost in costs:
+        if rng.random() < idle_chance:
+            clock.advance(rng.uniform(0, 5 / rate))
+        wait = bucket.wait_time(cost)
+        if wait > 0:
+            clock.advance(wait * 0.999)
+            assert not bucket.try_take(cost)  # not a moment too early
+            clock.advance(wait * 0.001)
+        assert bucket.try_take(cost)
+        sends.append((clock.now, cost))
+    return sends
+
+
+def most_in_any_window(sends: list[tuple[float, int]], seconds: float = 1.0) -> int:
+    """Most cost sent in any half-open window [t, t + seconds); the worst window starts at a send."""
+    worst, end, in_window = 0, 0, 0
+    for start, (t0, _) in enumerate(sends):
+        while end < len(sends) and sends[end][0] < t0 + seconds - 1e-9:
+            in_window += sends[end][1]
+            end += 1
+        worst = max(worst, in_window)
+        in_window -= sends[start][1]
+    return worst
+
+
+def test_one_per_second_never_sends_two_in_any_second_and_keeps_the_rate() -> None:
+    sends = simulate(rate=1, capacity=1, costs=[1] * 10_000, seed=1)
+    assert most_in_any_window(sends) == 1
+    gaps = [b[0] - a[0] for a, b in zip(sends, sends[1:])]
+    assert min(gaps) == pytest.approx(1.0)
+    assert sends[-1][0] == pytest.approx(9_999.0)  # full at t=0, then exactly 1/s
+
+
+@pytest.mark.parametrize(
+    ("rate", "capacity", "max_cost", "idle_chance"),
+    [(1, 1, 1, 0.0), (0.5, 1, 1, 0.3), (10, 10, 1, 0.1), (100, 20, 5, 0.05), (1, 1, 4, 0.2),
+     (3, 2, 7, 0.0)],
+)
+def test_long_run_bounds(rate: float, capacity: float, max_cost: int, idle_chance: float) -> None:
+    rng = random.Random(42)
+    costs = [rng.randint(1, max_cost) for _ in range(5_000)]
+    sends = simulate(rate, capacity, costs, seed=7, idle_chance=idle_chance)
+    # In any 1-second window: what was in the bucket plus one second of refill, and a
+    # debt-making message can add its overshoot once.
+    assert most_in_any_window(sends) < max(capacity, max_cost) + rate
+    if max_cost <= capacity:
+        assert most_in_any_window(sends, seconds=1 / rate) <= capacity
+    if idle_chance == 0.0:
+        # Busy all the time: the long-run rate is exactly `rate`, give or take one message.
+        elapsed = sends[-1][0] - sends[0][0]
+        sent_after_first = sum(cost for _, cost in sends[1:])
+        assert abs(sent_after_first - (rate * elapsed + capacity - sends[0][1])) <= max_cost
