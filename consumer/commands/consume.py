@@ -3,7 +3,7 @@ from __future__ import annotations
 import argparse
 
 from consumer.commands import UsageError
-from consumer.ingest import consume as ingest
+from consumer.ingest import consume
 from consumer.migrate import require_current_schema
 from consumer.settings import Settings
 from consumer.signals import StopSignal
@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(settings: Settings, args: argparse.Namespace) -> int:
     require_current_schema(settings.database_dsn)
     try:
-        ingest.run(settings, StopSignal().install())
-    except ingest.FatalBrokerError as exc:
+        consume.run(settings, StopSignal().install())
+    except consume.FatalBrokerError as exc:
         raise UsageError(str(exc)) from None
     return 0
