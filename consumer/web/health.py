@@ -33,18 +33,24 @@ def _rabbitmq(settings: Settings) -> None:
     amqp.queue_depths(settings)
 
 
-async def _check(fn, *args) -> str:
+async def _check(fn, settings: Settings, seconds: float = CHECK_TIMEOUT + 1) -> str:
     try:
-        await asyncio.wait_for(run_in_threadpool(fn, *args), CHECK_TIMEOUT + 1)
+        await asyncio.wait_for(run_in_threadpool(fn, settings), seconds)
     except Exception as exc:  # noqa: BLE001 - any failure means "not ready", said in words
         return f"unreachable: {error_text(exc)}"
     return "ok"
 
 
+def _brokers_seconds(settings: Settings) -> float:
+    """AMQP_URL's brokers are tried in turn, each for up to its connect timeout: a node of
+    the list that is down must not make serve unready while the next one answers."""
+    return amqp.CONNECT_TIMEOUT * len(settings.amqp_urls) + 1
+
+
 async def readyz(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     postgres, rabbitmq = await asyncio.gather(_check(_postgres, settings),
-                                              _check(_rabbitmq, settings))
+                                              _check(_rabbitmq, settings, _brokers_seconds(settings)))
     checks = {"postgres": postgres, "rabbitmq": rabbitmq}
     ready = all(result == "ok" for result in checks.values())
     return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
