@@ -5,6 +5,7 @@
 source "$(dirname "$0")/lib.sh"
 ensure_venv
 ensure_test_programs
+ensure_engine_programs
 ensure_services
 ensure_browser
 cd "$ROOT"

@@ -1,6 +1,6 @@
 """Quorum queues by default, a queue of the other kind named in one line, `smsq queues
-migrate` moving every message, and AMQP_URL's broker list (on the single local broker; the
-cluster itself is in tests/test_engines.py)."""
+migrate` moving every message (on the single local broker; a cluster is in
+tests/test_engines.py)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,11 @@ from consumer import amqp, queue_migration
 from consumer.dead_letters import list_dead
 from tests.support import (
     StreamPublisher,
-    count_rows,
     declare_queues,
-    free_port,
     get_all,
     publish_raw,
     queue_depth,
     run_smsq,
-    start_smsq,
-    stop,
     wait_until,
 )
 from tests.test_ingest import queue_types
@@ -164,22 +160,3 @@ def test_migrate_refuses_while_a_consumer_holds_the_queue(settings):
         result = run_smsq(settings, "queues", "migrate")
     assert result.returncode == 2
     assert "has 1 consumer(s): stop every smsq consume first" in result.stderr
-
-
-def test_publish_and_consume_use_the_next_broker_when_the_first_is_down(settings, tmp_path):
-    """AMQP_URL lists a broker that does not answer first: each program goes on to the next."""
-    down = f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F"
-    listed = settings.model_copy(update={"amqp_url": f"{down},{settings.amqp_url}"})
-    published = run_smsq(listed, "publish", "--to", "+14155550123", "--body", "hello")
-    assert published.returncode == 0, published.stderr
-    log = tmp_path / "consume.log"
-    consume = start_smsq(listed, "consume", log_path=log)
-    try:
-        wait_until(lambda: count_rows(listed) == 1, message="the message stored")
-    finally:
-        assert stop(consume) == 0
-    reached = pika.URLParameters(settings.amqp_url)
-    assert f"broker={reached.host}:{reached.port}]" in log.read_text()
-    status = run_smsq(listed, "status", "--json")
-    assert status.returncode == 0, status.stderr
-    assert json.loads(status.stdout)["queues"][settings.smsq_queue] == 0
