@@ -199,6 +199,9 @@ def test_a_promoted_standby_takes_over_nothing_lost_nothing_sent_twice(
     for program in ("consume", "dispatch"):  # and both programs saw it
         assert "postgres_retry" in (tmp_path / f"{program}.log").read_text(), program
     assert set(stored_ids(settings.database_dsn)) == set(published)  # nothing acked was lost
+    status = run_smsq(settings, "status", "--json")  # an operator's command finds it too
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["notifications"]["sent"]
     sends = fake_twilio.messages(accepted_only=True)
     counts = Counter(m["body"] for m in sends)
     assert [body for body, n in counts.items() if n > 1] == []  # nothing sent twice
