@@ -118,7 +118,8 @@ class Dispatcher(Reconciliation):
                                              log, self._connect):
                 break
             try:
-                self._loop()
+                self._loop()  # returns only when a stop is requested: _shut_down hands back
+                continue
             except psycopg.OperationalError as exc:
                 log.warning("postgres connection lost", extra={
                     "action": "postgres_lost", "error": error_text(exc)})
