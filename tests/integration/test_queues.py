@@ -22,7 +22,7 @@ from tests.support import (
     run_smsq,
     wait_until,
 )
-from tests.test_ingest import queue_types
+from tests.integration.test_ingest import queue_types
 
 
 def message(number: int) -> bytes:
