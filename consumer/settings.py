@@ -370,6 +370,13 @@ class Settings(BaseSettings):
         return _keywords(self.smsq_opt_in_keywords)
 
     @property
+    def guard_limits(self) -> dict:
+        """The guard rails as configured here, for `smsq status` and the dashboard."""
+        return {"allowed_countries": sorted(self.allowed_countries),
+                "recipient_limit": self.smsq_recipient_limit.strip() or None,
+                "daily_segment_limit": self.smsq_daily_segment_limit}
+
+    @property
     def extra_senders(self) -> list[str]:
         return [s.strip() for s in self.smsq_senders.split(",") if s.strip()]
 

@@ -22,8 +22,9 @@ def collect(settings: Settings) -> dict:
         oldest = pipeline.oldest_due_age_seconds(conn)
         senders = [{**bucket, "updated_datetime": bucket["updated_datetime"].isoformat()}
                    for bucket in pipeline.sender_buckets(conn)]
+        guards = pipeline.guard_summary(conn) | {"settings": settings.guard_limits}
     return {"notifications": table, "oldest_due_age_seconds": oldest,
-            "queues": amqp.queue_depths(settings), "senders": senders}
+            "queues": amqp.queue_depths(settings), "senders": senders, "guard_rails": guards}
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
@@ -49,7 +50,27 @@ def render(report: dict) -> str:
                                             else f"{depth} message(s) ready"))
     lines.append("")
     lines.extend(render_senders(report["senders"]))
+    lines.append("")
+    lines.extend(render_guard_rails(report["guard_rails"]))
     return "\n".join(lines)
+
+
+def render_guard_rails(guards: dict) -> list[str]:
+    limits, today = guards["settings"], guards["today"]
+    reasons = ", ".join(f"{reason} {count}" for reason, count
+                        in guards["suppressed_by_reason"].items())
+    spent = ", ".join(f"{sender or '(default)'} {segments}" for sender, segments
+                      in guards["segments_today"].items()) or "none"
+    budget = limits["daily_segment_limit"]
+    return [
+        f"suppressed numbers: {guards['suppressed_numbers']}" + (f" ({reasons})" if reasons
+                                                                  else ""),
+        f"today (UTC): {today['suppressed']} not sent as suppressed, {today['capped']} not "
+        f"sent over the recipient limit, {today['budget_paused']} budget pause(s)",
+        f"segments sent today: {spent}" + (f" (budget {budget} per sender)" if budget else ""),
+        f"countries allowed: {', '.join(limits['allowed_countries']) or 'all'}; recipient "
+        f"limit: {limits['recipient_limit'] or 'none'}",
+    ]
 
 
 def render_senders(senders: list[dict]) -> list[str]:
