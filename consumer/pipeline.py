@@ -272,12 +272,12 @@ def count_guard(conn: psycopg.Connection, guard: Guard, count: int = 1) -> None:
 def guard_summary(conn: psycopg.Connection) -> dict:
     """What `smsq status` and the dashboard show of the guard rails: today's counts of each
     guard, the numbers suppressed (by reason), and each sender's segments today."""
-    today = dict(conn.execute(
+    today: dict[str, int] = dict(conn.execute(
         """SELECT guard, count FROM guard_count
            WHERE day = (now() AT TIME ZONE 'UTC')::date""").fetchall())
-    by_reason = dict(conn.execute(
+    by_reason: dict[str, int] = dict(conn.execute(
         "SELECT reason, count(*) FROM suppressed_number GROUP BY 1 ORDER BY 1").fetchall())
-    segments = dict(conn.execute(
+    segments: dict[str, int] = dict(conn.execute(
         """SELECT sender, segments FROM sender_day_segments
            WHERE day = (now() AT TIME ZONE 'UTC')::date ORDER BY sender""").fetchall())
     return {"today": {guard.value: today.get(guard.value, 0) for guard in Guard},

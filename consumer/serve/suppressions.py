@@ -34,10 +34,11 @@ async def suppressions_page(request: Request) -> Response:
 
 def _numbers(request: Request, form: FormData) -> tuple[list[str], list[str]]:
     """(valid numbers in E.164, what was not a number) of the form's `number` fields, each
-    of which may hold several numbers separated by commas, spaces or lines."""
+    of which may hold several numbers separated by commas or lines (a number may hold
+    spaces: `+1 415 555 0123`)."""
     region = request.app.state.settings.smsq_default_region
-    raw = [part for text in params.texts(form, "number")
-           for part in text.replace(",", " ").split() if part]
+    raw = [part.strip() for text in params.texts(form, "number")
+           for part in text.replace("\n", ",").split(",") if part.strip()]
     numbers = {text: suppression.as_e164(text, region) for text in raw}
     return (list(dict.fromkeys(n for n in numbers.values() if n)),
             [text for text, n in numbers.items() if n is None])
