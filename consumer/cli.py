@@ -39,6 +39,7 @@ COMMANDS = {
     "prune": ("consumer.commands.prune",
               "delete finished notifications older than a retention period"),
     "logout-all": ("consumer.commands.logout_all", "end every dashboard session at once"),
+    "suppress": ("consumer.commands.suppress", "numbers that receive nothing: list, add, remove"),
 }
 
 

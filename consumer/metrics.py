@@ -122,8 +122,40 @@ SENDERS_HELD = Gauge(
 )
 SENDER_PAUSED = Gauge(
     "smsq_sender_paused",
-    "1 while a sender is paused by an account-wide Twilio error (20003, 20404, 21611, 63038)",
+    "1 while a sender is paused by an account-wide Twilio error (20003, 20404, 21611, 63038) "
+    "or by its daily budget (reason daily_budget)",
     ["sender", "reason"],
+    registry=None,
+)
+# The guard rails (README "Guard rails").
+DISPATCH_SUPPRESSED = Counter(
+    "smsq_dispatch_suppressed_total",
+    "Notifications errored without a request because their number is suppressed",
+    registry=None,
+)
+DISPATCH_CAPPED = Counter(
+    "smsq_dispatch_capped_total",
+    "Notifications errored without a request because they would pass SMSQ_RECIPIENT_LIMIT",
+    ["limit"],
+    registry=None,
+)
+BUDGET_PAUSES = Counter(
+    "smsq_dispatch_budget_pauses_total",
+    "Times a sender paused until the next UTC day: SMSQ_DAILY_SEGMENT_LIMIT reached",
+    ["sender"],
+    registry=None,
+)
+MESSAGES_REFUSED_COUNTRY = Counter(
+    "smsq_messages_refused_country_total",
+    "Messages dead-lettered because their number's country is not in SMSQ_ALLOWED_COUNTRIES",
+    ["country"],
+    registry=None,
+)
+INBOUND_MESSAGES = Counter(
+    "smsq_inbound_messages_total",
+    "Incoming messages (POST /twilio/inbound) by what became of them: opt_out, opt_in, "
+    "ignored, forbidden",
+    ["outcome"],
     registry=None,
 )
 
@@ -202,10 +234,11 @@ def backlog_family(rows: list[tuple[str, str, int]]) -> GaugeMetricFamily:
 
 
 INGEST_METRICS = (MESSAGES_INGESTED, MESSAGES_DUPLICATE, MESSAGES_DEAD_LETTERED,
-                  INGEST_BATCH_SECONDS, INGEST_BATCH_SIZE)
+                  INGEST_BATCH_SECONDS, INGEST_BATCH_SIZE, MESSAGES_REFUSED_COUNTRY)
 DISPATCH_METRICS = (DISPATCH_SENDS, DISPATCH_RECONCILED, TWILIO_REQUEST_SECONDS, BUCKET_TOKENS,
-                    SENDERS_HELD, SENDER_PAUSED)
-SERVE_METRICS = (STATUS_CALLBACKS, MEDIA_REQUESTS, MEDIA_DELETED)
+                    SENDERS_HELD, SENDER_PAUSED, DISPATCH_SUPPRESSED, DISPATCH_CAPPED,
+                    BUDGET_PAUSES)
+SERVE_METRICS = (STATUS_CALLBACKS, MEDIA_REQUESTS, MEDIA_DELETED, INBOUND_MESSAGES)
 
 
 def program_registry(program_metrics: tuple[Collector, ...], database_dsn: str,

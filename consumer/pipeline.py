@@ -250,3 +250,57 @@ def send_again(conn: psycopg.Connection, ids: Sequence[uuid.UUID], message: str,
     again = [row[0] for row in rows]
     wake_for(conn, again)
     return again
+
+
+# -- guard rails: the suppression list, what the guards stopped, the daily budget -------------
+
+UNSUBSCRIBED = 21610  # Twilio's "Attempt to send to unsubscribed recipient"
+
+
+class SuppressionReason(StrEnum):
+    """Why a number is on the suppression list (suppressed_number.reason)."""
+
+    OPT_OUT = "opt_out"  # the recipient texted an opt-out keyword (POST /twilio/inbound)
+    TWILIO = "twilio_21610"  # Twilio answered 21610: it blocks the number itself
+    OPERATOR = "operator"  # smsq suppress add, or the dashboard
+
+
+# What an opt-in keyword lifts: only what the recipient's side put there. A number an
+# operator suppressed stays suppressed whatever its owner texts.
+LIFTED_BY_OPT_IN = (SuppressionReason.OPT_OUT, SuppressionReason.TWILIO)
+
+
+class Guard(StrEnum):
+    """What a guard rail of dispatch stopped, as counted per UTC day in guard_count."""
+
+    SUPPRESSED = "suppressed"  # a notification to a suppressed number: errored, not sent
+    CAPPED = "capped"  # one over SMSQ_RECIPIENT_LIMIT: errored, not sent
+    BUDGET_PAUSED = "budget_paused"  # a sender paused by SMSQ_DAILY_SEGMENT_LIMIT
+
+
+BUDGET_PAUSE_REASON = "daily_budget"  # dispatch_sender.pause_reason of a budget pause
+
+
+def count_guard(conn: psycopg.Connection, guard: Guard, count: int = 1) -> None:
+    if count:
+        conn.execute(
+            """INSERT INTO guard_count (day, guard, count)
+               VALUES ((now() AT TIME ZONE 'UTC')::date, %s, %s)
+               ON CONFLICT (day, guard) DO UPDATE SET count = guard_count.count + excluded.count""",
+            (guard.value, count))
+
+
+def guard_summary(conn: psycopg.Connection) -> dict:
+    """What `smsq status` and the dashboard show of the guard rails: today's counts of each
+    guard, the numbers suppressed (by reason), and each sender's segments today."""
+    today: dict[str, int] = dict(conn.execute(
+        """SELECT guard, count FROM guard_count
+           WHERE day = (now() AT TIME ZONE 'UTC')::date""").fetchall())
+    by_reason: dict[str, int] = dict(conn.execute(
+        "SELECT reason, count(*) FROM suppressed_number GROUP BY 1 ORDER BY 1").fetchall())
+    segments: dict[str, int] = dict(conn.execute(
+        """SELECT sender, segments FROM sender_day_segments
+           WHERE day = (now() AT TIME ZONE 'UTC')::date ORDER BY sender""").fetchall())
+    return {"today": {guard.value: today.get(guard.value, 0) for guard in Guard},
+            "suppressed_numbers": sum(by_reason.values()), "suppressed_by_reason": by_reason,
+            "segments_today": segments}

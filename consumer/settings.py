@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -81,6 +82,39 @@ def with_connect_timeout(dsn: str) -> str:
     if "connect_timeout=" in dsn:
         return dsn
     return f"{dsn}{'&' if '?' in dsn else '?'}connect_timeout={POSTGRES_CONNECT_TIMEOUT}"
+# Twilio's own opt-out and opt-in keywords (its Advanced Opt-Out defaults), plus REVOKE and
+# OPTOUT, which carriers' guidelines name as opt-outs too.
+DEFAULT_OPT_OUT_KEYWORDS = "STOP,STOPALL,UNSUBSCRIBE,CANCEL,END,QUIT,REVOKE,OPTOUT"
+DEFAULT_OPT_IN_KEYWORDS = "START,YES,UNSTOP"
+_WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+_LIMIT = re.compile(r"(\d+)/(\d*)([smhd])")
+
+
+@dataclass(frozen=True)
+class RecipientLimit:
+    """At most `sends` requests to one number within any `seconds`; `text` as configured."""
+
+    sends: int
+    seconds: int
+    text: str
+
+
+def parse_recipient_limits(value: str) -> tuple[RecipientLimit, ...]:
+    """`5/1h,20/1d` -> two limits; ValueError naming the entry otherwise."""
+    limits = []
+    for entry in (e.strip() for e in value.split(",")):
+        match = _LIMIT.fullmatch(entry)
+        if not match or int(match[1]) < 1 or (match[2] and int(match[2]) < 1):
+            raise ValueError("each comma-separated entry must be SENDS/WINDOW with SENDS at "
+                             "least 1 and WINDOW a number and a unit s, m, h or d (e.g. "
+                             f"5/1h,20/1d); got {entry!r}")
+        seconds = int(match[2] or 1) * _WINDOW_UNITS[match[3]]
+        limits.append(RecipientLimit(int(match[1]), seconds, entry))
+    return tuple(limits)
+
+
+def _keywords(value: str) -> frozenset[str]:
+    return frozenset(word.strip().upper() for word in value.split(",") if word.strip())
 
 
 class ConfigError(Exception):
@@ -168,6 +202,15 @@ class Settings(BaseSettings):
     smsq_twilio_read_timeout: float = Field(10.0, gt=0)
     smsq_dispatch_poll_seconds: float = Field(5.0, gt=0)
 
+    # Guard rails (README "Guard rails"): destinations allowed (ISO 3166 alpha-2 codes; unset:
+    # all), sends per number per window, segments per sender per UTC day, and the keywords of
+    # POST /twilio/inbound.
+    smsq_allowed_countries: str = ""
+    smsq_recipient_limit: str = ""
+    smsq_daily_segment_limit: int | None = Field(None, ge=1)
+    smsq_opt_out_keywords: str = DEFAULT_OPT_OUT_KEYWORDS
+    smsq_opt_in_keywords: str = DEFAULT_OPT_IN_KEYWORDS
+
     @field_validator("smsq_default_region")
     @classmethod
     def _known_region(cls, value: str | None) -> str | None:
@@ -247,6 +290,37 @@ class Settings(BaseSettings):
                                  f"got {entry!r}")
         return value
 
+    @field_validator("smsq_allowed_countries")
+    @classmethod
+    def _country_codes(cls, value: str) -> str:
+        for entry in (e.strip() for e in value.split(",")):
+            if entry and entry.upper() not in phonenumbers.SUPPORTED_REGIONS:
+                raise ValueError("each comma-separated entry must be an ISO 3166 country code "
+                                 f"phonenumbers knows (e.g. US,CA,GB); got {entry!r}")
+        return value
+
+    @field_validator("smsq_recipient_limit")
+    @classmethod
+    def _recipient_limit(cls, value: str) -> str:
+        if value.strip():
+            parse_recipient_limits(value)
+        return value
+
+    @field_validator("smsq_opt_out_keywords", "smsq_opt_in_keywords")
+    @classmethod
+    def _keyword_list(cls, value: str) -> str:
+        if not _keywords(value):
+            raise ValueError("must name at least one keyword (comma-separated)")
+        return value
+
+    @model_validator(mode="after")
+    def _keywords_apart(self) -> Settings:
+        both = self.opt_out_keywords & self.opt_in_keywords
+        if both:
+            raise ValueError("SMSQ_OPT_IN_KEYWORDS must not repeat an opt-out keyword "
+                             f"({', '.join(sorted(both))})")
+        return self
+
     @field_validator("smsq_trusted_proxies")
     @classmethod
     def _proxy_addresses(cls, value: str) -> str:
@@ -312,6 +386,32 @@ class Settings(BaseSettings):
     @property
     def uses_twilio_sandbox(self) -> bool:
         return str(self.twilio_api_url).rstrip("/") != TWILIO_DEFAULT_API_URL
+
+    @property
+    def allowed_countries(self) -> frozenset[str]:
+        """Region codes a recipient's number may belong to; empty: any."""
+        return frozenset(e.strip().upper() for e in self.smsq_allowed_countries.split(",")
+                         if e.strip())
+
+    @property
+    def recipient_limits(self) -> tuple[RecipientLimit, ...]:
+        text = self.smsq_recipient_limit.strip()
+        return parse_recipient_limits(text) if text else ()
+
+    @property
+    def opt_out_keywords(self) -> frozenset[str]:
+        return _keywords(self.smsq_opt_out_keywords)
+
+    @property
+    def opt_in_keywords(self) -> frozenset[str]:
+        return _keywords(self.smsq_opt_in_keywords)
+
+    @property
+    def guard_limits(self) -> dict:
+        """The guard rails as configured here, for `smsq status` and the dashboard."""
+        return {"allowed_countries": sorted(self.allowed_countries),
+                "recipient_limit": self.smsq_recipient_limit.strip() or None,
+                "daily_segment_limit": self.smsq_daily_segment_limit}
 
     @property
     def extra_senders(self) -> list[str]:

@@ -7,7 +7,9 @@ The line goes into the `x-error` header of a dead-lettered message, so it names 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 
+import phonenumbers
 from pydantic import ValidationError
 
 from schemas.json_rules import problem_in
@@ -45,6 +47,24 @@ def parse_notification(raw: bytes, default_region: str | None = None) -> Notific
     if problem is not None:
         raise InvalidMessage(problem)
     return notification
+
+
+def country_of(e164: str) -> str:
+    """The ISO 3166 code of the country a (valid, E.164) number belongs to, as phonenumbers
+    says: `+14155550123` is US, `+14165550123` CA; `001` for non-geographic numbers."""
+    return phonenumbers.region_code_for_number(phonenumbers.parse(e164)) or "unknown"
+
+
+def country_refusal(notification: Notification, allowed: Collection[str]) -> str | None:
+    """The reason to refuse a message whose recipient is not in an `allowed` country (an
+    empty `allowed` allows all), naming the field and the country; None to accept it."""
+    if not allowed:
+        return None
+    country = country_of(notification.sms.to_phone_number)
+    if country in allowed:
+        return None
+    return (f"sms.to_phone_number: a number of {country}, not of an allowed country "
+            f"(SMSQ_ALLOWED_COUNTRIES: {', '.join(sorted(allowed))})")
 
 
 def _refuse_unless_utf8(raw: bytes) -> None:

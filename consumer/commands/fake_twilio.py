@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or fail-30001:to=+14155550123; keys: count probability seconds "
                              "retry_after slow_ms hold_ms to sender; modes: "
                              f"{' '.join(sorted(FAULT_MODES))}; repeatable")
+    parser.add_argument("--opted-out", action="append", default=[], metavar="NUMBER",
+                        help="a recipient who opted out: messages to it are refused with 21610, "
+                             "as Twilio refuses them after a STOP; repeatable")
     parser.add_argument("--callback-duplicates", action="store_true",
                         help="post every status callback twice")
     parser.add_argument("--callback-reorder", action="store_true",
@@ -51,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (f"Twilio's test numbers answer as Twilio does (To +15005550001 -> 21211, "
                      f"...); To {UNDELIVERABLE_TO} is accepted and then undelivered (30003). "
                      "Control at run time: GET/DELETE /_fake/messages, GET/POST/DELETE "
-                     "/_fake/faults, GET/POST /_fake/config, GET /_fake/stats, "
+                     "/_fake/faults, GET/POST /_fake/config, GET/POST /_fake/opted-out, "
+                     "GET /_fake/stats, "
                      "GET /_fake/callbacks.")
 
 
@@ -67,7 +71,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         auth_token=args.auth_token or token or FAKE_AUTH_TOKEN,
         latency_ms=args.latency_ms, jitter_ms=args.jitter_ms,
         send_delay_ms=args.send_delay_ms, deliver_delay_ms=args.deliver_delay_ms,
-        callback_duplicates=args.callback_duplicates, callback_reorder=args.callback_reorder)
+        callback_duplicates=args.callback_duplicates, callback_reorder=args.callback_reorder,
+        opted_out=args.opted_out)
     stop = StopSignal().install()
     with server:
         log.warning("fake Twilio listening on %s: a SANDBOX, nothing is delivered to any phone",

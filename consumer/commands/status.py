@@ -23,9 +23,10 @@ def collect(settings: Settings) -> dict:
         senders = [{**bucket, "updated_datetime": bucket["updated_datetime"].isoformat()}
                    for bucket in pipeline.sender_buckets(conn)]
         dispatchers = [_json_times(d) for d in pipeline.dispatchers(conn)]
+        guards = pipeline.guard_summary(conn) | {"settings": settings.guard_limits}
     return {"notifications": table, "oldest_due_age_seconds": oldest,
             "queues": amqp.queue_depths(settings), "senders": senders,
-            "dispatchers": dispatchers}
+            "dispatchers": dispatchers, "guard_rails": guards}
 
 
 def _json_times(row: dict) -> dict:
@@ -58,6 +59,8 @@ def render(report: dict) -> str:
     lines.extend(render_senders(report["senders"]))
     lines.append("")
     lines.extend(render_dispatchers(report["dispatchers"]))
+    lines.append("")
+    lines.extend(render_guard_rails(report["guard_rails"]))
     return "\n".join(lines)
 
 
@@ -69,6 +72,24 @@ def render_dispatchers(dispatchers: list[dict]) -> list[str]:
              d["senders_held"] if d["alive"] else 0, d["started_datetime"][:19])
             for d in dispatchers]
     return [render_table(["dispatcher", "state", "senders", "started"], rows)]
+
+
+def render_guard_rails(guards: dict) -> list[str]:
+    limits, today = guards["settings"], guards["today"]
+    reasons = ", ".join(f"{reason} {count}" for reason, count
+                        in guards["suppressed_by_reason"].items())
+    spent = ", ".join(f"{sender or '(default)'} {segments}" for sender, segments
+                      in guards["segments_today"].items()) or "none"
+    budget = limits["daily_segment_limit"]
+    return [
+        f"suppressed numbers: {guards['suppressed_numbers']}" + (f" ({reasons})" if reasons
+                                                                  else ""),
+        f"today (UTC): {today['suppressed']} not sent as suppressed, {today['capped']} not "
+        f"sent over the recipient limit, {today['budget_paused']} budget pause(s)",
+        f"segments sent today: {spent}" + (f" (budget {budget} per sender)" if budget else ""),
+        f"countries allowed: {', '.join(limits['allowed_countries']) or 'all'}; recipient "
+        f"limit: {limits['recipient_limit'] or 'none'}",
+    ]
 
 
 def render_senders(senders: list[dict]) -> list[str]:

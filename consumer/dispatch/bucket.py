@@ -52,6 +52,11 @@ class TokenBucket:
         self._tokens -= cost
         return True
 
+    def give_back(self, cost: float) -> None:
+        """Return tokens taken for a message that was not sent after all (a guard rail
+        stopped it before the request), up to the capacity."""
+        self._tokens = min(self.capacity, self.tokens + cost)
+
     def _needed(self, cost: float) -> float:
         # A message larger than the bucket goes when the bucket is full, not never.
         return min(cost, self.capacity)

@@ -8,7 +8,7 @@ on the wire.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from uuid import UUID
 
@@ -16,7 +16,7 @@ import psycopg
 from psycopg.rows import class_row
 
 from consumer.dispatch.twilio_client import Outgoing
-from consumer.pipeline import LOCK_CONNECTION_PREFIX
+from consumer.pipeline import LOCK_CONNECTION_PREFIX, UNSUBSCRIBED, SuppressionReason
 from consumer.segments import cost_of
 
 # First key of the two-key advisory locks that give a dispatcher a sender; the second key
@@ -41,6 +41,7 @@ class ClaimedRow:
     attempts: int
     reconcile_checks: int = 0
     lease_expired: bool = False
+    suppressed: bool = False  # claimed to a suppressed number: errored by the claim itself
 
     @property
     def cost(self) -> int:
@@ -85,9 +86,14 @@ _ROW_COLUMNS = """
 """
 
 # Public: bench/dispatch.py explains it against a million pending rows.
+# A due row to a suppressed number (one primary-key probe each) becomes errored right here,
+# with Twilio's code for an unsubscribed recipient: never sent, never paced.
 CLAIM_DUE = f"""
 WITH due AS (
-    SELECT id FROM notification
+    SELECT id, (SELECT x.reason FROM sms_notification s
+                JOIN suppressed_number x ON x.phone_number = s.to_phone_number
+                WHERE s.notification_id = notification.id) AS suppressed_as
+    FROM notification
     WHERE status = 'pending' AND sender = %(sender)s AND priority_rank <= %(max_rank)s
       AND publish_datetime <= now()
       AND (retry_datetime IS NULL OR retry_datetime <= now())
@@ -96,13 +102,22 @@ WITH due AS (
     FOR UPDATE SKIP LOCKED
 ), c AS (
     UPDATE notification n
-    SET status = 'processing', claimed_by = %(holder)s, claimed_datetime = now(),
-        lease_expire_datetime = now() + make_interval(secs => %(lease)s)
+    SET status = CASE WHEN due.suppressed_as IS NULL THEN 'processing' ELSE 'errored' END,
+        status_message = CASE WHEN due.suppressed_as IS NULL THEN n.status_message
+            ELSE 'not sent: the number is suppressed (on the suppression list, '
+                 || due.suppressed_as || ')' END,
+        claimed_by = CASE WHEN due.suppressed_as IS NULL THEN %(holder)s END,
+        claimed_datetime = CASE WHEN due.suppressed_as IS NULL THEN now() END,
+        lease_expire_datetime = CASE WHEN due.suppressed_as IS NULL
+                                     THEN now() + make_interval(secs => %(lease)s) END
     FROM due WHERE n.id = due.id
     RETURNING n.id, n.sender, n.priority_rank, n.publish_datetime, n.expire_datetime, n.body,
-              n.claimed_datetime
+              n.claimed_datetime, due.suppressed_as IS NOT NULL AS suppressed
+), unsubscribed AS (
+    UPDATE sms_notification s SET error_code = {UNSUBSCRIBED}
+    FROM due WHERE s.notification_id = due.id AND due.suppressed_as IS NOT NULL
 )
-SELECT {_ROW_COLUMNS}
+SELECT {_ROW_COLUMNS}, c.suppressed
 FROM c JOIN sms_notification s ON s.notification_id = c.id
 LEFT JOIN sms_temporary_media m ON m.id = s.temporary_media_id
 """
@@ -118,7 +133,7 @@ WHERE c.status = 'processing' AND c.sender = ANY(%(senders)s)
 """
 
 # One statement for a whole batch of outcomes: the columns arrive as arrays, side by side.
-_RECORD = """
+_RECORD = f"""
 WITH o AS (
     SELECT * FROM unnest(
         %(id)s::uuid[], %(status)s::text[], %(status_message)s::text[], %(sid)s::text[],
@@ -142,6 +157,29 @@ WITH o AS (
     WHERE t.id = o.id AND (t.status = 'processing'
                            OR (o.status = 'sent' AND t.status = 'pending'))
     RETURNING t.id
+), unsubscribed AS (
+    -- Twilio blocks this number (21610): nothing goes to it again until it opts in.
+    INSERT INTO suppressed_number (phone_number, reason, detail)
+    SELECT DISTINCT ON (s.to_phone_number) s.to_phone_number, '{SuppressionReason.TWILIO.value}',
+           o.status_message
+    FROM n JOIN o ON o.id = n.id JOIN sms_notification s ON s.notification_id = n.id
+    WHERE o.status = 'errored' AND o.error_code = {UNSUBSCRIBED}
+    ON CONFLICT (phone_number) DO NOTHING
+), unsent AS (
+    -- A place under SMSQ_RECIPIENT_LIMIT taken for this attempt (after its claim) is given
+    -- back when the answer proves nothing was sent. (CTEs read the rows as before this
+    -- statement: t.claimed_datetime is the attempt's claim.)
+    DELETE FROM recipient_send r USING o, notification t
+    WHERE r.notification_id = o.id AND t.id = o.id AND t.status = 'processing'
+      AND o.status IN ('pending', 'errored', 'failed') AND r.sent_datetime >= t.claimed_datetime
+), spent AS (
+    INSERT INTO sender_day_segments AS d (sender, day, segments)
+    SELECT t.sender, (coalesce(o.sent_datetime, now()) AT TIME ZONE 'UTC')::date,
+           sum(coalesce(o.segments, 1))
+    FROM n JOIN o ON o.id = n.id JOIN notification t ON t.id = n.id
+    WHERE o.status = 'sent'
+    GROUP BY 1, 2
+    ON CONFLICT (sender, day) DO UPDATE SET segments = d.segments + excluded.segments
 )
 UPDATE sms_notification s SET
     twilio_sid = coalesce(o.sid, s.twilio_sid),
@@ -315,6 +353,7 @@ class Claim:
     rows: list[ClaimedRow]
     drained: bool = False  # fewer than asked were due
     next_due_in: float | None = None  # then: seconds until the next one is (None: none waits)
+    suppressed: list[ClaimedRow] = field(default_factory=list)  # errored by the claim
 
 
 def claim_due(conn: psycopg.Connection, sender: str, holder: str, limit: int,
@@ -328,8 +367,10 @@ def claim_due(conn: psycopg.Connection, sender: str, holder: str, limit: int,
     with conn.transaction(), conn.cursor(row_factory=class_row(ClaimedRow)) as cur:
         cur.execute(CLAIM_DUE, {"sender": sender, "holder": holder, "limit": limit,
                                 "lease": lease_seconds, "max_rank": max_rank})
-        claim = Claim(cur.fetchall())
-        if len(claim.rows) < limit and max_rank == 2:
+        rows = cur.fetchall()
+        claim = Claim([row for row in rows if not row.suppressed],
+                      suppressed=[row for row in rows if row.suppressed])
+        if len(rows) < limit and max_rank == 2:
             claim.drained = True
             claim.next_due_in = _seconds_until_next_due(conn, sender)
         return claim
@@ -410,3 +451,4 @@ def save_buckets(conn: psycopg.Connection, buckets: list[tuple]) -> None:
     if buckets:
         with conn.transaction(), conn.cursor() as cur:
             cur.executemany(_SAVE_BUCKET, [(*bucket, bucket[2]) for bucket in buckets])
+

@@ -37,9 +37,11 @@ from uuid import UUID
 import psycopg
 
 from consumer import metrics, reconnect
-from consumer.dispatch import claims
+from consumer.dispatch import claims, guards
+from consumer.dispatch.guard_rails import GuardRails
 from consumer.dispatch.outcomes import (
-    ACCOUNT_WIDE,
+    BUDGET_PAUSE,
+    PAUSE_REASONS,
     RECONCILE_DELAYS,
     Decision,
     RetryPolicy,
@@ -77,7 +79,7 @@ def paced_senders(settings: Settings) -> dict[str, str]:
     return senders
 
 
-class Dispatcher(Reconciliation):
+class Dispatcher(Reconciliation, GuardRails):
     def __init__(self, settings: Settings, stop: StopSignal) -> None:
         self.settings = settings
         self.stop = stop
@@ -92,7 +94,8 @@ class Dispatcher(Reconciliation):
             settings.twilio_sms_rate * HORIZON_SECONDS + settings.smsq_burst)))
         self.scheduler = Scheduler(settings.twilio_sms_rate * (1 - PACING_MARGIN),
                                    settings.smsq_burst, in_hand_target, policy,
-                                   lambda row: row.cost)
+                                   lambda row: row.cost,
+                                   daily_limit=settings.smsq_daily_segment_limit)
         self.twilio = TwilioSender(settings, self.concurrency)
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.pool = WorkerPool(self.concurrency, self.events)
@@ -188,6 +191,7 @@ class Dispatcher(Reconciliation):
         if now >= self.next_fold:  # keeps the counts cheap to read, with or without serve
             self.next_fold = now + FOLD_COUNTS_EVERY_SECONDS
             fold_counts(self.db)
+            self._forget_old_places()
         if now >= self.next_poll:  # the fallback, should a notification ever be missed
             self.next_poll = now + self.settings.smsq_dispatch_poll_seconds
             self.scheduler.announce_all()
@@ -219,7 +223,9 @@ class Dispatcher(Reconciliation):
 
     def _take_over(self, key: str) -> None:
         tokens = claims.inherited_tokens(self.db, key)
-        self.scheduler.take(key, self.addresses[key], tokens)
+        spent = (guards.segments_today(self.db, key)
+                 if self.settings.smsq_daily_segment_limit else 0.0)
+        self.scheduler.take(key, self.addresses[key], tokens, spent)
         metrics.SENDERS_HELD.set(len(self.held))
         log.info("pacing sender", extra={"action": "sender_acquired", "sender": key or "default",
                                          "holder": self.holder, "tokens": tokens})
@@ -275,6 +281,7 @@ class Dispatcher(Reconciliation):
             except psycopg.DataError as exc:
                 self._fail_unloadable(request.sender, exc)
                 continue
+            self._on_suppressed(claim.suppressed)
             surplus = self.scheduler.claimed(request, claim.rows, claim.drained,
                                              claim.next_due_in)
             claims.release_unsent(self.db, surplus, self.holder)
@@ -289,14 +296,19 @@ class Dispatcher(Reconciliation):
         self.scheduler.announce(key, ALL_RANKS)  # claimed again at once, without them
 
     def _release_ready(self) -> None:
+        sends = []
         for action in self.scheduler.releases(self.concurrency - len(self.in_flight)):
             if isinstance(action, Send):
-                self.in_flight[action.row.id] = action.row
-                self.pool.submit(self._send, action.sender.address, action.row)
+                sends.append(action)
             elif isinstance(action, Expire):
                 self._expire(action.row)
+            elif isinstance(action, Paused):
+                self._on_paused(action)
             else:
                 self._fail(action.row, action.error)
+        for send in self._within_recipient_limits(sends):
+            self.in_flight[send.row.id] = send.row
+            self.pool.submit(self._send, send.sender.address, send.row)
 
     def _fail(self, row: claims.ClaimedRow, exc: Exception) -> None:
         """DESIGN.md: a row smsq cannot handle becomes failed; the others go on."""
@@ -371,7 +383,8 @@ class Dispatcher(Reconciliation):
             decision = decide(result.attempt, row.attempts + 1, self.policy)
         self.outcomes.append(self._outcome_of(result, decision))
         retry_after = result.attempt.retry_after if result.attempt else None
-        event = self.scheduler.finished(row.sender, decision, retry_after)
+        event = self.scheduler.finished(row.sender, decision, retry_after,
+                                        self._unspent(result, decision))
         if isinstance(event, Paused):
             self._on_paused(event)
         elif isinstance(event, Resumed):
@@ -400,20 +413,28 @@ class Dispatcher(Reconciliation):
             attempted=attempt is not None and decision.pause is None)
 
     def _on_paused(self, event: Paused) -> None:
-        sender, decision = event.sender, event.decision
+        sender = event.sender
         label = sender.key or "default"
-        for reason in {r for r in ACCOUNT_WIDE.values() if r != sender.pause_reason}:
+        for reason in {r for r in PAUSE_REASONS if r != sender.pause_reason}:
             metrics.SENDER_PAUSED.labels(label, reason).set(0)
         metrics.SENDER_PAUSED.labels(label, sender.pause_reason).set(1)
+        if sender.pause_reason == BUDGET_PAUSE:
+            self._on_budget_paused(event)
+        else:
+            self._log_account_pause(event)
+        # Rows in hand go back to pending while it waits (status shows them so).
+        self._flush_outcomes()
+        claims.release_unsent(self.db, self.scheduler.hand_back(sender.key), self.holder)
+
+    @staticmethod
+    def _log_account_pause(event: Paused) -> None:
+        sender, decision = event.sender, event.decision
         log.error("sender paused: Twilio refuses every message of this account or sender",
-                  extra={"action": "sender_paused", "sender": label,
+                  extra={"action": "sender_paused", "sender": sender.key or "default",
                          "reason": sender.pause_reason, "error_code": decision.error_code,
                          "status_message": decision.status_message,
                          "pause_seconds": round(event.delay, 1),
                          "pauses_in_a_row": sender.pauses})
-        # Rows in hand go back to pending while it waits (status shows them so).
-        self._flush_outcomes()
-        claims.release_unsent(self.db, self.scheduler.hand_back(sender.key), self.holder)
 
     def _on_resumed(self, event: Resumed) -> None:
         label = event.sender.key or "default"

@@ -24,6 +24,10 @@ ACCOUNT_WIDE = {
     21611: "sender_queue_full",
     63038: "daily_limit",
 }
+# A sender that reached SMSQ_DAILY_SEGMENT_LIMIT pauses until the next UTC day with this
+# reason (dispatch_sender.pause_reason), beside the account-wide ones.
+BUDGET_PAUSE = "daily_budget"
+PAUSE_REASONS = (*ACCOUNT_WIDE.values(), BUDGET_PAUSE)
 # How an unknown outcome is reconciled: ask Twilio after each of these delays (seconds); the
 # row goes back to pending only once every check found nothing, so a message Twilio is still
 # creating when a request timed out has time to show up in its lists.

@@ -18,12 +18,12 @@ import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from typing import Protocol
 from uuid import UUID
 
 from consumer.dispatch.bucket import TokenBucket
-from consumer.dispatch.outcomes import Decision, RetryPolicy, pause_delay
+from consumer.dispatch.outcomes import BUDGET_PAUSE, Decision, RetryPolicy, pause_delay
 
 # A row due already but not claimable (locked by an operator's transaction) is looked at
 # again after this, not in a busy loop.
@@ -67,6 +67,8 @@ class Sender:
     pause_message: str = ""
     pauses: int = 0  # account-wide pauses in a row: each waits longer
     in_flight: int = 0  # requests of this sender on the wire
+    spent_today: float = 0.0  # segments sent (or on the wire) on `budget_day`, UTC
+    budget_day: date | None = None
 
     def worst_rank(self) -> int:
         return max(entry[0] for entry in self.queue)
@@ -125,12 +127,14 @@ class Resumed:
 
 class Scheduler:
     def __init__(self, rate: float, burst: float, in_hand_target: int, policy: RetryPolicy,
-                 cost: Callable[[Row], float], clock: Clock | None = None) -> None:
+                 cost: Callable[[Row], float], clock: Clock | None = None,
+                 daily_limit: int | None = None) -> None:
         self.rate, self.burst = rate, burst
         self.in_hand_target = in_hand_target
         self.policy = policy
         self.cost = cost
         self.clock = clock or Clock()
+        self.daily_limit = daily_limit  # segments per sender per UTC day; None: no limit
         self.senders: dict[str, Sender] = {}
         self._sequence = itertools.count()  # heap tie-breaker
         self._timers: list[tuple[float, int, str]] = []
@@ -139,10 +143,13 @@ class Scheduler:
 
     # -- senders --------------------------------------------------------------------------
 
-    def take(self, key: str, address: str, tokens: float | None = None) -> Sender:
-        """Pace `key` from now on; its bucket full, or with the `tokens` handed over."""
+    def take(self, key: str, address: str, tokens: float | None = None,
+             spent_today: float = 0.0) -> Sender:
+        """Pace `key` from now on; its bucket full, or with the `tokens` handed over; the
+        segments it sent today so far count against the daily limit."""
         bucket = TokenBucket(self.rate, self.burst, clock=self.clock.monotonic, tokens=tokens)
-        sender = self.senders[key] = Sender(key, address, bucket)
+        sender = self.senders[key] = Sender(key, address, bucket, spent_today=spent_today,
+                                            budget_day=self.clock.now().date())
         self._to_claim[key] = None
         return sender
 
@@ -202,14 +209,16 @@ class Scheduler:
         self._to_release[sender.key] = None
         return self._surplus(sender) if request.overtake else []
 
-    def finished(self, key: str, decision: Decision | None,
-                 retry_after: float | None = None) -> Paused | Resumed | None:
-        """A request of `key` came back. An account-wide error pauses the sender, longer each
-        time in a row; any other answer from Twilio ends the pause."""
+    def finished(self, key: str, decision: Decision | None, retry_after: float | None = None,
+                 unspent: float = 0.0) -> Paused | Resumed | None:
+        """A request of `key` came back; `unspent`: segments counted against today's budget
+        when it left that it did not use after all. An account-wide error pauses the sender,
+        longer each time in a row; any other answer from Twilio ends the pause."""
         sender = self.senders.get(key)
         if sender is None:
             return None
         sender.in_flight -= 1
+        sender.spent_today -= unspent
         self._to_release[key] = None
         now = self.clock.monotonic()
         event = self._pause_or_resume(sender, decision, now) if decision else None
@@ -218,6 +227,16 @@ class Scheduler:
         if decision is not None and decision.retry_in is not None:
             self.wake(key, now + decision.retry_in)
         return event
+
+    def unsend(self, key: str, cost: float) -> None:
+        """A row released to send was stopped before its request (a guard rail): its tokens
+        and its share of the budget come back."""
+        sender = self.senders.get(key)
+        if sender is not None:
+            sender.in_flight -= 1
+            sender.spent_today -= cost
+            sender.bucket.give_back(cost)
+            self._to_release[key] = None
 
     def hand_back(self, key: str) -> list[UUID]:
         """The rows in hand of `key`, to return to pending while it waits."""
@@ -240,9 +259,10 @@ class Scheduler:
                 requests.append(request)
         return requests
 
-    def releases(self, free_slots: int) -> Iterator[Send | Expire | Fail]:
-        """Rows that may go now, as the buckets allow, within `free_slots` requests; and rows
-        that expired on the way. Senders take turns, one row each round."""
+    def releases(self, free_slots: int) -> Iterator[Send | Expire | Fail | Paused]:
+        """Rows that may go now, as the buckets allow, within `free_slots` requests; rows
+        that expired on the way; senders that reached their daily budget (their rows in hand
+        are to go back to pending). Senders take turns, one row each round."""
         self._fire_timers()
         now, wall = self.clock.monotonic(), self.clock.now()
         while self._to_release and free_slots > 0:
@@ -300,7 +320,8 @@ class Scheduler:
         sender.queue = ordered[:self.in_hand_target]  # a sorted list is a heap
         return [entry[-1].id for entry in ordered[self.in_hand_target:]]
 
-    def _next_of(self, key: str, now: float, wall: datetime) -> Send | Expire | Fail | None:
+    def _next_of(self, key: str, now: float,
+                 wall: datetime) -> Send | Expire | Fail | Paused | None:
         """The next action of one sender, or None (it leaves the release set, and a timer
         brings it back when its bucket or pause allows)."""
         sender = self.senders.get(key)
@@ -320,6 +341,9 @@ class Scheduler:
                     heapq.heappush(self._timers, (sender.paused_until, next(self._sequence), key))
                 return None  # else a probe is on the wire: its outcome brings it back
             cost = self.cost(row)
+            if self._over_budget(sender, cost, wall):
+                self._to_release.pop(key, None)
+                return self._budget_pause(sender, now, wall)
             if not sender.bucket.try_take(cost):
                 self._to_release.pop(key, None)
                 at = now + sender.bucket.wait_time(cost)
@@ -330,6 +354,7 @@ class Scheduler:
             return Fail(row, exc)
         heapq.heappop(sender.queue)
         sender.in_flight += 1
+        sender.spent_today += cost
         if len(sender.queue) <= self.in_hand_target // 2 and sender.maybe_due:
             self._to_claim[key] = None
         return Send(sender, row)
@@ -339,10 +364,34 @@ class Scheduler:
             sender.paused_until = until
             heapq.heappush(self._timers, (until, next(self._sequence), sender.key))
 
+    def _over_budget(self, sender: Sender, cost: float, wall: datetime) -> bool:
+        """Would `cost` more segments take the sender past its daily limit? A new UTC day
+        starts from nothing."""
+        if self.daily_limit is None:
+            return False
+        if sender.budget_day != wall.date():
+            sender.budget_day, sender.spent_today = wall.date(), 0.0
+        return sender.spent_today + cost > self.daily_limit
+
+    def _budget_pause(self, sender: Sender, now: float, wall: datetime) -> Paused:
+        """The sender waits for the next UTC day; its rows stay pending meanwhile."""
+        midnight = datetime(wall.year, wall.month, wall.day, tzinfo=timezone.utc) + timedelta(1)
+        delay = (midnight - wall).total_seconds()
+        message = (f"daily budget reached: {sender.spent_today:g} of {self.daily_limit} "
+                   f"segments (SMSQ_DAILY_SEGMENT_LIMIT) sent today; paused until "
+                   f"{midnight:%Y-%m-%d} 00:00 UTC")
+        sender.pause_reason, sender.pause_message = BUDGET_PAUSE, message
+        self._pause_until(sender, now + delay)
+        self.wake(sender.key, now + delay)
+        return Paused(sender, delay, Decision("pending", pause=BUDGET_PAUSE,
+                                              status_message=message))
+
     def _pause_or_resume(self, sender: Sender, decision: Decision,
                          now: float) -> Paused | Resumed | None:
         if decision.pause is None:
-            if sender.pause_reason is not None and decision.status != "failed":
+            budget_waits = sender.pause_reason == BUDGET_PAUSE and sender.paused(now)
+            if sender.pause_reason is not None and decision.status != "failed" \
+                    and not budget_waits:
                 event = Resumed(sender, sender.pause_reason, sender.pauses)
                 sender.pause_reason, sender.pause_message, sender.pauses = None, "", 0
                 return event

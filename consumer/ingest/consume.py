@@ -53,7 +53,7 @@ from consumer.ingest.writer import Batch, BatchWriter, Delivery, Outcome
 from consumer.logs import error_text
 from consumer.settings import Settings
 from consumer.signals import StopSignal
-from schemas.errors import InvalidMessage, parse_notification
+from schemas.errors import InvalidMessage, country_of, country_refusal, parse_notification
 from schemas.message import Notification, derive_id
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class Ingester:
         self.settings = settings
         self.stop = stop
         self.senders = settings.extra_senders
+        self.allowed_countries = settings.allowed_countries
         self.batch_size = settings.smsq_ingest_batch_size
         self.batch_seconds = settings.smsq_ingest_batch_ms / 1000
         self.writer = BatchWriter(settings, stop, on_done=self._wake_for)
@@ -228,6 +229,12 @@ class Ingester:
         except Exception:  # noqa: BLE001 - one poisonous message must not stop ingest
             log.exception("validation failed unexpectedly", extra={"action": "validation_bug"})
             delivery.error = "message: smsq could not validate it (a bug; see its log)"
+            return delivery
+        refusal = country_refusal(notification, self.allowed_countries)
+        if refusal is not None:
+            metrics.MESSAGES_REFUSED_COUNTRY.labels(
+                country_of(notification.sms.to_phone_number)).inc()
+            delivery.error = refusal
             return delivery
         notification_id = notification.id or _id_from_properties(delivery)
         if notification_id is not None:

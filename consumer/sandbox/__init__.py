@@ -37,6 +37,10 @@ A rule hits the creations to `to` / from `sender` (when set; otherwise every cre
 never), whatever its count. The fault applied shows in the `/_fake/messages` log entry and in the
 resource (`fake_fault`, not a Twilio field).
 
+Opted-out recipients (the `--opted-out` flag, POST /_fake/opted-out with `{"add": [...],
+"remove": [...]}`, `FakeTwilioControl.opt_out`): every message to one is refused with 21610, as
+Twilio refuses them once the recipient texted STOP.
+
 Settings (`/_fake/config`, `FakeTwilioControl.configure`), read when a message is created:
 `latency_ms`, `jitter_ms`, `send_delay_ms`, `deliver_delay_ms`, `callback_duplicates` (1: every
 status callback is posted twice), `callback_reorder` (1: the final status callback is posted

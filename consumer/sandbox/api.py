@@ -16,6 +16,7 @@ import secrets
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from urllib.parse import urlencode
 
 from twilio.request_validator import RequestValidator
@@ -74,7 +75,8 @@ class FakeTwilio:
     def __init__(self, account_sid: str = FAKE_ACCOUNT_SID, auth_token: str = FAKE_AUTH_TOKEN,
                  latency_ms: float = 0, jitter_ms: float = 0, send_delay_ms: float = 100,
                  deliver_delay_ms: float = 400, faults: list[FaultRule] | None = None,
-                 callback_duplicates: bool = False, callback_reorder: bool = False) -> None:
+                 callback_duplicates: bool = False, callback_reorder: bool = False,
+                 opted_out: list[str] | None = None) -> None:
         self.account_sid = account_sid
         self.auth_token = auth_token
         self._expected_auth = "Basic " + base64.b64encode(
@@ -90,6 +92,8 @@ class FakeTwilio:
         self._by_sid: dict[str, Received] = {}
         self._by_to: dict[str, list[Received]] = defaultdict(list)
         self._faults = FaultBook(faults)
+        # Recipients who texted STOP: Twilio refuses every message to them with 21610.
+        self._opted_out: set[str] = set(opted_out or ())
         self.stats: Counter[str] = Counter()
         self.callbacks = StatusCallbacks(RequestValidator(auth_token))
 
@@ -161,8 +165,7 @@ class FakeTwilio:
         with self._lock:
             self.stats[f"fault_{mode}"] += 1
 
-    @staticmethod
-    def _validate(entry: Received) -> Reply | None:
+    def _validate(self, entry: Received) -> Reply | None:
         if not entry.to:
             return error_reply(400, 21604, "A 'To' phone number is required.")
         if not entry.from_ and not entry.messaging_service_sid:
@@ -175,6 +178,8 @@ class FakeTwilio:
                                            "character limit.")
         if entry.to in MAGIC_TO:
             return error_reply(400, *MAGIC_TO[entry.to])
+        if entry.to in self._opted_out:
+            return error_reply(400, *MAGIC_TO["+15005550004"])  # 21610, unsubscribed
         if entry.from_ in MAGIC_FROM:
             return error_reply(400, *MAGIC_FROM[entry.from_])
         if not (entry.to.startswith("+") and entry.to[1:].isdigit() and 8 <= len(entry.to) <= 16):
@@ -277,6 +282,13 @@ class FakeTwilio:
             self._by_to.clear()
             self.stats.clear()
         self.callbacks.clear()
+
+    def opt_out(self, add: Iterable[str] = (), remove: Iterable[str] = ()) -> list[str]:
+        """Recipients that opted out (answered 21610) after adding and removing some."""
+        with self._lock:
+            self._opted_out.update(add)
+            self._opted_out.difference_update(remove)
+            return sorted(self._opted_out)
 
     def set_faults(self, rules: list[FaultRule]) -> None:
         self._faults.replace(rules)

@@ -51,6 +51,12 @@ class FakeTwilioControl:
     def set_latency(self, latency_ms: float, jitter_ms: float = 0) -> dict:
         return self.configure(latency_ms=latency_ms, jitter_ms=jitter_ms)
 
+    def opt_out(self, *numbers: str, remove: tuple[str, ...] = ()) -> list[str]:
+        """Recipients the fake answers 21610 for (as Twilio does once one texted STOP), after
+        adding `numbers` and removing `remove`."""
+        return self._call("POST", "/_fake/opted-out",
+                          {"add": list(numbers), "remove": list(remove)})["opted_out"]
+
     def stats(self) -> dict:
         return self._call("GET", "/_fake/stats")
 

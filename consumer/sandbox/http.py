@@ -84,6 +84,9 @@ class Handler(BaseHTTPRequestHandler):
                 return Reply(200, {"faults": fake.faults()})
             if path == "/_fake/config" and method in ("GET", "POST"):
                 return Reply(200, fake.configure(payload))
+            if path == "/_fake/opted-out" and method in ("GET", "POST"):
+                return Reply(200, {"opted_out": fake.opt_out(
+                    _numbers(payload, "add"), _numbers(payload, "remove"))})
             if path == "/_fake/stats" and method == "GET":
                 return Reply(200, fake.all_stats())
             if path == "/_fake/callbacks" and method == "GET":
@@ -120,6 +123,13 @@ class FakeTwilioHTTPServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], fake: FakeTwilio) -> None:
         self.fake = fake
         super().__init__(address, Handler)
+
+
+def _numbers(payload: object, key: str) -> list[str]:
+    numbers = payload.get(key, []) if isinstance(payload, dict) else []
+    if not isinstance(numbers, list) or not all(isinstance(n, str) for n in numbers):
+        raise ValueError(f"{key}: must be a list of phone numbers")
+    return numbers
 
 
 class FakeTwilioServer:

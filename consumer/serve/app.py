@@ -25,12 +25,14 @@ from consumer.serve import (
     db,
     health,
     housekeeping,
+    inbound,
     limits,
     login,
     media,
     params,
     receipts,
     sessions,
+    suppressions,
 )
 from consumer.serve.render import HERE
 from consumer.settings import Settings
@@ -45,6 +47,7 @@ POOL_TIMEOUT = 3.0
 def routes() -> list[Route | Mount]:
     return [
         Route(receipts.CALLBACK_PATH, receipts.status_callback, methods=["POST"]),
+        Route(inbound.INBOUND_PATH, inbound.inbound_message, methods=["POST"]),
         Route(media.PREFIX + "{token}", media.hosted_media, methods=["GET"]),
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/readyz", health.readyz, methods=["GET"]),
@@ -60,6 +63,9 @@ def routes() -> list[Route | Mount]:
         Route("/actions/retry", dashboard.retry_action, methods=["POST"]),
         Route("/actions/cancel", dashboard.cancel_action, methods=["POST"]),
         Route("/actions/requeue", dashboard.requeue_action, methods=["POST"]),
+        Route(suppressions.PAGE, suppressions.suppressions_page, methods=["GET"]),
+        Route("/actions/suppress", suppressions.suppress_action, methods=["POST"]),
+        Route("/actions/unsuppress", suppressions.unsuppress_action, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
 

@@ -26,7 +26,8 @@ from consumer.settings import Settings
 log = logging.getLogger(__name__)
 
 # Twilio, Prometheus and load balancers do not log in: these answer anyone.
-PUBLIC_PATHS = frozenset({"/twilio/status", "/metrics", "/healthz", "/readyz", "/login"})
+PUBLIC_PATHS = frozenset({"/twilio/status", "/twilio/inbound", "/metrics", "/healthz",
+                          "/readyz", "/login"})
 PUBLIC_PREFIXES = ("/media/", "/static/")
 DISABLED = ("The dashboard is disabled: set SMSQ_DASHBOARD_USER and SMSQ_DASHBOARD_PASSWORD "
             "to enable it.\n")

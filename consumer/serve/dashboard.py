@@ -45,6 +45,7 @@ def _overview_data(conn: psycopg.Connection) -> dict:
         "oldest_due_age": pipeline.oldest_due_age_seconds(conn),
         "past_lease": queries.processing_past_lease(conn),
         "errors": queries.errors_by_code(conn, ERROR_WINDOW_HOURS),
+        "guards": pipeline.guard_summary(conn),
     }
 
 
@@ -74,7 +75,7 @@ async def overview(request: Request) -> Response:
     return render.page(request, "overview.html", **data, queues=queues,
                        queue_name=settings.smsq_queue, dead_queue=settings.dead_queue,
                        error_hours=ERROR_WINDOW_HOURS, statuses=pipeline.STATUSES,
-                       priorities=pipeline.PRIORITIES)
+                       priorities=pipeline.PRIORITIES, limits=settings.guard_limits)
 
 
 # ---------------------------------------------------------------- search and history

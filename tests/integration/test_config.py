@@ -34,6 +34,11 @@ MALFORMED_TEXT = {
     "smsq_queue": "with space",
     "smsq_routing_key": "x" * 256,
     "smsq_senders": "+15005550006,12345",
+    "smsq_allowed_countries": "US,XX",
+    "smsq_recipient_limit": "5/1x",
+    "smsq_daily_segment_limit": "-1",
+    "smsq_opt_out_keywords": " , ",
+    "smsq_opt_in_keywords": ",",
 }
 MALFORMED_BY_TYPE = {
     int: "twelve", float: "fast", bool: "maybe", PostgresDsn: "mysql://db/smsq",
@@ -72,6 +77,23 @@ def test_malformed_setting_stops_with_exit_2_naming_it(name, clean_env, capsys):
     assert status == 2
     assert err.count("\n") == 1, err
     assert err.startswith(f"smsq: configuration error: {name.upper()}: "), err
+
+
+@pytest.mark.parametrize("name, value", [
+    ("SMSQ_RECIPIENT_LIMIT", "0/1h"), ("SMSQ_RECIPIENT_LIMIT", "5/0h"),
+    ("SMSQ_RECIPIENT_LIMIT", "5 per hour"), ("SMSQ_ALLOWED_COUNTRIES", "USA"),
+    ("SMSQ_DAILY_SEGMENT_LIMIT", "0"),
+])
+def test_bad_guard_rails_stop_with_exit_2_naming_them(name, value, clean_env, capsys):
+    clean_env.setenv(name, value)
+    assert cli.main(["migrate", "--list"]) == 2
+    assert capsys.readouterr().err.startswith(f"smsq: configuration error: {name}: ")
+
+
+def test_an_opt_in_keyword_may_not_be_an_opt_out_one(clean_env):
+    clean_env.setenv("SMSQ_OPT_IN_KEYWORDS", "start,stop")
+    with pytest.raises(ConfigError, match="SMSQ_OPT_IN_KEYWORDS"):
+        load_settings()
 
 
 def test_the_error_line_never_echoes_a_secret(clean_env, capsys):
@@ -119,6 +141,10 @@ def test_batch_and_prefetch_set_alone_decide_the_other_and_set_both_must_agree(c
     ("amqp_url", "amqp://guest:guest@node1:5672/%2F, amqp://guest:guest@node2:5672/%2F"),
     ("database_url",
      "postgresql://postgres@db1:5432,db2:5432/smsq?target_session_attrs=read-write"),
+    ("smsq_allowed_countries", "us, CA"),
+    ("smsq_recipient_limit", "5/1h, 20/1d, 1/30s"),
+    ("smsq_daily_segment_limit", "10000"),
+    ("smsq_opt_out_keywords", "STOP,ARRET"),
 ])
 def test_well_formed_values_pass(name, value, clean_env):
     clean_env.setenv(name.upper(), value)

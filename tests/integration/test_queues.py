@@ -13,6 +13,7 @@ import pytest
 from consumer import amqp
 from consumer.ops import queues as queue_migration
 from consumer.ops.dead_queue import list_dead
+from tests.integration.test_ingest import queue_types
 from tests.support import (
     StreamPublisher,
     declare_queues,
@@ -22,7 +23,6 @@ from tests.support import (
     run_smsq,
     wait_until,
 )
-from tests.integration.test_ingest import queue_types
 
 
 def message(number: int) -> bytes:

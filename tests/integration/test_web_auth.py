@@ -23,10 +23,11 @@ from tests.web_support import (  # noqa: F401 - app and client are fixtures
 
 # The only routes that answer without a login: Twilio, Prometheus, load balancers, the form.
 EXPECTED_PUBLIC = {
-    ("/twilio/status", "POST"), ("/media/{token}", "GET"), ("/metrics", "GET"),
+    ("/twilio/status", "POST"), ("/twilio/inbound", "POST"), ("/media/{token}", "GET"),
+    ("/metrics", "GET"),
     ("/healthz", "GET"), ("/readyz", "GET"), ("/login", "GET"), ("/login", "POST"),
 }
-CSRF_EXEMPT = {"/twilio/status"}  # signed by Twilio instead
+CSRF_EXEMPT = {"/twilio/status", "/twilio/inbound"}  # signed by Twilio instead
 
 
 def endpoints(app, notification_id: uuid.UUID | None = None) -> list[tuple[str, str, str]]:
