@@ -7,7 +7,7 @@ import json
 
 import psycopg
 
-from consumer import amqp, pipeline
+from consumer import amqp, money, pipeline
 from consumer.commands.table import render_table
 from consumer.settings import Settings
 
@@ -22,8 +22,9 @@ def collect(settings: Settings) -> dict:
         oldest = pipeline.oldest_due_age_seconds(conn)
         senders = [{**bucket, "updated_datetime": bucket["updated_datetime"].isoformat()}
                    for bucket in pipeline.sender_buckets(conn)]
+        spend = money.spend_by_sender(conn)
     return {"notifications": table, "oldest_due_age_seconds": oldest,
-            "queues": amqp.queue_depths(settings), "senders": senders}
+            "queues": amqp.queue_depths(settings), "senders": senders, "spend": spend}
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
@@ -49,7 +50,19 @@ def render(report: dict) -> str:
                                             else f"{depth} message(s) ready"))
     lines.append("")
     lines.extend(render_senders(report["senders"]))
+    lines.append("")
+    lines.extend(render_spend(report["spend"]))
     return "\n".join(lines)
+
+
+def render_spend(spend: list[dict]) -> list[str]:
+    """Today's and this month's spend (UTC) per sender and currency."""
+    if not spend:
+        return ["spend: no price recorded yet (Twilio fills prices in after sending)"]
+    rows = [(s["sender"] or "(default)", s["currency"], f"{s['today']:.4f}",
+             f"{s['month']:.4f}", s["messages"]) for s in spend]
+    return [render_table(["spend of sender", "currency", "today", "this month", "priced"],
+                         rows)]
 
 
 def render_senders(senders: list[dict]) -> list[str]:

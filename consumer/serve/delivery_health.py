@@ -52,7 +52,7 @@ SELECT sender, number, count(*),
        count(*) FILTER (WHERE delivery_status IS DISTINCT FROM 'delivered'
                           AND delivery_status IS DISTINCT FROM 'undelivered'
                           AND delivery_status IS DISTINCT FROM 'failed'
-                          AND sent_datetime < now() - make_interval(mins => %(slow)s)),
+                          AND sent_datetime < now() - make_interval(secs => %(slow)s * 60)),
        count(*) FILTER (WHERE error_code = %(filtered)s)
 FROM sendings GROUP BY sender, number
 """

@@ -3,18 +3,15 @@ spend it adds up to, in `smsq status`, Prometheus and the dashboard."""
 
 from __future__ import annotations
 
-import json
 import signal
-import urllib.request
 from decimal import Decimal
 
 import psycopg
-import pytest
 
 from consumer.dispatch.prices import SWEEP_LOCK
 from tests.dispatch_support import add_notifications, dispatch_settings, statuses
 from tests.integration.test_twilio_end_to_end import running_serve
-from tests.support import free_port, run_smsq, start_smsq, stop, wait_until
+from tests.support import run_smsq, start_smsq, stop, wait_until
 
 PRICE = Decimal("0.00790")  # the sandbox's price of a segment
 
