@@ -3,15 +3,22 @@ spend it adds up to, in `smsq status`, Prometheus and the dashboard."""
 
 from __future__ import annotations
 
+import json
 import signal
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import psycopg
+import pytest
+from starlette.testclient import TestClient
 
+from consumer import money
 from consumer.dispatch.prices import SWEEP_LOCK
+from consumer.serve.app import create_app
 from tests.dispatch_support import add_notifications, dispatch_settings, statuses
 from tests.integration.test_twilio_end_to_end import running_serve
 from tests.support import run_smsq, start_smsq, stop, wait_until
+from tests.web_support import log_in, web_settings
 
 PRICE = Decimal("0.00790")  # the sandbox's price of a segment
 
@@ -117,3 +124,45 @@ def test_only_one_dispatcher_sweeps_at_a_time(settings, fake_twilio, tmp_path):
     finally:
         stop(dispatcher, signal.SIGTERM)
     assert lists_while_held == 0
+
+
+def add_spend(settings, *rows) -> None:
+    with psycopg.connect(settings.database_dsn) as conn:
+        money.add_spend(conn, rows)
+        conn.commit()
+
+
+def test_status_shows_todays_and_this_months_spend_per_sender_and_currency(settings):
+    today = datetime.now(timezone.utc).date()
+    earlier = today.replace(day=1) - timedelta(days=1)  # last month
+    add_spend(settings, (today, "", "US", "USD", Decimal("0.0079")),
+              (today, "", "GB", "USD", Decimal("0.04")),
+              (today.replace(day=1), "+15005550007", "US", "USD", Decimal("0.5")),
+              (earlier, "", "US", "USD", Decimal("9")))
+    result = run_smsq(settings, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    spend = {(s["sender"], s["currency"]): s for s in json.loads(result.stdout)["spend"]}
+    default = spend[("", "USD")]
+    assert default["today"] == pytest.approx(0.0479) and default["month"] == pytest.approx(0.0479)
+    assert default["messages"] == 3 and default["total"] == pytest.approx(9.0479)
+    other = spend[("+15005550007", "USD")]
+    assert other["month"] == pytest.approx(0.5)
+    assert other["today"] == pytest.approx(0.5 if today.day == 1 else 0.0)
+    text = run_smsq(settings, "status").stdout
+    assert "spend of sender" in text and "0.0479" in text
+
+
+def test_the_dashboard_and_prometheus_show_the_spend(settings):
+    today = datetime.now(timezone.utc).date()
+    add_spend(settings, (today, "", "US", "USD", Decimal("0.25")),
+              (today - timedelta(days=3), "", "GB", "USD", Decimal("1.5")),
+              (today - timedelta(days=40), "", "DE", "USD", Decimal("7")))  # out of the chart
+    with TestClient(create_app(web_settings(settings))) as client:
+        log_in(client)
+        page = client.get("/").text
+        metrics = client.get("/metrics").text
+    assert "Spend per day" in page and "1.75 USD" in page  # 30 days, not the 40-day-old one
+    assert f"{today.isoformat()}: 0.2500 USD" in page  # the bar of today
+    by_country = page.split("spend-by-country", 1)[1].split("</table>", 1)[0]
+    assert by_country.index("GB") < by_country.index("US") and "DE" not in by_country
+    assert 'smsq_spend_total{currency="USD",sender="default"} 8.75' in metrics
