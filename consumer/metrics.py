@@ -196,7 +196,7 @@ class BacklogCollector(Collector):
     def __init__(self, connect: Connect) -> None:
         self.connect = connect
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         try:
             with self.connect() as conn:
                 conn.execute("SET statement_timeout = 2000")

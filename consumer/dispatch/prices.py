@@ -117,7 +117,8 @@ class PriceSweeper(threading.Thread):
         """Prices recorded, or None when another dispatcher sweeps this round."""
         with psycopg.connect(self.settings.database_dsn, autocommit=True,
                              application_name="smsq dispatch prices") as conn:
-            if not conn.execute("SELECT pg_try_advisory_lock(%s, %s)", SWEEP_LOCK).fetchone()[0]:
+            locked = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", SWEEP_LOCK).fetchone()
+            if not (locked and locked[0]):
                 return None
             recorded = sweep(conn, self.twilio)
         if recorded:

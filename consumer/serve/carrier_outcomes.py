@@ -50,7 +50,9 @@ def may_send_again(conn: psycopg.Connection, notification_id: uuid.UUID) -> bool
 
 
 def suppression_reason(status: str, error_code: int | None) -> str | None:
-    return SUPPRESS.get(error_code) if status in UNDELIVERED and error_code else None  # type: ignore[arg-type]
+    if status not in UNDELIVERED or error_code is None:
+        return None
+    return SUPPRESS.get(error_code)
 
 
 def suppress_number_of(conn: psycopg.Connection, notification_id: uuid.UUID,

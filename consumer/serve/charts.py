@@ -21,7 +21,7 @@ class Bar:
     width: float
     height: float
     minute: datetime
-    count: int
+    count: float  # messages, or money (spend_chart)
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,8 @@ class BarChart:
     bars: list[Bar]
     ticks: list[Tick]
     time_labels: list[TimeLabel]
-    total: int
-    peak: int
+    total: float
+    peak: float
     width: int = WIDTH
     height: int = HEIGHT
     baseline: float = HEIGHT - PAD_BOTTOM
@@ -123,11 +123,11 @@ def spend_chart(series: list[tuple[date, float]]) -> BarChart:
     bars = [Bar(x=PAD_LEFT + i * slot + slot * 0.1,
                 y=HEIGHT - PAD_BOTTOM - plot_height * amount / top, width=slot * 0.8,
                 height=plot_height * amount / top,
-                minute=datetime(day.year, day.month, day.day), count=amount)  # type: ignore[arg-type]
+                minute=datetime(day.year, day.month, day.day), count=amount)
             for i, (day, amount) in enumerate(series)]
     ticks = [Tick(y=HEIGHT - PAD_BOTTOM - plot_height * part, label=f"{top * part:g}")
              for part in (0, 0.5, 1)]
     time_labels = [TimeLabel(x=PAD_LEFT + i * slot + slot / 2, label=day.strftime("%d %b"))
                    for i, (day, _) in enumerate(series) if i % 5 == 0 or i == len(series) - 1]
     return BarChart(bars=bars, ticks=ticks, time_labels=time_labels,
-                    total=sum(amount for _, amount in series), peak=peak)  # type: ignore[arg-type]
+                    total=sum(amount for _, amount in series), peak=peak)

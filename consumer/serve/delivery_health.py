@@ -135,8 +135,8 @@ def check(conn: psycopg.Connection, settings: Settings) -> list[Finding]:
     with conn.transaction():
         for finding in found:
             started = conn.execute(_RAISE, (finding.scope, finding.key, finding.reason,
-                                            finding.value, finding.detail)).fetchone()[0]
-            if started:
+                                            finding.value, finding.detail)).fetchone()
+            if started and started[0]:
                 log.error("delivery alert: " + finding.detail, extra={
                     "action": "delivery_alert_raised", "scope": finding.scope,
                     "key": finding.key or "default", "reason": finding.reason,
