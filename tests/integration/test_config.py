@@ -34,6 +34,10 @@ MALFORMED_TEXT = {
     "smsq_queue": "with space",
     "smsq_routing_key": "x" * 256,
     "smsq_senders": "+15005550006,12345",
+    "smsq_alert_failure_rate": "1.5",  # a share: between 0 and 1
+    "smsq_price_sweep_seconds": "0",
+    "smsq_slow_receipt_minutes": "-1",
+    "smsq_delivery_check_seconds": "0",
 }
 MALFORMED_BY_TYPE = {
     int: "twelve", float: "fast", bool: "maybe", PostgresDsn: "mysql://db/smsq",
