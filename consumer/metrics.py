@@ -24,12 +24,12 @@ from prometheus_client import (
     Histogram,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from psycopg_pool import PoolTimeout
 from pydantic import BaseModel
 
-from consumer import pipeline
+from consumer import money, pipeline
 from consumer.settings import ConfigError
 from schemas.message import Notification
 
@@ -185,6 +185,26 @@ MEDIA_DELETED = Counter(
     "smsq_media_deleted_total", "Expired hosted media deleted by smsq serve's cleanup",
     registry=None,
 )
+DELIVERY_ALERT = Gauge(
+    "smsq_delivery_alert",
+    "1 while a delivery-health alert is in force (reason: failure_rate, slow_receipts, "
+    "carrier_filtering), per sender or destination country",
+    ["scope", "key", "reason"],
+    registry=None,
+)
+DELIVERY_FAILURE_RATIO = Gauge(
+    "smsq_delivery_failure_ratio",
+    "Share of the last hour's finished messages that were not delivered, per sender",
+    ["sender"],
+    registry=None,
+)
+SLOW_RECEIPT_RATIO = Gauge(
+    "smsq_slow_receipt_ratio",
+    "Share of the last hour's sent messages without a final receipt after "
+    "SMSQ_SLOW_RECEIPT_MINUTES, per sender",
+    ["sender"],
+    registry=None,
+)
 
 
 Connect = Callable[[], AbstractContextManager[psycopg.Connection]]
@@ -196,7 +216,8 @@ def connect_to(database_dsn: str) -> Connect:
 
 
 class BacklogCollector(Collector):
-    """Backlog by status and priority, and the oldest due message's age, read at scrape time.
+    """Backlog by status and priority, the oldest due message's age, and the spend so far
+    (smsq_spend_total), read at scrape time.
 
     Read from Postgres on each scrape (two indexed queries) rather than kept in gauges, so
     every program shows the same truth whoever changed the rows. When Postgres does not
@@ -207,20 +228,31 @@ class BacklogCollector(Collector):
     def __init__(self, connect: Connect) -> None:
         self.connect = connect
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         try:
             with self.connect() as conn:
                 conn.execute("SET statement_timeout = 2000")
                 backlog = pipeline.backlog_counts(conn)
                 oldest = pipeline.oldest_due_age_seconds(conn)
+                spend = money.spend_by_sender(conn)
         except (psycopg.Error, PoolTimeout) as exc:
             log.warning("backlog not readable", extra={"action": "metrics_backlog_failed",
                                                        "error": str(exc).splitlines()[0]})
             return
         yield backlog_family(backlog)
+        yield spend_family(spend)
         yield GaugeMetricFamily(
             "smsq_oldest_due_age_seconds",
             "Age of the oldest pending message that is due (0 when none waits)", value=oldest or 0)
+
+
+def spend_family(rows: list[dict]) -> CounterMetricFamily:
+    """What Twilio charged, all told, as the price sweep recorded it (never lowered by prune)."""
+    family = CounterMetricFamily("smsq_spend", "Twilio's price of the messages sent, by sender "
+                                 "and currency", labels=["sender", "currency"])
+    for row in rows:
+        family.add_metric([row["sender"] or "default", row["currency"]], row["total"])
+    return family
 
 
 def backlog_family(rows: list[tuple[str, str, int]]) -> GaugeMetricFamily:
@@ -238,7 +270,8 @@ INGEST_METRICS = (MESSAGES_INGESTED, MESSAGES_DUPLICATE, MESSAGES_DEAD_LETTERED,
 DISPATCH_METRICS = (DISPATCH_SENDS, DISPATCH_RECONCILED, TWILIO_REQUEST_SECONDS, BUCKET_TOKENS,
                     SENDERS_HELD, SENDER_PAUSED, DISPATCH_SUPPRESSED, DISPATCH_CAPPED,
                     BUDGET_PAUSES)
-SERVE_METRICS = (STATUS_CALLBACKS, MEDIA_REQUESTS, MEDIA_DELETED, INBOUND_MESSAGES)
+SERVE_METRICS = (STATUS_CALLBACKS, MEDIA_REQUESTS, MEDIA_DELETED, INBOUND_MESSAGES,
+                 DELIVERY_ALERT, DELIVERY_FAILURE_RATIO, SLOW_RECEIPT_RATIO)
 
 
 def program_registry(program_metrics: tuple[Collector, ...], database_dsn: str,

@@ -10,7 +10,9 @@ module is the vocabulary they share there:
 - the counts by status and priority (the deltas of migration 0004), the oldest due message,
   each sender's bucket as its dispatcher wrote it;
 - `send_again`: a sent message whose delivery failed, back to pending (a 30001 callback in
-  serve, `smsq retry --undelivered` in ops).
+  serve, `smsq retry --undelivered` in ops);
+- the connection overrides smsq appends to its status callback URL (dispatch writes them,
+  serve checks signatures with them).
 """
 
 from __future__ import annotations
@@ -213,15 +215,18 @@ WITH chosen AS (
       AND (%(delivery)s::text[] IS NULL OR s.delivery_status = ANY(%(delivery)s::text[]))
     FOR UPDATE OF n
 ), superseded AS (
-    INSERT INTO twilio_superseded_sid (sid, notification_id, delivery_status, error_code)
+    INSERT INTO twilio_superseded_sid (sid, notification_id, delivery_status, error_code,
+                                       sent_datetime, price, price_unit)
     SELECT s.twilio_sid, s.notification_id, coalesce(%(delivery_status)s, s.delivery_status),
-           coalesce(%(error_code)s, s.error_code)
+           coalesce(%(error_code)s, s.error_code), n.sent_datetime, s.price, s.price_unit
     FROM chosen JOIN sms_notification s ON s.notification_id = chosen.id
+    JOIN notification n ON n.id = chosen.id
     WHERE s.twilio_sid IS NOT NULL
     ON CONFLICT (sid) DO NOTHING
 ), sms AS (
     UPDATE sms_notification s
     SET twilio_sid = NULL, delivery_status = NULL, segments = NULL, reconcile_checks = 0,
+        price = NULL, price_unit = NULL,  -- the first sending's price stays with its SID
         error_code = coalesce(%(error_code)s, s.error_code),
         attempts = CASE WHEN %(fresh_attempts)s THEN 0 ELSE s.attempts END
     FROM chosen WHERE s.notification_id = chosen.id
@@ -263,6 +268,8 @@ class SuppressionReason(StrEnum):
     OPT_OUT = "opt_out"  # the recipient texted an opt-out keyword (POST /twilio/inbound)
     TWILIO = "twilio_21610"  # Twilio answered 21610: it blocks the number itself
     OPERATOR = "operator"  # smsq suppress add, or the dashboard
+    UNKNOWN_NUMBER = "unknown_number"  # a callback said 30005: the number does not exist
+    LANDLINE = "landline"  # a callback said 30006: a landline, which cannot receive SMS
 
 
 # What an opt-in keyword lifts: only what the recipient's side put there. A number an
@@ -304,3 +311,10 @@ def guard_summary(conn: psycopg.Connection) -> dict:
     return {"today": {guard.value: today.get(guard.value, 0) for guard in Guard},
             "suppressed_numbers": sum(by_reason.values()), "suppressed_by_reason": by_reason,
             "segments_today": segments}
+# -- the status callback URL -----------------------------------------------------------------
+
+# Twilio's webhook connection overrides, as the URL fragment of every StatusCallback: retry
+# up to 5 times on any failure (connect or read timeout, 4xx, 5xx), connect within 2 s,
+# answer within 5 s, everything within 15 s. A receipt lost to a restart of serve is
+# posted again instead of lost. The fragment never travels in the request itself.
+CALLBACK_OVERRIDES = "rc=5&rp=all&ct=2000&rt=5000&tt=15000"

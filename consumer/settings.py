@@ -210,6 +210,13 @@ class Settings(BaseSettings):
     smsq_daily_segment_limit: int | None = Field(None, ge=1)
     smsq_opt_out_keywords: str = DEFAULT_OPT_OUT_KEYWORDS
     smsq_opt_in_keywords: str = DEFAULT_OPT_IN_KEYWORDS
+    # Money and delivery health: how often dispatch reads the prices Twilio has filled in;
+    # when a sent message without a final receipt counts as slow; the failure share of the
+    # last hour above which serve raises the delivery alert; how often serve checks.
+    smsq_price_sweep_seconds: float = Field(300.0, gt=0)
+    smsq_slow_receipt_minutes: float = Field(10.0, gt=0)
+    smsq_alert_failure_rate: float = Field(0.1, gt=0, lt=1)
+    smsq_delivery_check_seconds: float = Field(30.0, gt=0)
 
     @field_validator("smsq_default_region")
     @classmethod

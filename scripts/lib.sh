@@ -47,6 +47,7 @@ ensure_test_programs() {
     command -v ss >/dev/null || missing+=(iproute2)
     command -v systemd-analyze >/dev/null || missing+=(systemd)
     deb_installed libatomic1 || missing+=(libatomic1)
+    command -v promtool >/dev/null || missing+=(prometheus)  # checks deploy/prometheus/alerts.yml
     [ ${#missing[@]} = 0 ] || apt_install "${missing[@]}"
 }
 

@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time a message stays queued before it is sent")
     parser.add_argument("--deliver-delay-ms", type=float, default=400,
                         help="time from sent to delivered")
+    parser.add_argument("--price-delay-ms", type=float, default=1000,
+                        help="time from sent to the message's price being filled in")
     parser.add_argument("--fault", action="append", default=[], metavar="MODE[:k=v,...]",
                         help="inject a fault into message creation, e.g. 429:count=3,retry_after=2 "
                              "or 500:probability=0.1 or 20003:seconds=60 or hold:hold_ms=120000 "
@@ -71,6 +73,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         auth_token=args.auth_token or token or FAKE_AUTH_TOKEN,
         latency_ms=args.latency_ms, jitter_ms=args.jitter_ms,
         send_delay_ms=args.send_delay_ms, deliver_delay_ms=args.deliver_delay_ms,
+        price_delay_ms=args.price_delay_ms,
         callback_duplicates=args.callback_duplicates, callback_reorder=args.callback_reorder,
         opted_out=args.opted_out)
     stop = StopSignal().install()

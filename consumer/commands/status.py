@@ -7,7 +7,7 @@ import json
 
 import psycopg
 
-from consumer import amqp, pipeline
+from consumer import amqp, money, pipeline
 from consumer.commands.table import render_table
 from consumer.settings import Settings
 
@@ -24,9 +24,10 @@ def collect(settings: Settings) -> dict:
                    for bucket in pipeline.sender_buckets(conn)]
         dispatchers = [_json_times(d) for d in pipeline.dispatchers(conn)]
         guards = pipeline.guard_summary(conn) | {"settings": settings.guard_limits}
+        spend = money.spend_by_sender(conn)
     return {"notifications": table, "oldest_due_age_seconds": oldest,
             "queues": amqp.queue_depths(settings), "senders": senders,
-            "dispatchers": dispatchers, "guard_rails": guards}
+            "dispatchers": dispatchers, "guard_rails": guards, "spend": spend}
 
 
 def _json_times(row: dict) -> dict:
@@ -61,6 +62,8 @@ def render(report: dict) -> str:
     lines.extend(render_dispatchers(report["dispatchers"]))
     lines.append("")
     lines.extend(render_guard_rails(report["guard_rails"]))
+    lines.append("")
+    lines.extend(render_spend(report["spend"]))
     return "\n".join(lines)
 
 
@@ -90,6 +93,16 @@ def render_guard_rails(guards: dict) -> list[str]:
         f"countries allowed: {', '.join(limits['allowed_countries']) or 'all'}; recipient "
         f"limit: {limits['recipient_limit'] or 'none'}",
     ]
+
+
+def render_spend(spend: list[dict]) -> list[str]:
+    """Today's and this month's spend (UTC) per sender and currency."""
+    if not spend:
+        return ["spend: no price recorded yet (Twilio fills prices in after sending)"]
+    rows = [(s["sender"] or "(default)", s["currency"], f"{s['today']:.4f}",
+             f"{s['month']:.4f}", s["messages"]) for s in spend]
+    return [render_table(["spend of sender", "currency", "today", "this month", "priced"],
+                         rows)]
 
 
 def render_senders(senders: list[dict]) -> list[str]:

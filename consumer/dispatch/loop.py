@@ -47,6 +47,7 @@ from consumer.dispatch.outcomes import (
     RetryPolicy,
     decide,
 )
+from consumer.dispatch.prices import PriceSweeper
 from consumer.dispatch.reconcile import Reconciliation
 from consumer.dispatch.scheduler import ALL_RANKS, Expire, Paused, Resumed, Scheduler, Send, Sender
 from consumer.dispatch.threads import DueListener, SendResult, WorkerPool
@@ -114,6 +115,7 @@ class Dispatcher(Reconciliation, GuardRails):
 
     def run(self) -> None:
         DueListener(self.settings, self.events, self.stop).start()
+        PriceSweeper(self.settings, self.twilio, self.stop).start()
         threading.Thread(target=self._wake_on_stop, name="stop", daemon=True).start()
         log.info("dispatching", extra={"action": "dispatch_started", "holder": self.holder,
                                        "senders": len(self.addresses)})

@@ -19,8 +19,10 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal, InvalidOperation
 from email.utils import parsedate_to_datetime
 from uuid import UUID
 
@@ -33,6 +35,7 @@ from twilio.http.response import Response
 from twilio.rest import Client
 
 from consumer.dispatch.outcomes import TwilioAttempt
+from consumer.pipeline import CALLBACK_OVERRIDES
 from consumer.settings import SANDBOX_ACCOUNT_SID, SANDBOX_AUTH_TOKEN, Settings
 
 # Reconciliation looks this far before the claim, for clocks that disagree a little (Twilio's
@@ -40,6 +43,7 @@ from consumer.settings import SANDBOX_ACCOUNT_SID, SANDBOX_AUTH_TOKEN, Settings
 # not be taken for ours.
 CLOCK_SLACK = timedelta(seconds=5)
 RECONCILE_PAGE = 50
+PRICE_PAGE = 1000  # the most Twilio's Messages list gives in one page
 # What a trial account puts before every body it sends.
 TRIAL_PREFIX = "Sent from your Twilio trial account - "
 # Twilio keeps a message in its queue at most this long (ValidityPeriod, error 21624).
@@ -72,6 +76,15 @@ class FoundMessage:
     def order(self) -> tuple[datetime, str]:
         """Oldest first, then by SID: the same answer however Twilio ordered its pages."""
         return (self.date_created or datetime.max.replace(tzinfo=timezone.utc), self.sid)
+
+
+@dataclass(frozen=True)
+class Priced:
+    """A message whose price Twilio has filled in: positive, in `unit` (e.g. USD)."""
+
+    sid: str
+    price: Decimal
+    unit: str
 
 
 class MissingPublicUrl(Exception):
@@ -161,6 +174,17 @@ class TwilioSender:
         found.update((m.sid, m) for m in self._matching(message, after))
         return sorted(found.values(), key=lambda m: m.order)
 
+    def prices_sent_since(self, day: date) -> Iterator[Priced]:
+        """The prices of the messages Twilio sent on or after `day` (a GMT date), newest
+        first, through the Messages list page by page (one request a page, not one a
+        message); those still without a price are skipped. Raises on network or API errors."""
+        listed = self.client.messages.stream(date_sent_after=day.isoformat(),
+                                             page_size=PRICE_PAGE)
+        for message in listed:
+            price = _positive_price(message.price)
+            if price is not None:
+                yield Priced(message.sid, price, (message.price_unit or "USD").upper())
+
     def _matching(self, message: Outgoing, after: datetime, **filters) -> list[FoundMessage]:
         if not message.sender_address.startswith("MG"):
             filters["from_"] = message.sender_address
@@ -185,8 +209,10 @@ class TwilioSender:
         if self.status_callback:
             # Our id in the URL: a callback for a message whose create answer was lost
             # still tells us which notification it is (serve records its SID).
-            params["status_callback"] = (f"{self.status_callback}?n={message.notification_id}"
-                                         if message.notification_id else self.status_callback)
+            url = (f"{self.status_callback}?n={message.notification_id}"
+                   if message.notification_id else self.status_callback)
+            # Twilio's connection overrides: it retries a receipt serve did not take.
+            params["status_callback"] = f"{url}#{CALLBACK_OVERRIDES}"
         validity = validity_period(message.expire_datetime, datetime.now(timezone.utc))
         if validity is not None:
             params["validity_period"] = validity
@@ -254,4 +280,14 @@ def _int_or_none(value: object) -> int | None:
     try:
         return int(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
+        return None
+
+
+def _positive_price(value: object) -> Decimal | None:
+    """Twilio writes what a message cost as a negative amount ("-0.00790"); None: not yet."""
+    if value in (None, ""):
+        return None
+    try:
+        return abs(Decimal(str(value)))
+    except InvalidOperation:
         return None

@@ -42,9 +42,11 @@ Opted-out recipients (the `--opted-out` flag, POST /_fake/opted-out with `{"add"
 Twilio refuses them once the recipient texted STOP.
 
 Settings (`/_fake/config`, `FakeTwilioControl.configure`), read when a message is created:
-`latency_ms`, `jitter_ms`, `send_delay_ms`, `deliver_delay_ms`, `callback_duplicates` (1: every
-status callback is posted twice), `callback_reorder` (1: the final status callback is posted
-before the `sent` one).
+`latency_ms`, `jitter_ms`, `send_delay_ms`, `deliver_delay_ms`, `price_delay_ms` (a sent
+message's `price` is null until this long after sending, as at Twilio), `price_per_segment`
+(USD, shown negative as Twilio does; a message that failed costs nothing),
+`callback_duplicates` (1: every status callback is posted twice), `callback_reorder` (1: the
+final status callback is posted before the `sent` one).
 
 Only the tests, the benchmarks and the `fake-twilio` verb import this package (an
 import-linter contract keeps it so). Its parts: `api.py` (state and answers), `faults.py`,

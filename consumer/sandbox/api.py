@@ -74,7 +74,8 @@ class FakeTwilio:
 
     def __init__(self, account_sid: str = FAKE_ACCOUNT_SID, auth_token: str = FAKE_AUTH_TOKEN,
                  latency_ms: float = 0, jitter_ms: float = 0, send_delay_ms: float = 100,
-                 deliver_delay_ms: float = 400, faults: list[FaultRule] | None = None,
+                 deliver_delay_ms: float = 400, price_delay_ms: float = 1000,
+                 price_per_segment: float = 0.0079, faults: list[FaultRule] | None = None,
                  callback_duplicates: bool = False, callback_reorder: bool = False,
                  opted_out: list[str] | None = None) -> None:
         self.account_sid = account_sid
@@ -83,6 +84,7 @@ class FakeTwilio:
             f"{account_sid}:{auth_token}".encode()).decode()
         self.config = {"latency_ms": latency_ms, "jitter_ms": jitter_ms,
                        "send_delay_ms": send_delay_ms, "deliver_delay_ms": deliver_delay_ms,
+                       "price_delay_ms": price_delay_ms, "price_per_segment": price_per_segment,
                        "callback_duplicates": float(callback_duplicates),
                        "callback_reorder": float(callback_reorder)}
         self._lock = threading.Lock()
@@ -213,6 +215,16 @@ class FakeTwilio:
             entry.done_at = entry.sent_at
         elif entry.to == UNDELIVERABLE_TO:
             entry.final_status, entry.final_error_code = "undelivered", UNDELIVERED_ERROR
+        self._set_price(entry)
+
+    def _set_price(self, entry: Received) -> None:
+        """Twilio charges what it sent (delivered or not) and fills the price in later; a
+        message that failed in its queue was never sent and costs nothing."""
+        if entry.final_status == "failed":
+            return
+        segments = max(1, segments_of(entry.body).segments)
+        entry.price = f"-{self.config['price_per_segment'] * segments:.5f}"
+        entry.priced_at = entry.sent_at + self.config["price_delay_ms"] / 1000
 
     def fetch(self, sid: str, path: str) -> Reply:
         with self._lock:

@@ -44,7 +44,8 @@ class FakeTwilioControl:
         return self._call("GET", "/_fake/faults")["faults"]
 
     def configure(self, **settings: float) -> dict:
-        """latency_ms, jitter_ms, send_delay_ms, deliver_delay_ms, callback_duplicates (0/1),
+        """latency_ms, jitter_ms, send_delay_ms, deliver_delay_ms, price_delay_ms,
+        price_per_segment, callback_duplicates (0/1),
         callback_reorder (0/1); they apply to messages created afterwards."""
         return self._call("POST", "/_fake/config", settings)
 

@@ -46,6 +46,8 @@ class Received:
     done_at: float = 0.0  # epoch second it reaches its final status
     final_status: str = "delivered"  # or undelivered, failed
     final_error_code: int | None = None  # the message's error_code once final (30003, 30001...)
+    price: str | None = None  # Twilio's form: negative, e.g. "-0.00790"; None: never charged
+    priced_at: float = 0.0  # epoch second Twilio fills `price` in (some time after sending)
 
     @property
     def accepted(self) -> bool:
@@ -74,6 +76,9 @@ class Received:
     def from_at(self, now: float) -> str | None:
         # A Messaging Service chooses the sender when it sends, not when it accepts.
         return self.from_ or (SERVICE_POOL_NUMBER if now >= self.sent_at else None)
+
+    def price_at(self, now: float) -> str | None:
+        return self.price if now >= self.priced_at else None
 
     def as_log(self, now: float) -> dict:
         entry = asdict(self)
@@ -104,7 +109,8 @@ def resource(entry: Received, account_sid: str, now: float) -> dict:
         "fake_fault": entry.fault, "from": entry.from_at(now),
         "messaging_service_sid": entry.messaging_service_sid,
         "num_media": str(len(entry.media_url)), "num_segments": str(entry.num_segments),
-        "price": None, "price_unit": "USD", "sid": entry.sid, "status": entry.status(now),
+        "price": entry.price_at(now), "price_unit": "USD", "sid": entry.sid,
+        "status": entry.status(now),
         "subresource_uris": {"media": f"{uri}/Media.json", "feedback": f"{uri}/Feedback.json"},
         "to": entry.to, "uri": f"{uri}.json",
     }

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 
 WIDTH, HEIGHT = 1200, 220
 PAD_LEFT, PAD_RIGHT, PAD_BOTTOM, PAD_TOP = 40, 24, 24, 10
@@ -21,7 +21,7 @@ class Bar:
     width: float
     height: float
     minute: datetime
-    count: int
+    count: float  # messages, or money (spend_chart)
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,8 @@ class BarChart:
     bars: list[Bar]
     ticks: list[Tick]
     time_labels: list[TimeLabel]
-    total: int
-    peak: int
+    total: float
+    peak: float
     width: int = WIDTH
     height: int = HEIGHT
     baseline: float = HEIGHT - PAD_BOTTOM
@@ -92,3 +92,42 @@ def _short(value: int) -> str:
     if value >= 10_000:
         return f"{value / 1000:.0f}k"
     return str(value)
+
+
+# -- spend per day ---------------------------------------------------------------------------
+
+
+def per_day(rows: list[tuple[date, float]], last_day: date,
+            days: int = 30) -> list[tuple[date, float]]:
+    """One (day, amount) per day ending at `last_day`, zeros where nothing was spent."""
+    amounts = dict(rows)
+    first = last_day - timedelta(days=days - 1)
+    return [(first + timedelta(days=i), amounts.get(first + timedelta(days=i), 0.0))
+            for i in range(days)]
+
+
+def nice_amount_ceiling(value: float) -> float:
+    """The smallest of ... 0.01, 0.02, 0.05, 0.1 ... 1, 2, 5, 10 ... at least `value`."""
+    if value <= 0:
+        return 1.0
+    magnitude = 10 ** math.floor(math.log10(value))
+    return next(step * magnitude for step in (1, 2, 5, 10) if step * magnitude >= value)
+
+
+def spend_chart(series: list[tuple[date, float]]) -> BarChart:
+    """Bars of money per day; `count` holds the amount, `minute` the day (as a datetime)."""
+    peak = max((amount for _, amount in series), default=0.0)
+    top = nice_amount_ceiling(peak)
+    plot_height = HEIGHT - PAD_BOTTOM - PAD_TOP
+    slot = (WIDTH - PAD_LEFT - PAD_RIGHT) / max(len(series), 1)
+    bars = [Bar(x=PAD_LEFT + i * slot + slot * 0.1,
+                y=HEIGHT - PAD_BOTTOM - plot_height * amount / top, width=slot * 0.8,
+                height=plot_height * amount / top,
+                minute=datetime(day.year, day.month, day.day), count=amount)
+            for i, (day, amount) in enumerate(series)]
+    ticks = [Tick(y=HEIGHT - PAD_BOTTOM - plot_height * part, label=f"{top * part:g}")
+             for part in (0, 0.5, 1)]
+    time_labels = [TimeLabel(x=PAD_LEFT + i * slot + slot / 2, label=day.strftime("%d %b"))
+                   for i, (day, _) in enumerate(series) if i % 5 == 0 or i == len(series) - 1]
+    return BarChart(bars=bars, ticks=ticks, time_labels=time_labels,
+                    total=sum(amount for _, amount in series), peak=peak)

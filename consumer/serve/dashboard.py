@@ -8,6 +8,7 @@ import logging
 import re
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import psycopg
 from starlette.concurrency import run_in_threadpool
@@ -15,16 +16,17 @@ from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from consumer import amqp, pipeline
+from consumer import amqp, money, pipeline
 from consumer.logs import error_text, some_ids
 from consumer.ops import actions, dead_queue
-from consumer.serve import auth, charts, db, params, queries, render
+from consumer.serve import auth, charts, db, delivery_health, params, queries, render
 from consumer.settings import Settings
 from schemas.message import normalise_phone_number
 
 log = logging.getLogger(__name__)
 
 ERROR_WINDOW_HOURS = 24
+SPEND_DAYS = 30
 OVERVIEW_DEAD_LETTERS = 10
 AUDITED_IDS = 20  # ids an operator action names in its log line, at most
 ID_PREFIX = re.compile(r"[0-9a-f]{6,31}")  # shorter would match too many
@@ -46,7 +48,23 @@ def _overview_data(conn: psycopg.Connection) -> dict:
         "past_lease": queries.processing_past_lease(conn),
         "errors": queries.errors_by_code(conn, ERROR_WINDOW_HOURS),
         "guards": pipeline.guard_summary(conn),
+        "alerts": delivery_health.alerts_in_force(conn),
+        **_spend_data(conn),
     }
+
+
+def _spend_data(conn: psycopg.Connection) -> dict:
+    """Spend per day over SPEND_DAYS (a chart, in the currency most spent) and per country."""
+    rows = money.spend_per_day(conn, SPEND_DAYS)
+    totals: dict[str, float] = {}
+    for _, currency, amount in rows:
+        totals[currency] = totals.get(currency, 0.0) + amount
+    currency = max(totals, key=totals.__getitem__, default="USD")
+    today = datetime.now(timezone.utc).date()
+    series = charts.per_day([(day, amount) for day, c, amount in rows if c == currency], today,
+                            SPEND_DAYS)
+    return {"spend_chart": charts.spend_chart(series), "spend_currency": currency,
+            "spend_days": SPEND_DAYS, "spend_by_country": money.spend_by_country(conn, SPEND_DAYS)}
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """What `smsq serve` does besides answering: delete expired media, fold the status counts,
-apply status callbacks that arrived before their SID was recorded.
+apply status callbacks that arrived before their SID was recorded, check delivery health.
 
 Each job runs in a worker thread at its own interval; a failed run (Postgres away) is
 logged and tried again next time. Several `serve` copies may run them at once: both jobs
@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from consumer import pipeline
 from consumer.metrics import MEDIA_DELETED
-from consumer.serve import queries, receipts
+from consumer.serve import delivery_health, queries, receipts
 from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,11 @@ def apply_early_receipts(pool: ConnectionPool, resend: receipts.ResendPolicy) ->
         return receipts.apply_early_receipts(conn, resend)
 
 
+def check_delivery_health(pool: ConnectionPool, settings: Settings) -> None:
+    with pool.connection() as conn:
+        delivery_health.check(conn, settings)
+
+
 async def every(seconds: float, job: Callable[..., object], *args: object) -> None:
     while True:
         await asyncio.sleep(seconds)
@@ -67,4 +72,6 @@ def start(pool: ConnectionPool, settings: Settings) -> list[asyncio.Task]:
         asyncio.create_task(every(pipeline.FOLD_COUNTS_EVERY_SECONDS, fold_counts, pool)),
         asyncio.create_task(every(EARLY_RECEIPT_SECONDS, apply_early_receipts, pool,
                                   receipts.resend_policy(settings))),
+        asyncio.create_task(every(settings.smsq_delivery_check_seconds, check_delivery_health,
+                                  pool, settings)),
     ]

@@ -12,8 +12,8 @@ from starlette.responses import PlainTextResponse, Response
 
 from consumer import pipeline
 from consumer.metrics import STATUS_CALLBACKS
-from consumer.pipeline import RESEND_AFTER_FAILURE
-from consumer.serve import auth, db, delivery, queries, twilio_signature
+from consumer.pipeline import CALLBACK_OVERRIDES, RESEND_AFTER_FAILURE
+from consumer.serve import auth, carrier_outcomes, db, delivery, queries, twilio_signature
 from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,8 @@ _CALLBACK_MESSAGES = {
     "superseded": "status callback for a message that was sent again since, ignored",
     "resend": "Twilio failed the message after accepting it and asks for it again: back to "
               "pending",
+    "resend_later": "the carrier could not deliver it for now (30003 / 30008): sent again once, "
+                    "in 10 minutes",
 }
 
 
@@ -54,8 +56,11 @@ def signature_is_valid(settings: Settings, request: Request, form: object) -> bo
         log.error("cannot check Twilio signatures: SMSQ_PUBLIC_URL unset",
                   extra={"action": "status_callback_unverifiable"})
         return False
-    return twilio_signature.is_signed(settings, signed_url(settings, request), form,
-                                      request.headers)
+    # Twilio calls the URL without its fragment (our connection overrides), but may have
+    # signed it with them: either is ours.
+    url = signed_url(settings, request)
+    return any(twilio_signature.is_signed(settings, candidate, form, request.headers)
+               for candidate in (url, f"{url}#{CALLBACK_OVERRIDES}"))
 
 
 def record(conn: psycopg.Connection, twilio_sid: str, status: str, error_code: int | None,
@@ -91,7 +96,16 @@ def record(conn: psycopg.Connection, twilio_sid: str, status: str, error_code: i
                 f"{error_code}) and asks for it again: sending again", delay=resend.delay,
                 error_code=error_code, delivery_status="failed")
             return "resend", notification_id
+        if (carrier_outcomes.sends_again(status, error_code)
+                and carrier_outcomes.may_send_again(conn, notification_id)):
+            pipeline.send_again(
+                conn, [notification_id], f"the carrier could not deliver it (error "
+                f"{error_code}): sending again once", error_code=error_code,
+                delay=carrier_outcomes.SEND_AGAIN_AFTER_SECONDS, delivery_status=status)
+            return "resend_later", notification_id
         queries.set_delivery_status(conn, notification_id, status, error_code)
+        if reason := carrier_outcomes.suppression_reason(status, error_code):
+            carrier_outcomes.suppress_number_of(conn, notification_id, reason)
         return "adopted" if adopted else "applied", notification_id
 
 
@@ -131,7 +145,8 @@ async def status_callback(request: Request) -> Response:
             request, record, twilio_sid, status, code, True, _hint(request),
             resend_policy(settings))
     STATUS_CALLBACKS.labels(outcome).inc()
-    level = logging.WARNING if outcome in ("unknown_sid", "resend") else logging.INFO
+    level = (logging.WARNING if outcome in ("unknown_sid", "resend", "resend_later")
+             else logging.INFO)
     log.log(level, _CALLBACK_MESSAGES[outcome],
             extra={"action": "status_callback", "outcome": outcome, "twilio_sid": twilio_sid,
                    "twilio_status": twilio_status, "notification_id": notification_id,

@@ -39,6 +39,10 @@ MALFORMED_TEXT = {
     "smsq_daily_segment_limit": "-1",
     "smsq_opt_out_keywords": " , ",
     "smsq_opt_in_keywords": ",",
+    "smsq_alert_failure_rate": "1.5",  # a share: between 0 and 1
+    "smsq_price_sweep_seconds": "0",
+    "smsq_slow_receipt_minutes": "-1",
+    "smsq_delivery_check_seconds": "0",
 }
 MALFORMED_BY_TYPE = {
     int: "twelve", float: "fast", bool: "maybe", PostgresDsn: "mysql://db/smsq",

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 from pydantic import AnyHttpUrl
 
+from consumer.pipeline import CALLBACK_OVERRIDES
 from tests.dispatch_support import (
     SENDER,
     TO,
@@ -54,7 +55,7 @@ def test_an_accepted_message_is_recorded_with_its_sid_segments_callback_and_medi
     assert received[LONG_BODY]["from"] == SENDER
     # Our id rides in the callback URL: a lost create answer still names its notification.
     assert received[LONG_BODY]["status_callback"] == (
-        f"https://smsq.example.com/twilio/status?n={sms_id}")
+        f"https://smsq.example.com/twilio/status?n={sms_id}#{CALLBACK_OVERRIDES}")
     with psycopg.connect(settings.database_dsn) as conn:
         token = conn.execute("SELECT access_token FROM sms_temporary_media").fetchone()[0]
     assert received["your label"]["media_url"] == [

@@ -161,7 +161,7 @@ def test_validity_period_follows_expire_datetime_within_twilios_range() -> None:
     assert validity_period(now + timedelta(days=3), now) == MAX_VALIDITY_SECONDS == 36_000
 
 
-def test_the_request_carries_validity_period_and_our_id_in_the_callback(fake_twilio):
+def test_the_request_carries_validity_period_and_our_id_and_overrides_in_the_callback(fake_twilio):
     twilio = sender_for(fake_twilio, smsq_public_url=AnyHttpUrl("https://smsq.example.com"))
     notification_id = uuid.uuid4()
     expire = datetime.now(timezone.utc) + timedelta(minutes=10)
@@ -169,8 +169,10 @@ def test_the_request_carries_validity_period_and_our_id_in_the_callback(fake_twi
                          expire_datetime=expire))
     [request] = [r for r in twilio.http.requests if r.method == "POST"]
     assert 590 <= int(request.data["ValidityPeriod"]) <= 600
+    # With Twilio's connection overrides: it retries a receipt serve did not take.
     assert request.data["StatusCallback"] == (
-        f"https://smsq.example.com/twilio/status?n={notification_id}")
+        f"https://smsq.example.com/twilio/status?n={notification_id}"
+        "#rc=5&rp=all&ct=2000&rt=5000&tt=15000")
     twilio.send(Outgoing(TO, FROM, "no expiry"))
     assert "ValidityPeriod" not in [r for r in twilio.http.requests if r.method == "POST"][-1].data
 

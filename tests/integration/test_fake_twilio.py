@@ -711,3 +711,16 @@ def test_command_rejects_a_bad_fault_with_exit_2(capfd: pytest.CaptureFixture[st
     with pytest.raises(RuntimeError, match="exit status 2"):
         spawn("--fault", "teapot")
     assert "unknown fault mode 'teapot'" in capfd.readouterr().err
+
+
+def test_the_price_is_filled_in_some_time_after_sending_and_failures_cost_nothing(
+        client: Client, fake_twilio: FakeTwilioControl) -> None:
+    fake_twilio.configure(send_delay_ms=0, price_delay_ms=700)
+    fake_twilio.set_faults([{"mode": "fail-30001", "to": "+14155550124"}])
+    sent = client.messages.create(to="+14155550123", from_="+15005550006", body="x" * 200)
+    failed = client.messages.create(to="+14155550124", from_="+15005550006", body="dropped")
+    assert sent.price is None and sent.price_unit == "USD"
+    wait_until(lambda: client.messages(sent.sid).fetch().price is not None, timeout=5,
+               message="the price filled in")
+    assert client.messages(sent.sid).fetch().price == "-0.01580"  # two segments
+    assert client.messages(failed.sid).fetch().price is None

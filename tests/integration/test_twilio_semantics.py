@@ -131,7 +131,7 @@ def test_other_delivery_failures_are_sent_again_only_by_an_operator(web):
     client, conn = web
     undelivered = insert_notification(conn, status="sent", twilio_sid=SID)
     delivered = insert_notification(conn, status="sent", twilio_sid=NEW_SID)
-    assert callback(client, "undelivered", ErrorCode="30003") == 200
+    assert callback(client, "undelivered", ErrorCode="30004") == 200  # blocked
     assert callback(client, "delivered", sid=NEW_SID) == 200
     assert row(conn, undelivered)["status"] == "sent"  # never automatic
     conn.execute("UPDATE sms_notification SET attempts = 4")
@@ -139,7 +139,7 @@ def test_other_delivery_failures_are_sent_again_only_by_an_operator(web):
     assert again == [undelivered]
     found = row(conn, undelivered)
     assert (found["status"], found["twilio_sid"], found["attempts"]) == ("pending", None, 0)
-    assert superseded(conn) == [(SID, undelivered, "undelivered", 30003)]
+    assert superseded(conn) == [(SID, undelivered, "undelivered", 30004)]
     assert row(conn, delivered)["status"] == "sent"
 
 

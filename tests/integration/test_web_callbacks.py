@@ -89,11 +89,11 @@ def test_a_failed_delivery_records_the_error_code_and_keeps_it(web):
     client, conn = web
     insert_notification(conn, status="sent", twilio_sid=SID)
     assert callback(client, params("sent")) == 200
-    assert callback(client, params("undelivered", ErrorCode="30003")) == 200
-    assert delivery(conn) == ("undelivered", 30003)
+    assert callback(client, params("undelivered", ErrorCode="30004")) == 200
+    assert delivery(conn) == ("undelivered", 30004)
     assert callback(client, params("delivered")) == 200  # final states never change
     assert callback(client, params("undelivered", ErrorCode="30005")) == 200
-    assert delivery(conn) == ("undelivered", 30003)
+    assert delivery(conn) == ("undelivered", 30004)
 
 
 def test_repeated_callbacks_are_harmless_and_every_change_is_in_the_history(web):
@@ -131,12 +131,12 @@ def test_a_callback_that_beats_the_dispatchers_commit_is_applied_once_the_sid_is
     client, conn = web
     notification_id = insert_notification(conn, status="processing")
     assert callback(client, params("sent")) == 200
-    assert callback(client, params("undelivered", ErrorCode="30003")) == 200
+    assert callback(client, params("undelivered", ErrorCode="30004")) == 200
     conn.execute("UPDATE notification SET status = 'sent' WHERE id = %s", (notification_id,))
     conn.execute("UPDATE sms_notification SET twilio_sid = %s WHERE notification_id = %s",
                  (SID, notification_id))
     # serve's housekeeping applies parked receipts every second
-    wait_until(lambda: delivery(conn) == ("undelivered", 30003), timeout=10,
+    wait_until(lambda: delivery(conn) == ("undelivered", 30004), timeout=10,
                message="parked receipts applied")
     assert conn.execute("SELECT count(*) FROM delivery_receipt_early").fetchone()[0] == 0
     events = conn.execute("SELECT new_value FROM notification_event WHERE notification_id = %s "
