@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import queue
-import random
 import socket
 import threading
 import time
@@ -37,7 +36,7 @@ from uuid import UUID
 import psycopg
 
 from consumer import metrics, reconnect
-from consumer.dispatch import claims, guards
+from consumer.dispatch import claims
 from consumer.dispatch.guard_rails import GuardRails
 from consumer.dispatch.outcomes import (
     BUDGET_PAUSE,
@@ -50,6 +49,7 @@ from consumer.dispatch.outcomes import (
 from consumer.dispatch.prices import PriceSweeper
 from consumer.dispatch.reconcile import Reconciliation
 from consumer.dispatch.scheduler import ALL_RANKS, Expire, Paused, Resumed, Scheduler, Send, Sender
+from consumer.dispatch.sharing import TICK_SECONDS, SenderSharing
 from consumer.dispatch.threads import DueListener, SendResult, WorkerPool
 from consumer.dispatch.twilio_client import TwilioSender
 from consumer.logs import error_text
@@ -59,7 +59,6 @@ from consumer.signals import StopSignal
 
 log = logging.getLogger(__name__)
 
-TICK_SECONDS = 1.0  # take free senders, save buckets, reconcile expired leases
 HORIZON_SECONDS = 2.0  # claim about this much of a sender's sending at a time
 # Twilio counts arrivals, and a request's way there varies by milliseconds (a new
 # connection, thread scheduling, the network): paced at exactly the rate, two sends of a 1/s
@@ -80,7 +79,7 @@ def paced_senders(settings: Settings) -> dict[str, str]:
     return senders
 
 
-class Dispatcher(Reconciliation, GuardRails):
+class Dispatcher(SenderSharing, Reconciliation, GuardRails):
     def __init__(self, settings: Settings, stop: StopSignal) -> None:
         self.settings = settings
         self.stop = stop
@@ -197,78 +196,6 @@ class Dispatcher(Reconciliation, GuardRails):
         if now >= self.next_poll:  # the fallback, should a notification ever be missed
             self.next_poll = now + self.settings.smsq_dispatch_poll_seconds
             self.scheduler.announce_all()
-
-    def _share_senders(self) -> None:
-        """Hold a fair share of the senders: ceil(S / D) with D dispatchers alive.
-
-        Asking who is alive goes through the lock connection, so it also proves that
-        connection alive: if it died, our locks died with it, and the OperationalError stops
-        every send of ours at once.
-        """
-        alive = claims.live_dispatchers(self.lock_db)
-        share = math.ceil(len(self.addresses) / max(1, alive))
-        held = len(self.held)
-        if held > share:
-            for key in self._senders_to_hand_over(held - share):
-                self._hand_over(key)
-        elif held < share:
-            free = claims.free_senders(self.lock_db, [k for k in self.addresses
-                                                     if k not in self.held])
-            random.shuffle(free)  # dispatchers starting together reach for different ones
-            for key in claims.try_lock_senders(self.lock_db, free[:share - held]):
-                self._take_over(key)
-
-    def _senders_to_hand_over(self, count: int) -> list[str]:
-        """The ones whose handing over disturbs least: nothing on the wire, few rows in hand."""
-        return sorted(self.held, key=lambda k: (self.held[k].in_flight,
-                                                len(self.held[k].queue)))[:count]
-
-    def _take_over(self, key: str) -> None:
-        tokens = claims.inherited_tokens(self.db, key)
-        spent = (guards.segments_today(self.db, key)
-                 if self.settings.smsq_daily_segment_limit else 0.0)
-        self.scheduler.take(key, self.addresses[key], tokens, spent)
-        metrics.SENDERS_HELD.set(len(self.held))
-        log.info("pacing sender", extra={"action": "sender_acquired", "sender": key or "default",
-                                         "holder": self.holder, "tokens": tokens})
-        # A previous holder may have died mid-send: once its requests can no longer be on
-        # the wire, one reconciliation decides each of its rows (found: sent; else: again).
-        claims.take_over_rows(self.db, key, self.holder, self._wire_seconds(),
-                             len(RECONCILE_DELAYS) - 1)
-        self._reconcile([key], expired_only=False)
-
-    def _wire_seconds(self) -> float:
-        """How long a request of a previous holder may still be on its way to Twilio."""
-        return (self.settings.smsq_twilio_connect_timeout
-                + self.settings.smsq_twilio_read_timeout + TICK_SECONDS)
-
-    def _hand_over(self, key: str) -> None:
-        """Give `key` up for another dispatcher: rows in hand back to pending, the bucket
-        saved for the next holder, then the lock released."""
-        sender = self.held[key]
-        self._flush_outcomes()
-        claims.release_unsent(self.db, self.scheduler.drop(key), self.holder)
-        claims.save_buckets(self.db, [self._bucket_row(sender, None, time.monotonic())])
-        claims.unlock_sender(self.lock_db, key)
-        metrics.SENDERS_HELD.set(len(self.held))
-        log.info("sender handed over", extra={"action": "sender_handed_over",
-                                              "sender": key or "default",
-                                              "holder": self.holder})
-
-    def _save_buckets(self, holder: str | None) -> None:
-        now = time.monotonic()
-        claims.save_buckets(self.db, [self._bucket_row(sender, holder, now)
-                                     for sender in self.held.values()])
-
-    def _bucket_row(self, sender: Sender, holder: str | None, now: float) -> tuple:
-        """dispatch_sender's row of `sender`; holder None: handed over, tokens kept."""
-        tokens = sender.bucket.tokens
-        metrics.BUCKET_TOKENS.labels(sender.key or "default").set(tokens)
-        paused = sender.pause_reason is not None and holder is not None
-        return (sender.key, sender.address, holder, tokens, self.settings.twilio_sms_rate,
-                sender.bucket.capacity, sender.paused_until - now if paused else None,
-                sender.pause_reason if paused else None,
-                sender.pause_message if paused else None)
 
     def _claimed_ids(self) -> list[UUID]:
         return self.scheduler.queued_ids() + list(self.in_flight)
