@@ -43,9 +43,9 @@ def postgres_answers(settings: Settings) -> bool:
 def _maintenance_dsn(settings: Settings) -> tuple[str, str]:
     """A DSN to the server's `postgres` database, and the name of ours."""
     info = psycopg.conninfo.conninfo_to_dict(settings.database_dsn)
-    name = info.get("dbname") or "smsq"
+    name = str(info.get("dbname") or "smsq")
     info["dbname"] = "postgres"
-    return psycopg.conninfo.make_conninfo(**info), name
+    return psycopg.conninfo.make_conninfo("", **info), name
 
 
 def ensure_database(settings: Settings) -> bool:

@@ -11,18 +11,36 @@ from __future__ import annotations
 
 import logging
 import time
+from uuid import UUID
+
+import psycopg
 
 from consumer import metrics
 from consumer.dispatch import claims
 from consumer.dispatch.outcomes import RECONCILE_DELAYS, reconcile_next
-from consumer.dispatch.threads import ReconcileResult
-from consumer.dispatch.twilio_client import FoundMessage
+from consumer.dispatch.scheduler import Scheduler
+from consumer.dispatch.threads import ReconcileResult, WorkerPool
+from consumer.dispatch.twilio_client import FoundMessage, TwilioSender
 
 log = logging.getLogger(__name__)
 
 
 class Reconciliation:
-    """Needs: db, outcomes, in_flight, pool, twilio, addresses, scheduler (the Dispatcher's)."""
+    """Needs the Dispatcher's state, declared here for the type checker."""
+
+    outcomes: list[claims.Outcome]
+    in_flight: dict[UUID, claims.ClaimedRow]
+    pool: WorkerPool
+    twilio: TwilioSender
+    addresses: dict[str, str]
+    scheduler: Scheduler[claims.ClaimedRow]
+
+    @property
+    def db(self) -> psycopg.Connection:
+        raise NotImplementedError
+
+    def _claimed_ids(self) -> list[UUID]:
+        raise NotImplementedError
 
     def _reconcile(self, senders: list[str], expired_only: bool) -> None:
         if not senders:

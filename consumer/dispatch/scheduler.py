@@ -1,6 +1,6 @@
 """Which sender may send what next: the dispatcher's scheduling rules, pure.
 
-The dispatcher (consumer/dispatcher.py) owns the connections and the threads. It tells the
+The dispatcher (consumer/dispatch/loop.py) owns the connections and the threads. It tells the
 scheduler what happened (a sender taken, a notification, rows claimed, a send finished, an
 account-wide error) and asks it what to do now: which claims to make, which rows to send or
 expire, when to wake up. The scheduler reads only the clock it is given, so every rule here is
@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 from uuid import UUID
 
 from consumer.dispatch.bucket import TokenBucket
@@ -39,6 +39,9 @@ class Row(Protocol):
     priority_rank: int
     publish_datetime: datetime
     expire_datetime: datetime | None
+
+
+RowT = TypeVar("RowT", bound=Row)  # the dispatcher's rows: the scheduler hands them back
 
 
 class Clock:
@@ -91,21 +94,21 @@ class ClaimRequest:
 
 
 @dataclass(frozen=True)
-class Send:
+class Send(Generic[RowT]):
     sender: Sender
-    row: Row
+    row: RowT
 
 
 @dataclass(frozen=True)
-class Expire:
-    row: Row
+class Expire(Generic[RowT]):
+    row: RowT
 
 
 @dataclass(frozen=True)
-class Fail:
+class Fail(Generic[RowT]):
     """A row the scheduler could not handle (its cost or times raised): it becomes failed."""
 
-    row: Row
+    row: RowT
     error: Exception
 
 
@@ -123,9 +126,9 @@ class Resumed:
     pauses: int
 
 
-class Scheduler:
+class Scheduler(Generic[RowT]):
     def __init__(self, rate: float, burst: float, in_hand_target: int, policy: RetryPolicy,
-                 cost: Callable[[Row], float], clock: Clock | None = None) -> None:
+                 cost: Callable[[RowT], float], clock: Clock | None = None) -> None:
         self.rate, self.burst = rate, burst
         self.in_hand_target = in_hand_target
         self.policy = policy
@@ -185,7 +188,7 @@ class Scheduler:
             sender.wake_at = at
             heapq.heappush(self._timers, (at, next(self._sequence), key))
 
-    def claimed(self, request: ClaimRequest, rows: list[Row], drained: bool,
+    def claimed(self, request: ClaimRequest, rows: list[RowT], drained: bool,
                 next_due_in: float | None) -> list[UUID]:
         """Rows a claim returned; the ids of the surplus to hand back (after an overtake)."""
         sender = self.senders.get(request.sender)
@@ -240,7 +243,7 @@ class Scheduler:
                 requests.append(request)
         return requests
 
-    def releases(self, free_slots: int) -> Iterator[Send | Expire | Fail]:
+    def releases(self, free_slots: int) -> Iterator[Send[RowT] | Expire[RowT] | Fail[RowT]]:
         """Rows that may go now, as the buckets allow, within `free_slots` requests; and rows
         that expired on the way. Senders take turns, one row each round."""
         self._fire_timers()
@@ -300,7 +303,8 @@ class Scheduler:
         sender.queue = ordered[:self.in_hand_target]  # a sorted list is a heap
         return [entry[-1].id for entry in ordered[self.in_hand_target:]]
 
-    def _next_of(self, key: str, now: float, wall: datetime) -> Send | Expire | Fail | None:
+    def _next_of(self, key: str, now: float,
+                 wall: datetime) -> Send[RowT] | Expire[RowT] | Fail[RowT] | None:
         """The next action of one sender, or None (it leaves the release set, and a timer
         brings it back when its bucket or pause allows)."""
         sender = self.senders.get(key)

@@ -230,4 +230,5 @@ class DeliveryReader:
     def _deliver(self, content: _Content) -> None:
         parts = content.parts
         body = parts[0] if len(parts) == 1 else b"".join(parts)
+        assert content.properties is not None  # its header came before its body
         self.deliveries.append((content.tag, content.redelivered, content.properties, body))
