@@ -35,6 +35,7 @@ COMMANDS = {
     "retry": ("consumer.commands.retry", "errored or failed notifications back to pending"),
     "cancel": ("consumer.commands.cancel", "cancel pending notifications"),
     "dead": ("consumer.commands.dead", "list dead letters and why; send them back after a fix"),
+    "queues": ("consumer.commands.queues", "turn the queues into the kind configured (migrate)"),
     "prune": ("consumer.commands.prune",
               "delete finished notifications older than a retention period"),
     "logout-all": ("consumer.commands.logout_all", "end every dashboard session at once"),

@@ -96,6 +96,27 @@ def wake_for(conn: psycopg.Connection, ids: Sequence[uuid.UUID]) -> None:
 
 # -- counts and the state of the senders -------------------------------------------------------
 
+# A dispatcher names its lock connection so: pg_stat_activity then lists the dispatchers
+# alive, and Postgres forgets a dead one the moment its connection goes.
+LOCK_CONNECTION_PREFIX = "smsq dispatch locks "
+
+_DISPATCHERS = """
+SELECT d.holder, d.started_datetime, d.updated_datetime, d.senders_held, d.stopped_datetime,
+       EXISTS (SELECT 1 FROM pg_stat_activity a
+               WHERE a.datname = current_database()
+                 AND a.application_name = %(prefix)s || d.holder) AS alive
+FROM dispatcher d
+WHERE d.stopped_datetime IS NULL OR d.stopped_datetime > now() - interval '1 hour'
+ORDER BY d.started_datetime
+"""
+
+
+def dispatchers(conn: psycopg.Connection) -> list[dict]:
+    """The dispatchers running, and those that stopped or died in the last hour: `alive` is
+    whether its lock connection is open now (Postgres's word, not the dispatcher's)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(_DISPATCHERS, {"prefix": LOCK_CONNECTION_PREFIX}).fetchall()
+
 def counts_by_status(conn: psycopg.Connection) -> list[tuple[str, str, int]]:
     """(status, priority, count), from the deltas the triggers of migration 0004 append."""
     return conn.execute(

@@ -33,7 +33,7 @@ def retrying(dependency: str, stop: StopSignal,
 
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(retry_on),
-        wait=tenacity.wait_exponential_jitter(initial=first_wait,
+        wait=tenacity.wait_exponential_jitter(multiplier=first_wait,
                                               max=MAX_WAIT_SECONDS[dependency]),
         stop=lambda _state: stop.requested,
         sleep=sleep,

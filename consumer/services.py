@@ -16,28 +16,46 @@ from urllib.parse import urlsplit
 import psycopg
 from psycopg import sql
 
-from consumer.settings import ConfigError, Settings, load_settings
+from consumer.settings import ConfigError, Settings, load_settings, split_amqp_urls
 
 
-def _address(url: str, default_port: int) -> tuple[str, int]:
-    parts = urlsplit(url)
-    return parts.hostname or "127.0.0.1", parts.port or default_port
+def broker_addresses(amqp_url: str) -> list[tuple[str, int]]:
+    """(host, port) of each broker of AMQP_URL (one URL, or several separated by commas)."""
+    addresses = []
+    for url in split_amqp_urls(amqp_url):
+        parts = urlsplit(url)
+        addresses.append((parts.hostname or "127.0.0.1", parts.port or 5672))
+    return addresses
 
 
-def answers(url: str, default_port: int) -> bool:
-    try:
-        with socket.create_connection(_address(url, default_port), timeout=2):
-            return True
-    except OSError:
-        return False
+def postgres_addresses(database_url: str) -> list[tuple[str, int]]:
+    """(host, port) of each host of DATABASE_URL, libpq's multi-host form included
+    (postgresql://user@host1:5432,host2:5432/db): urlsplit cannot read that form."""
+    info = psycopg.conninfo.conninfo_to_dict(database_url)
+    hosts = str(info.get("host") or "127.0.0.1").split(",")
+    ports = str(info.get("port") or "5432").split(",")
+    if len(ports) == 1:
+        ports = ports * len(hosts)
+    return [(host or "127.0.0.1", int(port or 5432)) for host, port in zip(hosts, ports)]
+
+
+def answers(addresses: list[tuple[str, int]]) -> bool:
+    """Does any of them accept a TCP connection?"""
+    for address in addresses:
+        try:
+            with socket.create_connection(address, timeout=2):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def rabbitmq_answers(settings: Settings) -> bool:
-    return answers(settings.amqp_url, 5672)
+    return answers(broker_addresses(settings.amqp_url))
 
 
 def postgres_answers(settings: Settings) -> bool:
-    return answers(settings.database_dsn, 5432)
+    return answers(postgres_addresses(settings.database_dsn))
 
 
 def _maintenance_dsn(settings: Settings) -> tuple[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from typing import Literal
+from urllib.parse import urlsplit
 
 import phonenumbers
 from pydantic import (
@@ -28,6 +29,7 @@ TWILIO_DEFAULT_API_URL = "https://api.twilio.com"
 # the sandbox of scripts/run.sh and docker-compose.yml.
 SANDBOX_ACCOUNT_SID = "AC" + "0" * 32
 SANDBOX_AUTH_TOKEN = "fake-token"
+POSTGRES_CONNECT_TIMEOUT = 5  # seconds, per host
 
 
 _BLANK = re.compile(r"\s")
@@ -52,6 +54,33 @@ def _sid(value: str | None, prefix: str, what: str) -> str | None:
         raise ValueError(f"must be {what}: {prefix} followed by letters and digits "
                          f"(e.g. {prefix}0123456789abcdef0123456789abcdef)")
     return value
+
+
+def split_amqp_urls(value: str) -> list[str]:
+    return [entry.strip() for entry in value.split(",") if entry.strip()]
+
+
+def _amqp_url_problem(entry: str) -> str | None:
+    if not entry:
+        return "empty (a stray comma?)"
+    if not entry.startswith(("amqp://", "amqps://")):
+        return "must start with amqp:// or amqps://"
+    try:
+        parts = urlsplit(entry)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        return "not a URL (amqp://user:password@host:port/vhost)"
+    if not parts.hostname:
+        return "names no host (amqp://user:password@host:port/vhost)"
+    return None
+
+
+def with_connect_timeout(dsn: str) -> str:
+    """A connect_timeout when the URL gives none: each host is tried for that long, so a
+    black-holed first host of a multi-host URL does not hold the others up for minutes."""
+    if "connect_timeout=" in dsn:
+        return dsn
+    return f"{dsn}{'&' if '?' in dsn else '?'}connect_timeout={POSTGRES_CONNECT_TIMEOUT}"
 
 
 class ConfigError(Exception):
@@ -116,7 +145,8 @@ class Settings(BaseSettings):
     smsq_exchange: str = Field("notifications", min_length=1)
     smsq_queue: str = Field("notifications.sms", min_length=1)
     smsq_routing_key: str = Field("sms", min_length=1)
-    smsq_quorum_queues: bool = False
+    # Quorum queues (replicated, for a cluster) unless false: a classic queue lives on one node.
+    smsq_quorum_queues: bool = True
 
     # Ingest batching: a batch is flushed at this many messages or after this many
     # milliseconds, whichever comes first, and at once when the queue runs dry. Batches are
@@ -232,9 +262,14 @@ class Settings(BaseSettings):
 
     @field_validator("amqp_url")
     @classmethod
-    def _amqp_scheme(cls, value: str) -> str:
-        if not value.startswith(("amqp://", "amqps://")):
-            raise ValueError("must start with amqp:// or amqps://")
+    def _amqp_urls(cls, value: str) -> str:
+        """One broker URL, or several separated by commas (the nodes of a cluster)."""
+        entries = [entry.strip() for entry in value.split(",")]
+        for number, entry in enumerate(entries, start=1):
+            # The entry is named by its place, never echoed: it may hold a password.
+            where = f"entry {number} of {len(entries)}: " if len(entries) > 1 else ""
+            if problem := _amqp_url_problem(entry):
+                raise ValueError(where + problem)
         return value
 
     @model_validator(mode="after")
@@ -258,7 +293,11 @@ class Settings(BaseSettings):
 
     @property
     def database_dsn(self) -> str:
-        return str(self.database_url)
+        return with_connect_timeout(str(self.database_url))
+
+    @property
+    def amqp_urls(self) -> list[str]:
+        return split_amqp_urls(self.amqp_url)
 
     @property
     def secure_cookies(self) -> bool:

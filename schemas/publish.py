@@ -18,6 +18,8 @@ import pika
 from schemas.message import Notification
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+# Per broker: a node that does not answer costs this long before the next is tried.
+CONNECT_TIMEOUT = 5.0
 
 
 def publish(
@@ -41,8 +43,11 @@ def publish_many(
     routing_key: str = "sms",
     default_region: str | None = None,
 ) -> list[uuid.UUID]:
-    """Publish several notifications on one connection, each confirmed; return their ids."""
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    """Publish several notifications on one connection, each confirmed; return their ids.
+
+    `amqp_url` may list several brokers separated by commas: the first that answers is used.
+    """
+    connection = pika.BlockingConnection(broker_parameters(amqp_url))
     try:
         channel = connection.channel()
         channel.confirm_delivery()
@@ -65,6 +70,20 @@ def publish_many(
         return ids
     finally:
         connection.close()
+
+
+def broker_parameters(amqp_url: str) -> list[pika.URLParameters]:
+    """One URL, or several separated by commas (the nodes of a cluster), tried in turn."""
+    urls = [url.strip() for url in amqp_url.split(",") if url.strip()]
+    if not urls:
+        raise ValueError("amqp_url names no broker")
+    parameters = []
+    for url in urls:
+        params = pika.URLParameters(url)
+        if "socket_timeout" not in url:
+            params.socket_timeout = CONNECT_TIMEOUT
+        parameters.append(params)
+    return parameters
 
 
 def _validated(message: Mapping[str, Any] | Notification, region: str | None) -> Notification:

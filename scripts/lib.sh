@@ -50,6 +50,15 @@ ensure_test_programs() {
     [ ${#missing[@]} = 0 ] || apt_install "${missing[@]}"
 }
 
+# The engines tests (tests/test_engines.py) start a RabbitMQ cluster and a Postgres standby of
+# their own from Debian's server packages, even where the services themselves run in Docker.
+ensure_engine_programs() {
+    local missing=()
+    [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
+    ls /usr/lib/postgresql/*/bin/pg_basebackup >/dev/null 2>&1 || missing+=(postgresql)
+    [ ${#missing[@]} = 0 ] || apt_install "${missing[@]}"
+}
+
 deb_installed() { [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]; }
 
 # RabbitMQ and Postgres at AMQP_URL / DATABASE_URL: used if they answer, else started,

@@ -10,6 +10,7 @@ only_unit=1
 for arg in "$@"; do case "$arg" in tests/unit*) ;; *) only_unit= ;; esac; done
 if [ $# = 0 ] || [ -z "$only_unit" ]; then  # the unit tests need none of these
     ensure_test_programs
+    ensure_engine_programs
     ensure_services
     ensure_browser
     ensure_node_tools

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from urllib.parse import quote, urlencode
 
 import pika
 import psycopg
@@ -19,8 +20,9 @@ from psycopg import sql
 
 from consumer.migrate import migrate
 from consumer.sandbox import FakeTwilioControl, FakeTwilioServer
-from consumer.services import answers
+from consumer.services import answers, broker_addresses, postgres_addresses
 from consumer.settings import Settings
+from schemas.publish import broker_parameters
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/smsq"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -33,11 +35,15 @@ def _with_dbname(url: str, name: str) -> str:
 
 
 def _as_url(conninfo: str) -> str:
+    """A URL again, libpq's multi-host form (host1:5432,host2:5432) and options kept."""
     info = psycopg.conninfo.conninfo_to_dict(conninfo)
-    host, port = info.get("host", "127.0.0.1"), info.get("port", "5432")
-    user = info.get("user", "postgres")
-    password = f":{info['password']}" if info.get("password") else ""
-    return f"postgresql://{user}{password}@{host}:{port}/{info['dbname']}"
+    hosts = ",".join(f"{host}:{port}" for host, port in postgres_addresses(conninfo))
+    user = quote(info.pop("user", "postgres"), safe="")
+    password = f":{quote(info.pop('password'), safe='')}" if info.get("password") else ""
+    name = info.pop("dbname")
+    options = {k: v for k, v in info.items() if k not in ("host", "port", "password")}
+    query = f"?{urlencode(options)}" if options else ""
+    return f"postgresql://{user}{password}@{hosts}/{name}{query}"
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +51,7 @@ def service_urls() -> Iterator[tuple[str, str]]:
     """(database server URL, AMQP URL) of services that answer, started if need be."""
     db_url = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
     amqp_url = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
-    if answers(db_url, 5432) and answers(amqp_url, 5672):
+    if answers(postgres_addresses(db_url)) and answers(broker_addresses(amqp_url)):
         yield db_url, amqp_url
         return
     yield from _containers()
@@ -112,7 +118,7 @@ def amqp_names(service_urls: tuple[str, str]) -> Iterator[dict[str, str]]:
     suffix = uuid.uuid4().hex[:10]
     names = {"smsq_exchange": f"test.{suffix}", "smsq_queue": f"test.{suffix}.sms"}
     yield names
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    connection = pika.BlockingConnection(broker_parameters(amqp_url))
     try:
         channel = connection.channel()
         for queue in (names["smsq_queue"], names["smsq_queue"] + ".dead"):

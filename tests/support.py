@@ -24,6 +24,7 @@ from consumer import amqp
 from consumer.ingest import storage
 from consumer.settings import Settings
 from schemas.message import Notification
+from schemas.publish import broker_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,7 +96,7 @@ def publish_raw(settings: Settings, bodies: list[bytes],
                 properties: pika.BasicProperties | None = None,
                 routing_key: str | None = None, exchange: str | None = None) -> None:
     """Publish bodies as they are (no validation), confirmed, as any producer could."""
-    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    connection = pika.BlockingConnection(broker_parameters(settings.amqp_url))
     try:
         channel = connection.channel()
         channel.confirm_delivery()
@@ -110,7 +111,7 @@ def publish_raw(settings: Settings, bodies: list[bytes],
 
 
 def queue_depth(settings: Settings, queue: str) -> int:
-    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    connection = pika.BlockingConnection(broker_parameters(settings.amqp_url))
     try:
         return connection.channel().queue_declare(queue, passive=True).method.message_count
     finally:
@@ -119,7 +120,7 @@ def queue_depth(settings: Settings, queue: str) -> int:
 
 def get_all(settings: Settings, queue: str) -> list[tuple[pika.BasicProperties, bytes]]:
     """Drain a queue (acknowledging), returning (properties, body) pairs."""
-    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    connection = pika.BlockingConnection(broker_parameters(settings.amqp_url))
     found = []
     try:
         channel = connection.channel()

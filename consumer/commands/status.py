@@ -22,8 +22,15 @@ def collect(settings: Settings) -> dict:
         oldest = pipeline.oldest_due_age_seconds(conn)
         senders = [{**bucket, "updated_datetime": bucket["updated_datetime"].isoformat()}
                    for bucket in pipeline.sender_buckets(conn)]
+        dispatchers = [_json_times(d) for d in pipeline.dispatchers(conn)]
     return {"notifications": table, "oldest_due_age_seconds": oldest,
-            "queues": amqp.queue_depths(settings), "senders": senders}
+            "queues": amqp.queue_depths(settings), "senders": senders,
+            "dispatchers": dispatchers}
+
+
+def _json_times(row: dict) -> dict:
+    return {key: value.isoformat() if hasattr(value, "isoformat") else value
+            for key, value in row.items()}
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
@@ -49,7 +56,19 @@ def render(report: dict) -> str:
                                             else f"{depth} message(s) ready"))
     lines.append("")
     lines.extend(render_senders(report["senders"]))
+    lines.append("")
+    lines.extend(render_dispatchers(report["dispatchers"]))
     return "\n".join(lines)
+
+
+def render_dispatchers(dispatchers: list[dict]) -> list[str]:
+    if not dispatchers:
+        return ["dispatchers: none has run in the last hour"]
+    rows = [(d["holder"], "alive" if d["alive"] else ("stopped" if d["stopped_datetime"]
+                                                      else "dead"),
+             d["senders_held"] if d["alive"] else 0, d["started_datetime"][:19])
+            for d in dispatchers]
+    return [render_table(["dispatcher", "state", "senders", "started"], rows)]
 
 
 def render_senders(senders: list[dict]) -> list[str]:

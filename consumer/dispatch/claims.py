@@ -16,7 +16,7 @@ import psycopg
 from psycopg.rows import class_row
 
 from consumer.dispatch.twilio_client import Outgoing
-from consumer.pipeline import scalar
+from consumer.pipeline import LOCK_CONNECTION_PREFIX, scalar
 from consumer.segments import cost_of
 
 # First key of the two-key advisory locks that give a dispatcher a sender; the second key
@@ -208,9 +208,6 @@ WHERE id = %s AND status = 'processing'
 """
 
 
-# The lock connection's name says whose it is: pg_stat_activity then lists the dispatchers
-# alive, and Postgres forgets a dead one the moment its connection goes.
-LOCK_CONNECTION_PREFIX = "smsq dispatch locks "
 
 # Senders nobody holds: no session holds their advisory lock (pg_locks keeps the second key
 # as an oid, the unsigned form of hashtext's int4).

@@ -101,6 +101,7 @@ class Dispatcher(Reconciliation):
         self._lock_db: psycopg.Connection | None = None  # None while not connected
         self._db: psycopg.Connection | None = None
         self.next_tick = self.next_poll = self.next_renew = self.next_fold = 0.0
+        self.unsent_when_lost: list[UUID] = []  # rows in hand when Postgres went away
 
     @property
     def lock_db(self) -> psycopg.Connection:
@@ -130,7 +131,8 @@ class Dispatcher(Reconciliation):
                                              log, self._connect):
                 break
             try:
-                self._loop()
+                self._loop()  # returns only when a stop is requested: _shut_down hands back
+                continue
             except psycopg.OperationalError as exc:
                 log.warning("postgres connection lost", extra={
                     "action": "postgres_lost", "error": error_text(exc)})
@@ -161,6 +163,7 @@ class Dispatcher(Reconciliation):
         if self._db is None or self._db.closed:
             self._db = psycopg.connect(dsn, autocommit=True, application_name="smsq dispatch")
         metrics.DEPENDENCY_UP.labels("postgres").set(1)
+        self._hand_back_unsent_when_lost()
 
     def _close(self) -> None:
         metrics.DEPENDENCY_UP.labels("postgres").set(0)
@@ -454,12 +457,21 @@ class Dispatcher(Reconciliation):
     def _forget_senders(self) -> None:
         """The database went away, and our locks with it: another dispatcher may pace them now.
 
-        Rows in hand stay `processing` under our name until their lease expires, and are then
-        reconciled by whoever holds the sender. Requests on the wire finish; their outcomes
-        are written after the reconnect.
+        Rows in hand were never sent: they are handed back as soon as we reconnect (a
+        failover to a standby takes a second). Until then they wait in `processing`, and a
+        dispatcher taking their sender meanwhile waits the wire bound for them. Requests on
+        the wire finish; their outcomes are written after the reconnect.
         """
+        self.unsent_when_lost += self.scheduler.queued_ids()
         self.scheduler.drop_all()
         metrics.SENDERS_HELD.set(0)
+
+    def _hand_back_unsent_when_lost(self) -> None:
+        if self.unsent_when_lost:
+            returned = claims.release_unsent(self.db, self.unsent_when_lost, self.holder)
+            log.info("rows in hand when postgres went away handed back", extra={
+                "action": "unsent_handed_back", "count": returned})
+            self.unsent_when_lost = []
 
     def _shut_down(self) -> None:
         """Hand back what is not sent, let requests on the wire finish, release the locks."""

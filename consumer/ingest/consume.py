@@ -104,6 +104,9 @@ class Ingester:
         self.reader: DeliveryReader | None = None  # None: pika hands us the deliveries
         self.acks_withheld = False  # a batch of this connection was given up
         self.consumer_tag = ""
+        # AMQP_URL's broker to try first at the next connect: the one after the broker last
+        # reached, so a node that went away is tried last, not waited for first.
+        self.next_broker = 0
 
     # -- the outer loop: connect, consume, reconnect -----------------------------------------
 
@@ -131,7 +134,8 @@ class Ingester:
 
     def _consume(self) -> None:
         log.info("consuming", extra={"action": "consume_started",
-                                     "queue": self.settings.smsq_queue})
+                                     "queue": self.settings.smsq_queue,
+                                     "broker": amqp.broker_of(self.amqp_connection)})
         while not self.stop.requested:
             if self._holding_too_much():
                 self._wait_for_the_writer()
@@ -294,7 +298,7 @@ class Ingester:
         self.orphaned = [*self._orphans_waiting(), *self.in_flight]
         self.in_flight.clear()
         try:
-            self.amqp_connection = amqp.connect(self.settings, "consume")
+            self.amqp_connection = amqp.connect(self.settings, "consume", self.next_broker)
         except pika.exceptions.ProbableAuthenticationError as exc:
             raise FatalBrokerError(f"AMQP_URL: RabbitMQ refused the credentials ({exc})") from None
         except pika.exceptions.ProbableAccessDeniedError as exc:
@@ -315,6 +319,7 @@ class Ingester:
             self._close_amqp()
             raise
         metrics.DEPENDENCY_UP.labels("rabbitmq").set(1)
+        self.next_broker = amqp.broker_index(self.settings, self.amqp_connection) + 1
         return True
 
     def _on_cancelled_by_broker(self, _method_frame) -> None:

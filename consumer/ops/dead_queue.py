@@ -34,9 +34,17 @@ class DeadLetter:
 
 def _as_dead_letter(properties: pika.BasicProperties, body: bytes) -> DeadLetter:
     headers = properties.headers or {}
-    reason = headers.get("x-error", "(no reason recorded)")
+    reason = headers.get("x-error") or _broker_reason(headers)
     at = headers.get("x-dead-lettered-at")
     return DeadLetter(key_of(properties, body), _text(reason), _text(at) if at else None, body)
+
+
+def _broker_reason(headers: dict) -> str:
+    """A message RabbitMQ dead-lettered itself (x-death), past the quorum queue's limit."""
+    if _text(headers.get("x-first-death-reason", "")) == "delivery_limit":
+        return (f"delivered {amqp.DELIVERY_LIMIT} times without being stored (RabbitMQ's "
+                "delivery limit): see smsq consume's log for why")
+    return "(no reason recorded)"
 
 
 def _text(value: object) -> str:

@@ -82,8 +82,11 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # open(wait=False): serve starts (and /readyz says why) even while Postgres is away.
+        # check: a connection to a primary that has since failed over is replaced when it is
+        # taken, not handed to a request (DATABASE_URL may name a primary and its standby).
         pool = ConnectionPool(settings.database_dsn, min_size=1, max_size=POOL_SIZE, open=False,
-                              timeout=POOL_TIMEOUT, kwargs={"application_name": "smsq serve"})
+                              timeout=POOL_TIMEOUT, kwargs={"application_name": "smsq serve"},
+                              check=ConnectionPool.check_connection)
         pool.open(wait=False)
         app.state.pool = pool
         jobs = housekeeping.start(pool, settings)

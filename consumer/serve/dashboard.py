@@ -41,6 +41,7 @@ def _overview_data(conn: psycopg.Connection) -> dict:
         "totals": {status: sum(row.values()) for status, row in table.items()},
         "chart": charts.bar_chart(charts.per_minute(sent_rows, this_minute)),
         "buckets": pipeline.sender_buckets(conn),
+        "dispatchers": pipeline.dispatchers(conn),
         "oldest_due_age": pipeline.oldest_due_age_seconds(conn),
         "past_lease": queries.processing_past_lease(conn),
         "errors": queries.errors_by_code(conn, ERROR_WINDOW_HOURS),

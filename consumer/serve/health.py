@@ -41,14 +41,20 @@ def _rabbitmq(settings: Settings) -> None:
     amqp.queue_depths(settings)
 
 
-async def _check(name: str, fn, *args) -> str:
+async def _check(name: str, fn, arg, seconds: float = CHECK_TIMEOUT + 1) -> str:
     try:
-        await asyncio.wait_for(run_in_threadpool(fn, *args), CHECK_TIMEOUT + 1)
+        await asyncio.wait_for(run_in_threadpool(fn, arg), seconds)
     except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
         log.warning("readiness check failed", extra={
             "action": "readyz_unready", "dependency": name, "error": error_text(exc)})
         return "unreachable"
     return "ok"
+
+
+def _brokers_seconds(settings: Settings) -> float:
+    """AMQP_URL's brokers are tried in turn, each for up to its connect timeout: a node of
+    the list that is down must not make serve unready while the next one answers."""
+    return amqp.CONNECT_TIMEOUT * len(settings.amqp_urls) + 1
 
 
 class Readiness:
@@ -65,7 +71,8 @@ class Readiness:
             if self.clock() - self.checked_at >= READY_CACHE_SECONDS:
                 postgres, rabbitmq = await asyncio.gather(
                     _check("postgres", _postgres, request.app.state.pool),
-                    _check("rabbitmq", _rabbitmq, request.app.state.settings))
+                    _check("rabbitmq", _rabbitmq, request.app.state.settings,
+                           _brokers_seconds(request.app.state.settings)))
                 self.checks = {"postgres": postgres, "rabbitmq": rabbitmq}
                 self.checked_at = self.clock()
             return self.checks

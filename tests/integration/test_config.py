@@ -116,10 +116,50 @@ def test_batch_and_prefetch_set_alone_decide_the_other_and_set_both_must_agree(c
     ("smsq_metrics_port", ""),
     ("smsq_metrics_host", "0.0.0.0"),
     ("smsq_dashboard_password", "correct horse battery staple"),
+    ("amqp_url", "amqp://guest:guest@node1:5672/%2F, amqp://guest:guest@node2:5672/%2F"),
+    ("database_url",
+     "postgresql://postgres@db1:5432,db2:5432/smsq?target_session_attrs=read-write"),
 ])
 def test_well_formed_values_pass(name, value, clean_env):
     clean_env.setenv(name.upper(), value)
     load_settings()
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("amqp://guest:secret@node1:5672/%2F,http://node2:5672/",
+     "AMQP_URL: entry 2 of 2: must start with amqp:// or amqps://"),
+    ("amqp://guest:secret@node1:5672/%2F,", "AMQP_URL: entry 2 of 2: empty (a stray comma?)"),
+    ("amqp://guest:secret@node1:56x2/%2F,amqp://node2",
+     "AMQP_URL: entry 1 of 2: not a URL (amqp://user:password@host:port/vhost)"),
+    ("amqp://node1,amqp://,amqp://node3",
+     "AMQP_URL: entry 2 of 3: names no host (amqp://user:password@host:port/vhost)"),
+])
+def test_each_broker_of_the_list_is_checked_and_named_by_its_place(value, problem, clean_env):
+    clean_env.setenv("AMQP_URL", value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert str(caught.value) == problem
+    assert "secret" not in str(caught.value)
+
+
+def test_the_broker_list_and_postgres_hosts_are_read_as_lists(clean_env):
+    from consumer.services import broker_addresses, postgres_addresses
+    clean_env.setenv("AMQP_URL", "amqp://guest:guest@node1:5673/%2F , amqp://node2")
+    clean_env.setenv("DATABASE_URL", "postgresql://postgres@db1:5433,db2/smsq"
+                                     "?target_session_attrs=read-write")
+    settings = load_settings()
+    assert settings.amqp_urls == ["amqp://guest:guest@node1:5673/%2F", "amqp://node2"]
+    assert broker_addresses(settings.amqp_url) == [("node1", 5673), ("node2", 5672)]
+    assert postgres_addresses(settings.database_dsn) == [("db1", 5433), ("db2", 5432)]
+
+
+def test_postgres_connections_time_out_per_host_unless_the_url_says(clean_env):
+    """libpq (and psycopg) try each host of the list for connect_timeout: without one, a
+    black-holed first host holds the others up for psycopg's default of 130 s."""
+    info = psycopg.conninfo.conninfo_to_dict(load_settings().database_dsn)
+    assert info["connect_timeout"] == "5"
+    clean_env.setenv("DATABASE_URL", "postgresql://postgres@db1/smsq?connect_timeout=2")
+    assert psycopg.conninfo.conninfo_to_dict(load_settings().database_dsn)["connect_timeout"] == "2"
 
 
 def test_a_real_process_prints_one_line_and_no_traceback(tmp_path):

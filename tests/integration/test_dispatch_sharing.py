@@ -15,6 +15,7 @@ from tests.dispatch_support import (
     dispatch_settings,
     most_in_any_window,
     rows_by_id,
+    running_dispatcher,
     statuses,
 )
 from tests.support import start_smsq, stop, wait_until
@@ -140,3 +141,27 @@ def test_the_rate_holds_across_a_handover_and_a_dead_holders_rows_wait_only_thei
     # claim's whole lease either (the figure printed: the takeover, the bound, one tick).
     assert wire_seconds <= released_after < 30
     assert all(rows[row_id]["status"] == "sent" for row_id in in_hand)
+
+
+def test_rows_in_hand_when_postgres_goes_away_are_handed_back_at_the_reconnect(
+        settings, fake_twilio, caplog):
+    """A failover or a restart of Postgres: the rows the dispatcher held but had not sent go
+    back to pending as soon as it reconnects, not after their 60 s lease."""
+    settings = dispatch_settings(settings, fake_twilio, twilio_sms_rate=1.0,
+                                 smsq_lease_seconds=60.0)
+    add_notifications(settings, *[{"body": f"m{n}"} for n in range(6)])
+    with caplog.at_level("INFO", logger="consumer.dispatch.loop"), \
+            running_dispatcher(settings):
+        wait_until(lambda: len(fake_twilio.messages()) >= 1, timeout=10, message="sending")
+        with psycopg.connect(settings.database_dsn, autocommit=True) as admin:
+            ended = admin.execute(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name LIKE 'smsq dispatch%%'"
+            ).fetchone()[0]
+        assert ended >= 2  # the work and lock connections (and the listener's)
+        wait_until(lambda: any(getattr(r, "action", None) == "unsent_handed_back"
+                               for r in caplog.records), timeout=15,
+                   message="the rows in hand handed back at the reconnect")
+        wait_until(lambda: statuses(settings) == {"sent": 6}, timeout=30,
+                   message="everything sent, well within the 60 s lease")
+    assert sorted(m["body"] for m in fake_twilio.messages()) == [f"m{n}" for n in range(6)]

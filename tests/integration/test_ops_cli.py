@@ -104,6 +104,25 @@ def test_retry_by_filter_touches_only_the_matching_rows(smsq, db):
         "pending", "errored", "errored", "failed"]
 
 
+def test_status_says_which_dispatchers_are_alive_by_their_lock_connections(smsq, db, settings):
+    db.execute("""INSERT INTO dispatcher (holder, senders_held, stopped_datetime) VALUES
+                  ('host:1', 3, NULL), ('host:2', 2, NULL), ('host:3', 0, now())""")
+    # host:1's lock connection is open; host:2 died without a word (its row says 2 senders).
+    with psycopg.connect(settings.database_dsn,
+                         application_name=pipeline.LOCK_CONNECTION_PREFIX + "host:1"):
+        code, out = smsq("status", "--json")
+        states = {d["holder"]: (d["alive"], d["stopped_datetime"] is not None)
+                  for d in json.loads(out)["dispatchers"]}
+        code, text = smsq("status")
+    assert code == 0
+    assert states == {"host:1": (True, False), "host:2": (False, False),
+                      "host:3": (False, True)}
+    rows = {line.split()[0]: line.split()[1:3] for line in text.splitlines()
+            if line.startswith("host:")}
+    assert rows == {"host:1": ["alive", "3"], "host:2": ["dead", "0"],
+                    "host:3": ["stopped", "0"]}
+
+
 def test_retry_undelivered_sends_again_only_sent_ones_whose_delivery_failed(smsq, db):
     undelivered, delivered, errored = insert(db, "sent"), insert(db, "sent"), insert(db, "errored")
     for notification_id, sid, delivery in ((undelivered, "SM" + "1" * 32, "undelivered"),

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 from starlette.testclient import TestClient
 
+from consumer import pipeline
 from consumer.serve.app import create_app
 from tests.support import declare_queues, publish_raw, queue_depth, start_smsq, stop, wait_until
 from tests.web_support import USER, conn, insert_notification, log_in, web_settings  # noqa: F401 - conn is a fixture
@@ -51,6 +52,18 @@ def test_the_overview_shows_counts_sends_senders_age_and_errors(client, conn):
     assert "7 min" in page                            # oldest due message
     assert "21610" in page and "unsubscribed" in page  # errors by code
     assert '<svg class="chart"' in page
+
+
+def test_the_overview_shows_each_dispatcher_alive_or_gone(client, conn, settings):
+    conn.execute("INSERT INTO dispatcher (holder, senders_held) VALUES ('host-b:1', 4), "
+                 "('host-c:2', 4)")
+    with psycopg.connect(settings.database_dsn,
+                         application_name=pipeline.LOCK_CONNECTION_PREFIX + "host-b:1"):
+        page = client.get("/").text
+    card = page[page.index("<h2>Dispatchers</h2>"):]
+    card = card[:card.index("</section>")]
+    alive, gone = card.index("host-b:1"), card.index("host-c:2")
+    assert "alive" in card[alive:gone] and "gone" in card[gone:]
 
 
 def test_pages_link_their_assets_without_a_host_or_scheme(client):
