@@ -257,7 +257,7 @@ def test_heartbeats_count_the_bytes_the_reader_reads(settings, caplog):
     check interval. With the reader attached every byte passes through it: the connection
     stays open over two checks only if the reader keeps counting them."""
     caplog.set_level(logging.DEBUG, logger=CHECKS)
-    params = amqp.connection_parameters(settings, "test")
+    [params] = amqp.connection_parameters(settings, "test")  # the one broker of the tests
     params.heartbeat = 1  # the shortest: a check every 6 s (pika adds 5 s to the timeout)
     with pika.BlockingConnection(params) as connection:
         _channel, _tag, reader, _to_pika = attached_consumer(connection, settings)
