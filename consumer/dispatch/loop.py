@@ -311,7 +311,7 @@ class Dispatcher(Reconciliation):
                 self._fail(action.row, action.error)
 
     def _fail(self, row: claims.ClaimedRow, exc: Exception) -> None:
-        """DESIGN.md: a row smsq cannot handle becomes failed; the others go on."""
+        """A row smsq cannot handle becomes failed; the others go on (docs/contract.md, 4)."""
         message = f"failed in smsq: {type(exc).__name__}: {exc}"[:2000]
         self.outcomes.append(claims.Outcome(row.id, "failed", message, attempted=False))
         metrics.DISPATCH_SENDS.labels("failed", "").inc()

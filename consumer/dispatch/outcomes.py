@@ -1,4 +1,4 @@
-"""What each Twilio outcome means for a notification: DESIGN.md's status table as one function.
+"""What each Twilio outcome means for a notification: the contract's status table as one function.
 
 Pure: the Twilio adapter turns whatever happened on the wire into a `TwilioAttempt`, `decide`
 says which status the row gets, and the dispatcher records it.

@@ -1,4 +1,4 @@
-"""Asking Twilio about a message whose outcome is unknown (DESIGN.md's status rules).
+"""Asking Twilio about a message whose outcome is unknown (docs/contract.md, section 4).
 
 The part of the dispatcher that, for a row left in `processing` (a 5xx, a timeout, a
 dispatcher that died mid-send), lists Twilio's messages in a worker thread and decides in the
