@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psycopg
 
+from consumer.pipeline import scalar
 from consumer.settings import ConfigError
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def migrate(dsn: str) -> list[Migration]:
 
 def _applied_versions(conn: psycopg.Connection) -> set[int]:
     """The versions recorded in smsq_migration (none while that table does not exist)."""
-    if conn.execute("SELECT to_regclass('smsq_migration')").fetchone()[0] is None:
+    if scalar(conn.execute("SELECT to_regclass('smsq_migration')")) is None:
         return set()
     return {row[0] for row in conn.execute("SELECT version FROM smsq_migration")}
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from enum import StrEnum
+from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
@@ -127,7 +128,8 @@ def counts_by_status(conn: psycopg.Connection) -> list[tuple[str, str, int]]:
 
 def counts_table(conn: psycopg.Connection) -> dict[str, dict[str, int]]:
     """{status: {priority: count}} with every status and priority, 0 where there is none."""
-    table = {status: dict.fromkeys(PRIORITIES, 0) for status in STATUSES}
+    table: dict[str, dict[str, int]] = {
+        status: dict.fromkeys(PRIORITIES, 0) for status in STATUSES}
     for status, priority, count in counts_by_status(conn):
         table[status][priority] = count
     return table
@@ -148,12 +150,12 @@ def fold_counts(conn: psycopg.Connection) -> int:
     runs. Writers keep appending meanwhile: the DELETE only takes the rows its snapshot
     sees, and a concurrent fold waits for this one, then finds those rows gone.
     """
-    return conn.execute(
+    return scalar(conn.execute(
         """WITH folded AS (DELETE FROM notification_count_delta RETURNING status, priority, delta),
                 kept AS (INSERT INTO notification_count_delta (status, priority, delta)
                          SELECT status, priority, sum(delta) FROM folded
                          GROUP BY 1, 2 HAVING sum(delta) <> 0)
-           SELECT count(*) FROM folded""").fetchone()[0]
+           SELECT count(*) FROM folded"""))
 
 
 def sender_buckets(conn: psycopg.Connection) -> list[dict]:
@@ -199,7 +201,7 @@ WHERE s.sender IS NOT NULL AND first_due.publish_datetime <= now()
 
 
 def oldest_due_age_seconds(conn: psycopg.Connection) -> float | None:
-    age = conn.execute(_OLDEST_DUE).fetchone()[0]
+    age = scalar(conn.execute(_OLDEST_DUE))
     return float(age) if age is not None else None
 
 
@@ -255,6 +257,13 @@ def send_again(conn: psycopg.Connection, ids: Sequence[uuid.UUID], message: str,
     again = [row[0] for row in rows]
     wake_for(conn, again)
     return again
+
+
+def scalar(cursor: psycopg.Cursor[Any]) -> Any:
+    """The first column of a query that always returns one row (an aggregate, a function)."""
+    row = cursor.fetchone()
+    assert row is not None, "the query returned no row"
+    return row[0]
 
 
 # -- guard rails: the suppression list, what the guards stopped, the daily budget -------------

@@ -28,12 +28,15 @@ def retrying(dependency: str, stop: StopSignal,
              first_wait: float = FIRST_WAIT_SECONDS) -> tenacity.Retrying:
     """Retry while `retry_on` is raised, until `stop` is requested: then the last error is
     raised again, or, with `.give_up_quietly()`, False is returned."""
+    def sleep(seconds: float) -> None:
+        stop.wait(seconds)  # woken early by a stop, which the `stop` condition then sees
+
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(retry_on),
         wait=tenacity.wait_exponential_jitter(multiplier=first_wait,
                                               max=MAX_WAIT_SECONDS[dependency]),
         stop=lambda _state: stop.requested,
-        sleep=stop.wait,
+        sleep=sleep,
         before_sleep=before_sleep or logged(dependency, logger),
         reraise=True,
     )
@@ -51,7 +54,9 @@ def until_connected(dependency: str, stop: StopSignal,
 
 def logged(dependency: str, logger: logging.Logger) -> Callable[[tenacity.RetryCallState], None]:
     def before_sleep(state: tenacity.RetryCallState) -> None:
+        # Called only after an attempt that raised one of `retry_on`.
         exc = state.outcome.exception() if state.outcome else None
+        assert exc is not None
         logger.warning(f"{dependency} unavailable, retrying",
                        extra={"action": f"{dependency}_retry", "attempt": state.attempt_number,
                               "wait_seconds": round(state.upcoming_sleep, 2),

@@ -99,7 +99,7 @@ def _utf16_units(text: str) -> int:
 
 def _clusters(body: str) -> list[str]:
     """The body's grapheme clusters, cut where the calculator cuts them."""
-    clusters = []
+    clusters: list[str] = []
     for cluster in _GRAPHEME.findall(body):
         if cluster == "\r\n":
             clusters += ("\r", "\n")

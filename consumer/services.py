@@ -32,8 +32,8 @@ def postgres_addresses(database_url: str) -> list[tuple[str, int]]:
     """(host, port) of each host of DATABASE_URL, libpq's multi-host form included
     (postgresql://user@host1:5432,host2:5432/db): urlsplit cannot read that form."""
     info = psycopg.conninfo.conninfo_to_dict(database_url)
-    hosts = (info.get("host") or "127.0.0.1").split(",")
-    ports = (info.get("port") or "5432").split(",")
+    hosts = str(info.get("host") or "127.0.0.1").split(",")
+    ports = str(info.get("port") or "5432").split(",")
     if len(ports) == 1:
         ports = ports * len(hosts)
     return [(host or "127.0.0.1", int(port or 5432)) for host, port in zip(hosts, ports)]
@@ -61,9 +61,9 @@ def postgres_answers(settings: Settings) -> bool:
 def _maintenance_dsn(settings: Settings) -> tuple[str, str]:
     """A DSN to the server's `postgres` database, and the name of ours."""
     info = psycopg.conninfo.conninfo_to_dict(settings.database_dsn)
-    name = info.get("dbname") or "smsq"
+    name = str(info.get("dbname") or "smsq")
     info["dbname"] = "postgres"
-    return psycopg.conninfo.make_conninfo(**info), name
+    return psycopg.conninfo.make_conninfo("", **info), name
 
 
 def ensure_database(settings: Settings) -> bool:

@@ -23,8 +23,8 @@ class StopSignal:
     def request(self) -> None:
         self._event.set()
 
-    def wait(self, seconds: float) -> bool:
-        """Sleep up to `seconds`, waking early when a stop is requested."""
+    def wait(self, seconds: float | None) -> bool:
+        """Sleep up to `seconds` (None: until a stop), waking early when a stop is requested."""
         return self._event.wait(seconds)
 
     def install(self) -> StopSignal:

@@ -11,6 +11,7 @@ from collections.abc import Collection
 
 import phonenumbers
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from schemas.json_rules import problem_in
 from schemas.message import Notification
@@ -84,7 +85,7 @@ def describe(exc: ValidationError, raw: bytes = b"", names: dict[str, str] | Non
                      for error in exc.errors(include_url=False))
 
 
-def _describe_one(error: dict, raw: bytes, names: dict[str, str]) -> str:
+def _describe_one(error: ErrorDetails, raw: bytes, names: dict[str, str]) -> str:
     kind = error["type"]
     field = _shown(".".join(str(part) for part in error["loc"])) or "message"
     field = names.get(field, field)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable
 
 from schemas.message import Notification
 
@@ -64,9 +65,17 @@ def _needs_a_closer_look(raw: bytes, n: Notification) -> bool:
 def _object(pairs: list[tuple[str, object]]) -> _Object:
     found = _Object(pairs)
     if len(found) < len(pairs):
-        seen: set[str] = set()
-        found.twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        found.twice = _first_repeated(key for key, _ in pairs)
     return found
+
+
+def _first_repeated(keys: Iterable[str]) -> str | None:
+    seen: set[str] = set()
+    for key in keys:
+        if key in seen:
+            return key
+        seen.add(key)
+    return None
 
 
 def _float(text: str) -> float | _NotJSONNumber:

@@ -16,7 +16,7 @@ import hashlib
 import re
 import uuid
 from datetime import datetime, timedelta, timezone
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import phonenumbers
@@ -35,7 +35,8 @@ from pydantic import (
 
 MAX_MEDIA_URLS = 10  # Twilio's limit, counting an inline temporary_media too
 MAX_INLINE_MEDIA_BYTES = 5 * 1024 * 1024
-INLINE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/gif")
+InlineMediaType = Literal["image/png", "image/jpeg", "image/gif"]
+INLINE_MEDIA_TYPES: tuple[str, ...] = get_args(InlineMediaType)
 CHANNELS_NOT_SERVED = ("email", "app", "push")
 
 # Namespace of the UUIDv5 ids derived from a message_id that is not a UUID, or from the body.
@@ -164,7 +165,7 @@ class TemporaryMedia(_Strict):
     """An inline image that smsq hosts itself for Twilio to fetch."""
 
     name: str = Field(min_length=1, max_length=255)
-    content_type: Literal[INLINE_MEDIA_TYPES]
+    content_type: InlineMediaType
     content_base64: str = Field(description="the image, base64-encoded; at most 5 MB decoded")
 
     @field_validator("content_base64")

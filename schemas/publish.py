@@ -51,9 +51,10 @@ def publish_many(
     try:
         channel = connection.channel()
         channel.confirm_delivery()
-        ids = []
+        ids: list[uuid.UUID] = []
         for message in messages:
             notification = _validated(message, default_region)
+            assert notification.id is not None  # _validated gives every message an id
             body = notification.model_dump_json(exclude_none=True).encode()
             # mandatory: an unroutable message (no queue bound yet) is an error, not a loss.
             channel.basic_publish(

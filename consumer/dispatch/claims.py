@@ -16,7 +16,7 @@ import psycopg
 from psycopg.rows import class_row
 
 from consumer.dispatch.twilio_client import Outgoing
-from consumer.pipeline import LOCK_CONNECTION_PREFIX, UNSUBSCRIBED, SuppressionReason
+from consumer.pipeline import LOCK_CONNECTION_PREFIX, UNSUBSCRIBED, SuppressionReason, scalar
 from consumer.segments import cost_of
 
 # First key of the two-key advisory locks that give a dispatcher a sender; the second key
@@ -297,7 +297,7 @@ def unlock_sender(conn: psycopg.Connection, sender: str) -> None:
 
 def live_dispatchers(conn: psycopg.Connection) -> int:
     """Dispatchers whose lock connection is open now, this one included."""
-    return conn.execute(_LIVE_DISPATCHERS, (LOCK_CONNECTION_PREFIX + "%",)).fetchone()[0]
+    return scalar(conn.execute(_LIVE_DISPATCHERS, (LOCK_CONNECTION_PREFIX + "%",)))
 
 
 def heartbeat(conn: psycopg.Connection, holder: str, held: int) -> None:

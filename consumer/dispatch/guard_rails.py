@@ -18,14 +18,15 @@ from consumer import metrics
 from consumer.dispatch import claims, guards
 from consumer.dispatch.outcomes import Decision
 from consumer.dispatch.scheduler import Paused, Send
+from consumer.dispatch.state import DispatcherState
 from consumer.dispatch.threads import SendResult
 from consumer.pipeline import Guard, count_guard
 
 log = logging.getLogger(__name__)
 
 
-class GuardRails:
-    """Needs: db, settings, outcomes, scheduler (the Dispatcher's)."""
+class GuardRails(DispatcherState):
+    """Uses the Dispatcher's connection, settings, outcomes and scheduler."""
 
     def _on_suppressed(self, rows: list[claims.ClaimedRow]) -> None:
         if not rows:
@@ -68,6 +69,7 @@ class GuardRails:
         if decision.status == "processing":
             return 0.0
         if decision.status == "sent":
+            assert result.attempt is not None  # a sent decision comes from Twilio's answer
             return cost - (result.attempt.segments or cost)
         return cost
 

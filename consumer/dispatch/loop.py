@@ -92,19 +92,30 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
         self.concurrency = settings.smsq_dispatch_concurrency
         in_hand_target = max(1, min(settings.twilio_sms_batch_size, math.ceil(
             settings.twilio_sms_rate * HORIZON_SECONDS + settings.smsq_burst)))
-        self.scheduler = Scheduler(settings.twilio_sms_rate * (1 - PACING_MARGIN),
-                                   settings.smsq_burst, in_hand_target, policy,
-                                   lambda row: row.cost,
-                                   daily_limit=settings.smsq_daily_segment_limit)
+        self.scheduler: Scheduler[claims.ClaimedRow] = Scheduler(
+            settings.twilio_sms_rate * (1 - PACING_MARGIN), settings.smsq_burst, in_hand_target,
+            policy, lambda row: row.cost, daily_limit=settings.smsq_daily_segment_limit)
         self.twilio = TwilioSender(settings, self.concurrency)
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.pool = WorkerPool(self.concurrency, self.events)
         self.in_flight: dict[UUID, claims.ClaimedRow] = {}  # sends and reconciliations
         self.outcomes: list[claims.Outcome] = []
-        self.lock_db: psycopg.Connection | None = None
-        self.db: psycopg.Connection | None = None
+        self._lock_db: psycopg.Connection | None = None  # None while not connected
+        self._db: psycopg.Connection | None = None
         self.next_tick = self.next_poll = self.next_renew = self.next_fold = 0.0
         self.unsent_when_lost: list[UUID] = []  # rows in hand when Postgres went away
+
+    @property
+    def lock_db(self) -> psycopg.Connection:
+        """The connection holding the senders' locks (the loop runs only while connected)."""
+        assert self._lock_db is not None, "used while connected only"
+        return self._lock_db
+
+    @property
+    def db(self) -> psycopg.Connection:
+        """The connection that claims rows and writes outcomes."""
+        assert self._db is not None, "used while connected only"
+        return self._db
 
     @property
     def held(self) -> dict[str, Sender]:
@@ -143,29 +154,29 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
 
     def _connect(self) -> None:
         dsn = self.settings.database_dsn
-        if self.lock_db is None or self.lock_db.closed:
-            self.lock_db = psycopg.connect(
+        if self._lock_db is None or self._lock_db.closed:
+            self._lock_db = psycopg.connect(
                 dsn, autocommit=True,
                 application_name=claims.LOCK_CONNECTION_PREFIX + self.holder,
                 # Both ends notice a lost network in seconds, not TCP's hours: the server
                 # then frees our locks for another dispatcher, and we stop sending.
                 keepalives=1, keepalives_idle=5, keepalives_interval=1, keepalives_count=3)
-            self.lock_db.execute("SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 1;"
+            self._lock_db.execute("SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 1;"
                                  " SET tcp_keepalives_count = 3")
-        if self.db is None or self.db.closed:
-            self.db = psycopg.connect(dsn, autocommit=True, application_name="smsq dispatch")
+        if self._db is None or self._db.closed:
+            self._db = psycopg.connect(dsn, autocommit=True, application_name="smsq dispatch")
         metrics.DEPENDENCY_UP.labels("postgres").set(1)
         self._hand_back_unsent_when_lost()
 
     def _close(self) -> None:
         metrics.DEPENDENCY_UP.labels("postgres").set(0)
-        for conn in (self.lock_db, self.db):
+        for conn in (self._lock_db, self._db):
             if conn is not None:
                 try:
                     conn.close()
                 except psycopg.Error:
                     pass
-        self.lock_db = self.db = None
+        self._lock_db = self._db = None
 
     def _loop(self) -> None:
         while not self.stop.requested:
@@ -240,7 +251,7 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
             self.pool.submit(self._send, send.sender.address, send.row)
 
     def _fail(self, row: claims.ClaimedRow, exc: Exception) -> None:
-        """DESIGN.md: a row smsq cannot handle becomes failed; the others go on."""
+        """A row smsq cannot handle becomes failed; the others go on (docs/contract.md, 4)."""
         message = f"failed in smsq: {type(exc).__name__}: {exc}"[:2000]
         self.outcomes.append(claims.Outcome(row.id, "failed", message, attempted=False))
         metrics.DISPATCH_SENDS.labels("failed", "").inc()
@@ -248,6 +259,7 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
             "action": "send_failed", "notification_id": str(row.id)})
 
     def _expire(self, row: claims.ClaimedRow) -> None:
+        assert row.expire_datetime is not None  # the scheduler expires only rows that expire
         message = f"expired at {row.expire_datetime.isoformat()} before it could be sent"
         self.outcomes.append(claims.Outcome(row.id, "errored", message, attempted=False))
         metrics.DISPATCH_SENDS.labels("expired", "").inc()
@@ -309,6 +321,7 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
             decision = Decision("failed", status_message=(
                 f"smsq error: {type(result.error).__name__}: {result.error}"))
         else:
+            assert result.attempt is not None  # no error: the worker made the request
             decision = decide(result.attempt, row.attempts + 1, self.policy)
         self.outcomes.append(self._outcome_of(result, decision))
         retry_after = result.attempt.retry_after if result.attempt else None
@@ -329,6 +342,7 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
     def _outcome_of(self, result: SendResult, decision: Decision) -> claims.Outcome:
         row, attempt = result.row, result.attempt
         if decision.status == "sent":
+            assert attempt is not None  # only Twilio's answer says sent
             return claims.Outcome(row.id, "sent", sid=attempt.sid,
                                  segments=attempt.segments or row.cost,
                                  sent_datetime=result.finished)

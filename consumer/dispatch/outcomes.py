@@ -1,4 +1,4 @@
-"""What each Twilio outcome means for a notification: DESIGN.md's status table as one function.
+"""What each Twilio outcome means for a notification: the contract's status table as one function.
 
 Pure: the Twilio adapter turns whatever happened on the wire into a `TwilioAttempt`, `decide`
 says which status the row gets, and the dispatcher records it.
@@ -32,9 +32,6 @@ PAUSE_REASONS = (*ACCOUNT_WIDE.values(), BUDGET_PAUSE)
 # row goes back to pending only once every check found nothing, so a message Twilio is still
 # creating when a request timed out has time to show up in its lists.
 RECONCILE_DELAYS = (2.0, 4.0, 8.0)
-# Delivery failures after acceptance that Twilio asks senders to send again: queue overflow
-# (30001) and 10DLC throughput exceeded (30022).
-RESEND_AFTER_FAILURE = frozenset({30001, 30022})
 
 
 @dataclass(frozen=True)

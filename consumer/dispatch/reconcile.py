@@ -1,4 +1,4 @@
-"""Asking Twilio about a message whose outcome is unknown (DESIGN.md's status rules).
+"""Asking Twilio about a message whose outcome is unknown (docs/contract.md, section 4).
 
 The part of the dispatcher that, for a row left in `processing` (a 5xx, a timeout, a
 dispatcher that died mid-send), lists Twilio's messages in a worker thread and decides in the
@@ -15,14 +15,15 @@ import time
 from consumer import metrics
 from consumer.dispatch import claims
 from consumer.dispatch.outcomes import RECONCILE_DELAYS, reconcile_next
+from consumer.dispatch.state import DispatcherState
 from consumer.dispatch.threads import ReconcileResult
 from consumer.dispatch.twilio_client import FoundMessage
 
 log = logging.getLogger(__name__)
 
 
-class Reconciliation:
-    """Needs: db, outcomes, in_flight, pool, twilio, addresses, scheduler (the Dispatcher's)."""
+class Reconciliation(DispatcherState):
+    """Uses the Dispatcher's connections, outcomes, workers and scheduler."""
 
     def _reconcile(self, senders: list[str], expired_only: bool) -> None:
         if not senders:

@@ -1,6 +1,6 @@
 """Which sender may send what next: the dispatcher's scheduling rules, pure.
 
-The dispatcher (consumer/dispatcher.py) owns the connections and the threads. It tells the
+The dispatcher (consumer/dispatch/loop.py) owns the connections and the threads. It tells the
 scheduler what happened (a sender taken, a notification, rows claimed, a send finished, an
 account-wide error) and asks it what to do now: which claims to make, which rows to send or
 expire, when to wake up. The scheduler reads only the clock it is given, so every rule here is
@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 from uuid import UUID
 
 from consumer.dispatch.bucket import TokenBucket
@@ -39,6 +39,9 @@ class Row(Protocol):
     priority_rank: int
     publish_datetime: datetime
     expire_datetime: datetime | None
+
+
+RowT = TypeVar("RowT", bound=Row)  # the dispatcher's rows: the scheduler hands them back
 
 
 class Clock:
@@ -93,21 +96,21 @@ class ClaimRequest:
 
 
 @dataclass(frozen=True)
-class Send:
+class Send(Generic[RowT]):
     sender: Sender
-    row: Row
+    row: RowT
 
 
 @dataclass(frozen=True)
-class Expire:
-    row: Row
+class Expire(Generic[RowT]):
+    row: RowT
 
 
 @dataclass(frozen=True)
-class Fail:
+class Fail(Generic[RowT]):
     """A row the scheduler could not handle (its cost or times raised): it becomes failed."""
 
-    row: Row
+    row: RowT
     error: Exception
 
 
@@ -125,9 +128,9 @@ class Resumed:
     pauses: int
 
 
-class Scheduler:
+class Scheduler(Generic[RowT]):
     def __init__(self, rate: float, burst: float, in_hand_target: int, policy: RetryPolicy,
-                 cost: Callable[[Row], float], clock: Clock | None = None,
+                 cost: Callable[[RowT], float], clock: Clock | None = None,
                  daily_limit: int | None = None) -> None:
         self.rate, self.burst = rate, burst
         self.in_hand_target = in_hand_target
@@ -192,7 +195,7 @@ class Scheduler:
             sender.wake_at = at
             heapq.heappush(self._timers, (at, next(self._sequence), key))
 
-    def claimed(self, request: ClaimRequest, rows: list[Row], drained: bool,
+    def claimed(self, request: ClaimRequest, rows: list[RowT], drained: bool,
                 next_due_in: float | None) -> list[UUID]:
         """Rows a claim returned; the ids of the surplus to hand back (after an overtake)."""
         sender = self.senders.get(request.sender)
@@ -259,7 +262,8 @@ class Scheduler:
                 requests.append(request)
         return requests
 
-    def releases(self, free_slots: int) -> Iterator[Send | Expire | Fail | Paused]:
+    def releases(self, free_slots: int
+                 ) -> Iterator[Send[RowT] | Expire[RowT] | Fail[RowT] | Paused]:
         """Rows that may go now, as the buckets allow, within `free_slots` requests; rows
         that expired on the way; senders that reached their daily budget (their rows in hand
         are to go back to pending). Senders take turns, one row each round."""
@@ -321,7 +325,7 @@ class Scheduler:
         return [entry[-1].id for entry in ordered[self.in_hand_target:]]
 
     def _next_of(self, key: str, now: float,
-                 wall: datetime) -> Send | Expire | Fail | Paused | None:
+                 wall: datetime) -> Send[RowT] | Expire[RowT] | Fail[RowT] | Paused | None:
         """The next action of one sender, or None (it leaves the release set, and a timer
         brings it back when its bucket or pause allows)."""
         sender = self.senders.get(key)

@@ -17,6 +17,7 @@ from consumer import metrics
 from consumer.dispatch import claims, guards
 from consumer.dispatch.outcomes import RECONCILE_DELAYS
 from consumer.dispatch.scheduler import Sender
+from consumer.dispatch.state import DispatcherState
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +26,8 @@ log = logging.getLogger(__name__)
 TICK_SECONDS = 1.0
 
 
-class SenderSharing:
-    """Needs: settings, addresses, holder, held, scheduler, db, lock_db, _flush_outcomes,
-    _reconcile (the Dispatcher's)."""
+class SenderSharing(DispatcherState):
+    """Uses the Dispatcher's connections, scheduler and reconciliation."""
 
     def _share_senders(self) -> None:
         """Hold a fair share of the senders: ceil(S / D) with D dispatchers alive.

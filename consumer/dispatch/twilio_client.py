@@ -276,9 +276,11 @@ def _seconds_of_retry_after(value: str) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _int_or_none(value: object) -> int | None:
+def _int_or_none(value: str | int | None) -> int | None:
+    if value is None:
+        return None
     try:
-        return int(value)  # type: ignore[arg-type]
+        return int(value)
     except (TypeError, ValueError):
         return None
 

@@ -44,6 +44,7 @@ from uuid import UUID, uuid4
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
+from pydantic import BaseModel
 
 from consumer import amqp, dead_letters, metrics, reconnect
 from consumer.ingest import storage
@@ -171,6 +172,7 @@ class Ingester:
 
     def _process_events(self, time_limit: float) -> None:
         """Let pika read, write and run callbacks; then take what the reader has read."""
+        assert self.amqp_connection is not None  # the loop runs while connected
         self.amqp_connection.process_data_events(time_limit=time_limit)
         self._take_from_reader()
 
@@ -187,6 +189,7 @@ class Ingester:
         return max(0.0, self.batch_seconds - self.batch.age_seconds())
 
     def _batch_is_due(self) -> bool:
+        assert self.batch is not None  # asked only while gathering one
         ran_dry = self.arrived == 0 and not self.in_flight
         return ran_dry or self.batch.age_seconds() >= self.batch_seconds
 
@@ -196,6 +199,7 @@ class Ingester:
         # those the reader has already read are ours to store.
         if self.reader is not None:
             self.reader.stop()
+        assert self.channel is not None  # still connected: a lost connection skips this
         self.channel.basic_cancel(self.consumer_tag)
         self._take_from_reader()
         if self.batch is not None:
@@ -246,6 +250,7 @@ class Ingester:
 
     def _hand_over(self) -> None:
         batch, self.batch = self.batch, None
+        assert batch is not None  # called with a batch gathered
         self.in_flight.append(batch)
         self.writer.submit(batch)
 
@@ -261,6 +266,7 @@ class Ingester:
         while self.in_flight and self.in_flight[0].outcome is not Outcome.WAITING:
             batch = self.in_flight.popleft()
             if batch.outcome is Outcome.FAILED:
+                assert batch.failure is not None  # the writer sets it with FAILED
                 raise batch.failure
             if batch.outcome is Outcome.ABANDONED:
                 # Writers run side by side: a batch after this one may have been stored,
@@ -270,15 +276,18 @@ class Ingester:
                 for delivery in batch.deliveries:
                     if delivery.error is not None:
                         self._publish_dead(delivery)
+                assert self.channel is not None  # a batch in flight is of this connection
                 self.channel.basic_ack(batch.deliveries[-1].tag, multiple=True)
 
     def _publish_dead(self, delivery: Delivery) -> None:
         original, reason = delivery.properties, delivery.error
+        assert reason is not None  # only a delivery refused is dead-lettered
         if delivery.properties_error is not None and "AMQP properties" not in reason:
             reason += f"; message: its AMQP properties could not be decoded " \
                       f"({delivery.properties_error})"
         properties = dead_letters.properties_for(original, reason)
         # Confirmed publish: returns only once the broker has the dead letter.
+        assert self.dead_channel is not None  # opened with the channel it acknowledges on
         self.dead_channel.basic_publish("", self.settings.dead_queue, delivery.body,
                                         properties, mandatory=True)
         metrics.MESSAGES_DEAD_LETTERED.labels(_field_at_fault(reason)).inc()
@@ -289,7 +298,7 @@ class Ingester:
 
     # -- the AMQP connection ----------------------------------------------------------------
 
-    def _open_amqp(self) -> None:
+    def _open_amqp(self) -> bool:
         # Delivery tags never outlive their channel: what was held before is redelivered.
         self.batch = None
         self.acks_withheld = False
@@ -349,13 +358,13 @@ def _id_from_properties(delivery: Delivery) -> UUID | None:
 
 def _message_fields() -> frozenset[str]:
     """Every field a reason may name: the only values of the dead-letter metric's label."""
-    def paths(model: type, prefix: str) -> list[str]:
+    def paths(model: type[BaseModel], prefix: str) -> list[str]:
         found = []
         for name, info in model.model_fields.items():
             found.append(prefix + name)
             inner = info.annotation
             for candidate in (inner, *getattr(inner, "__args__", ())):
-                if isinstance(candidate, type) and hasattr(candidate, "model_fields"):
+                if isinstance(candidate, type) and issubclass(candidate, BaseModel):
                     found += paths(candidate, f"{prefix}{name}.")
         return found
     return frozenset(["message", *paths(Notification, "")])

@@ -19,9 +19,11 @@ Deliveries are queued here, in arrival order, and taken by the caller after
 inside pika's I/O callbacks. `stop()` hands the consumer back to pika before a cancel, so
 deliveries arriving between the cancel and its answer are rejected by pika as before.
 
-It leans on pika internals (`_impl`, `_on_data_available`, `_process_frame`,
+It leans on pika internals (`_impl`, `_on_data_available`, `_process_frame`, `_frame_buffer`,
 `bytes_received`, `_request_channel_dispatch`). `attach` checks they are there and
-returns None otherwise, and the consumer then takes pika's ordinary path.
+returns None otherwise, and the consumer then takes pika's ordinary path. What they do is
+tested against RabbitMQ (tests/integration/test_delivery_reader.py), and pika is pinned to
+the minor version those tests pass on.
 """
 
 from __future__ import annotations
@@ -230,4 +232,5 @@ class DeliveryReader:
     def _deliver(self, content: _Content) -> None:
         parts = content.parts
         body = parts[0] if len(parts) == 1 else b"".join(parts)
+        assert content.properties is not None  # its header came before its body
         self.deliveries.append((content.tag, content.redelivered, content.properties, body))

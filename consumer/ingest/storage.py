@@ -100,6 +100,7 @@ class IngestRow:
     @classmethod
     def of(cls, notification: Notification, sender: str = "") -> IngestRow:
         """The row of a notification that carries its id."""
+        assert notification.id is not None, "a notification without an id has no row"
         return cls(notification, notification.id, sender)
 
 
@@ -192,8 +193,10 @@ def _best_ranks(rows: list[IngestRow]) -> dict[str, int]:
 def _insert_media(conn: psycopg.Connection, rows: list[IngestRow]) -> dict[uuid.UUID, uuid.UUID]:
     """Store inline media; ids derive from the notification id so a redelivery adds nothing."""
     media_ids = {}
-    for row in [row for row in rows if row.notification.sms.temporary_media is not None]:
+    for row in rows:
         media = row.notification.sms.temporary_media
+        if media is None:
+            continue
         media_id = uuid.uuid5(MEDIA_ID_NAMESPACE, str(row.id))
         conn.execute(
             _INSERT_MEDIA,

@@ -256,6 +256,7 @@ _log_postgres_retry = reconnect.logged("postgres", log)
 
 
 def _log_store_retry(state: tenacity.RetryCallState) -> None:
+    assert state.outcome is not None  # called after a failed attempt
     exc = state.outcome.exception()
     if isinstance(exc, psycopg.errors.DeadlockDetected):
         log.info("batch collided with another writer's, retrying", extra={

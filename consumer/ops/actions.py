@@ -108,8 +108,8 @@ def statuses_of(conn: psycopg.Connection, ids: Sequence[uuid.UUID]) -> dict[uuid
     """The status of each id; 'unknown' for an id not stored."""
     if not ids:
         return {}
-    found = dict(conn.execute("SELECT id, status FROM notification WHERE id = ANY(%s)",
-                              (list(ids),)).fetchall())
+    found: dict[uuid.UUID, str] = dict(conn.execute(
+        "SELECT id, status FROM notification WHERE id = ANY(%s)", (list(ids),)).fetchall())
     return {i: found.get(i, "unknown") for i in ids}
 
 
@@ -148,7 +148,7 @@ def prune(conn: psycopg.Connection, before: datetime, batch: int = 5_000,
     """
     params = {"before": before, "batch": batch, "after": datetime.min.replace(tzinfo=timezone.utc)}
     if dry_run:
-        return conn.execute(_COUNT_PRUNABLE, params).fetchone()[0]
+        return pipeline.scalar(conn.execute(_COUNT_PRUNABLE, params))
     deleted = 0
     while True:
         with conn.transaction():

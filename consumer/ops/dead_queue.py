@@ -54,7 +54,7 @@ def _text(value: object) -> str:
 def list_dead(settings: Settings, limit: int = 100) -> list[DeadLetter]:
     """The first `limit` dead letters, oldest first, left in the queue (none if it was
     never declared: looking creates nothing)."""
-    found = []
+    found: list[DeadLetter] = []
     with amqp.connect(settings, "dead-letters") as connection:
         channel = connection.channel()
         try:

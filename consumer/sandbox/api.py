@@ -160,7 +160,7 @@ class FakeTwilio:
         if mode in CREATED_FAULTS:
             return server_error_reply(CREATED_FAULTS[mode])
         return Reply(201, resource(entry, self.account_sid, now),
-                     delay=fault.slow_ms / 1000 if mode == "slow" else 0.0,
+                     delay=fault.slow_ms / 1000 if fault is not None and mode == "slow" else 0.0,
                      drop=mode == "drop")
 
     def _count_fault(self, mode: str) -> None:
@@ -206,7 +206,8 @@ class FakeTwilio:
     def _set_timeline(self, entry: Received, now: float, fault: FaultRule | None) -> None:
         """When it leaves `queued` and how it ends."""
         mode = fault.mode if fault is not None else None
-        queued_ms = fault.hold_ms if mode == "hold" else self.config["send_delay_ms"]
+        queued_ms = (fault.hold_ms if fault is not None and mode == "hold"
+                     else self.config["send_delay_ms"])
         entry.sent_at = now + queued_ms / 1000
         entry.done_at = entry.sent_at + self.config["deliver_delay_ms"] / 1000
         if mode in FAIL_FAULTS:
@@ -263,7 +264,7 @@ class FakeTwilio:
         items = matching[:page_size]
 
         def page_uri(number: int, token: str | None = None) -> str:
-            extra = {"PageSize": page_size, "Page": number}
+            extra: dict[str, int | str] = {"PageSize": page_size, "Page": number}
             if token:
                 extra["PageToken"] = token
             return f"{self.messages_uri}.json?{urlencode(filters | extra)}"

@@ -92,19 +92,20 @@ class StatusCallbacks:
             url, data=urlencode(params).encode(), method="POST",
             headers={"X-Twilio-Signature": signature, "User-Agent": "TwilioProxy/1.1",
                      "Content-Type": "application/x-www-form-urlencoded"})
-        outcome: dict[str, object] = {"url": url, "sid": params["MessageSid"],
-                                      "status": params["MessageStatus"],
-                                      "error_code": params.get("ErrorCode"),
-                                      "posted_at": time.time(), "http_status": None,
-                                      "error": None}
+        posted_at = time.time()
+        http_status: int | None = None
+        error: str | None = None
         try:
             with urllib.request.urlopen(request, timeout=5) as response:
-                outcome["http_status"] = response.status
+                http_status = response.status
         except urllib.error.HTTPError as exc:
-            outcome["http_status"] = exc.code
+            http_status = exc.code
         except OSError as exc:
-            outcome["error"] = str(exc)
-        outcome["ok"] = outcome["error"] is None and 200 <= int(outcome["http_status"] or 0) < 300
+            error = str(exc)
+        outcome = {"url": url, "sid": params["MessageSid"], "status": params["MessageStatus"],
+                   "error_code": params.get("ErrorCode"), "posted_at": posted_at,
+                   "http_status": http_status, "error": error,
+                   "ok": error is None and 200 <= (http_status or 0) < 300}
         with self._wake:
             self.log.append(outcome)
 

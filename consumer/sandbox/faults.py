@@ -98,9 +98,11 @@ class FaultRule:
             key, sep, value = option.partition("=")
             if not sep:
                 raise FaultError(f"expected key=value in {option!r}")
-            spec[key] = value if key in ("to", "sender") else float(value)
-        if "count" in spec:
-            spec["count"] = int(spec["count"])  # type: ignore[arg-type]
+            if key in ("to", "sender"):
+                spec[key] = value
+            else:
+                number = float(value)
+                spec[key] = int(number) if key == "count" else number
         return cls.from_dict(spec)
 
     @property

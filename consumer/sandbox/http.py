@@ -148,6 +148,7 @@ class FakeTwilioServer:
     @property
     def url(self) -> str:
         host, port = self.http.server_address[:2]
+        assert isinstance(host, str)  # an AF_INET address: (host, port)
         return f"http://{host}:{port}"
 
     def start(self) -> FakeTwilioServer:

@@ -104,8 +104,8 @@ def create_app(settings: Settings) -> Starlette:
             await asyncio.gather(*jobs, return_exceptions=True)
             await run_in_threadpool(pool.close, 5)
 
-    keys = (sessions.SessionKeys(settings.smsq_dashboard_password.get_secret_value())
-            if auth.dashboard_enabled(settings) else None)
+    login = auth.dashboard_login(settings)
+    keys = sessions.SessionKeys(login[1]) if login is not None else None
     app = Starlette(
         routes=routes(),
         middleware=middleware(settings, keys),

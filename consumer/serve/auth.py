@@ -37,9 +37,16 @@ def is_public(path: str) -> bool:
     return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
 
 
+def dashboard_login(settings: Settings) -> tuple[str, str] | None:
+    """The dashboard's (user, password); None while it is disabled (either one unset)."""
+    user, password = settings.smsq_dashboard_user, settings.smsq_dashboard_password
+    if user and password and password.get_secret_value():
+        return user, password.get_secret_value()
+    return None
+
+
 def dashboard_enabled(settings: Settings) -> bool:
-    return bool(settings.smsq_dashboard_user and settings.smsq_dashboard_password
-                and settings.smsq_dashboard_password.get_secret_value())
+    return dashboard_login(settings) is not None
 
 
 def client_address(conn: HTTPConnection) -> str:
@@ -49,8 +56,10 @@ def client_address(conn: HTTPConnection) -> str:
 
 
 def credentials_match(settings: Settings, user: str, password: str) -> bool:
-    expected_user = settings.smsq_dashboard_user.encode()
-    expected_password = settings.smsq_dashboard_password.get_secret_value().encode()
+    login = dashboard_login(settings)
+    if login is None:
+        return False
+    expected_user, expected_password = login[0].encode(), login[1].encode()
     # Both compared in full every time, so timing says nothing about which one was wrong.
     user_ok = hmac.compare_digest(user.encode(), expected_user)
     password_ok = hmac.compare_digest(password.encode(), expected_password)
@@ -78,8 +87,8 @@ class RequireLogin:
         conn = HTTPConnection(scope)
         settings: Settings = conn.app.state.settings
         try:
-            live = dashboard_enabled(settings) and await sessions.is_live(
-                conn, settings.smsq_dashboard_user)
+            login = dashboard_login(settings)
+            live = login is not None and await sessions.is_live(conn, login[0])
         except db.UNREACHABLE as exc:
             await db.unreachable(conn, exc)(scope, receive, send)
             return

@@ -103,8 +103,8 @@ def _search(conn: psycopg.Connection, query: str, region: str | None) -> tuple[s
     """(what the query was taken for, matching notifications): an id, a Twilio SID or a number."""
     notification_id = _as_uuid(query)
     if notification_id is not None:
-        found = queries.notification(conn, notification_id)
-        return "id", [found] if found else []
+        one = queries.notification(conn, notification_id)
+        return "id", [one] if one else []
     if query[:2].upper() in ("SM", "MM") and len(query) == 34:
         return "Twilio SID", queries.notifications_by_sid(conn, query)
     number = _as_e164(query, region)
@@ -140,7 +140,8 @@ def _as_e164(text: str, region: str | None) -> str | None:
 async def search(request: Request) -> Response:
     query = params.text(request.query_params, "q").strip()
     settings: Settings = request.app.state.settings
-    taken_as, results = "nothing", []
+    taken_as: str = "nothing"
+    results: list[dict] = []
     if query:
         taken_as, results = await db.run(request, _search, query, settings.smsq_default_region)
     if taken_as in ("id", "id prefix") and len(results) == 1:

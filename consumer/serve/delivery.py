@@ -7,7 +7,7 @@ forward, and the final states never change again.
 
 from __future__ import annotations
 
-# Twilio's MessageStatus values -> our delivery_status column (DESIGN.md's five values).
+# Twilio's MessageStatus values -> our delivery_status column (docs/contract.md, section 3).
 _AS_DELIVERY_STATUS = {
     "accepted": "queued",
     "scheduled": "queued",

@@ -45,6 +45,7 @@ async def login(request: Request, form: FormData) -> Response:
         return render.page(request, "login.html", status_code=401, next=target,
                            error="Wrong user name or password.")
     throttle.succeeded(user, client)
+    assert settings.smsq_dashboard_user is not None  # the credentials matched it
     await sessions.begin(request, settings.smsq_dashboard_user)
     log.info("dashboard login", extra={"action": "login", "user": settings.smsq_dashboard_user,
                                        "client": client})

@@ -8,6 +8,7 @@ import re
 import uuid
 from collections.abc import Mapping
 
+from starlette.datastructures import ImmutableMultiDict
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
@@ -35,7 +36,7 @@ def text(values: Mapping, name: str, max_length: int = MAX_TEXT) -> str:
     return value
 
 
-def texts(values: Mapping, name: str) -> list[str]:
+def texts(values: ImmutableMultiDict, name: str) -> list[str]:
     """Every value of a repeated parameter (`id=...&id=...`), each checked as text()."""
     return [text({name: value}, name) for value in values.getlist(name)]
 

@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import psycopg
+from psycopg.abc import Params
 from psycopg.rows import dict_row
+
+from consumer.pipeline import scalar
 
 # ---------------------------------------------------------------- status callbacks
 
@@ -141,7 +144,7 @@ def sends_per_minute(conn: psycopg.Connection,
                      minutes: int = 60) -> tuple[datetime, list[tuple[datetime, int]]]:
     """(this minute, [(minute, messages sent)]) over the last `minutes` minutes, this one
     included."""
-    this_minute = conn.execute("SELECT date_trunc('minute', now())").fetchone()[0]
+    this_minute = scalar(conn.execute("SELECT date_trunc('minute', now())"))
     # A constant bound (not an expression of now()) lets the planner see how few rows it
     # covers and use notification_sent_idx instead of reading the table.
     rows = conn.execute(
@@ -153,9 +156,9 @@ def sends_per_minute(conn: psycopg.Connection,
 
 def processing_past_lease(conn: psycopg.Connection) -> int:
     """Rows a dispatcher claimed and has not finished in time (reconciliation pending)."""
-    return conn.execute(
+    return scalar(conn.execute(
         """SELECT count(*) FROM notification
-           WHERE status = 'processing' AND lease_expire_datetime < now()""").fetchone()[0]
+           WHERE status = 'processing' AND lease_expire_datetime < now()"""))
 
 
 _ERROR_VALUES = "('errored', 'failed', 'undelivered')"  # as in notification_event_error_idx
@@ -298,7 +301,7 @@ def end_session(conn: psycopg.Connection, session_id: str) -> None:
     conn.execute("DELETE FROM dashboard_session WHERE id = %s", (session_id,))
 
 
-def _dicts(conn: psycopg.Connection, query: str, params: object = None) -> list[dict]:
+def _dicts(conn: psycopg.Connection, query: str, params: Params | None = None) -> list[dict]:
     """Rows by column name, without changing the pooled connection's row factory."""
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(query, params).fetchall()

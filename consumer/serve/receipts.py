@@ -7,6 +7,7 @@ import uuid
 from dataclasses import dataclass
 
 import psycopg
+from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
@@ -132,15 +133,15 @@ async def status_callback(request: Request) -> Response:
                     extra={"action": "status_callback_forbidden",
                            "client": auth.client_address(request)})
         return PlainTextResponse("invalid or missing X-Twilio-Signature\n", status_code=403)
-    twilio_sid = form.get("MessageSid") or form.get("SmsSid")
-    twilio_status = form.get("MessageStatus") or form.get("SmsStatus")
+    twilio_sid = _text(form, "MessageSid") or _text(form, "SmsSid")
+    twilio_status = _text(form, "MessageStatus") or _text(form, "SmsStatus")
     if not twilio_sid or not twilio_status:
         return PlainTextResponse("MessageSid and MessageStatus are required\n", status_code=400)
     status = delivery.delivery_status_of(twilio_status)
     if status is None:
         outcome, notification_id = "ignored", None
     else:
-        code = delivery.error_code_of(form.get("ErrorCode"))
+        code = delivery.error_code_of(_text(form, "ErrorCode"))
         outcome, notification_id = await db.run(
             request, record, twilio_sid, status, code, True, _hint(request),
             resend_policy(settings))
@@ -157,6 +158,12 @@ async def status_callback(request: Request) -> Response:
 
 def resend_policy(settings: Settings) -> ResendPolicy:
     return ResendPolicy(settings.smsq_max_attempts, settings.smsq_retry_backoff)
+
+
+def _text(form: FormData, name: str) -> str | None:
+    """A field as text; None when absent, or a file (Twilio posts a plain form)."""
+    value = form.get(name)
+    return value if isinstance(value, str) else None
 
 
 def _hint(request: Request) -> uuid.UUID | None:

@@ -68,6 +68,7 @@ class SessionKeys:
         if found is None:
             queries.create_session_key(conn, *self._new_key())
             found = queries.session_key(conn)
+            assert found is not None  # created just now, or by another copy meanwhile
         secret, salt, check = found
         if not self.password_checked:
             if not hmac.compare_digest(password_check(self.password, salt), check):
@@ -144,6 +145,7 @@ class SessionCookie:
         await self.app(scope, receive, send_with_cookie)
 
     async def _open(self, conn: HTTPConnection, raw: str) -> dict | None:
+        assert self.keys is not None  # opened only when the dashboard is enabled
         found = _unsigned(await self.keys.current(conn), raw)
         if found is None and (newer := await self.keys.reloaded(conn)) is not None:
             found = _unsigned(newer, raw)

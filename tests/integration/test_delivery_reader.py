@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
 
 import pika
@@ -178,3 +180,96 @@ def test_reads_what_rabbitmq_delivers_beside_pikas_own_traffic(settings):
         assert reader.take() == []
     wait_until(lambda: queue_depth(settings, settings.smsq_queue) == 1,
                message="the message after the cancel back in the queue")
+
+
+# -- the pika internals the reader leans on, by what they do (pika is pinned for these) -------
+
+CHECKS = "pika.heartbeat"  # logs each check of the heartbeat checker, at DEBUG
+# A reply that never reaches pika leaves a blocking call waiting: these fail at this bound.
+internals_timeout = pytest.mark.timeout(60)
+
+
+def attached_consumer(connection: pika.BlockingConnection, settings):
+    """Our channel and consumer with the reader attached; what pika's own callback got."""
+    channel = connection.channel()
+    amqp.declare_topology(channel, settings)
+    tag = f"test-{uuid.uuid4().hex}"
+    reader = DeliveryReader.attach(connection, channel, tag)
+    assert reader is not None
+    to_pika: list[bytes] = []
+    channel.basic_consume(settings.smsq_queue, lambda _ch, _m, _p, body: to_pika.append(body),
+                          consumer_tag=tag)
+    return channel, tag, reader, to_pika
+
+
+def read_until(connection, reader, count: int, seconds: float = 10) -> list:
+    taken: list = []
+    deadline = time.monotonic() + seconds
+    while len(taken) < count and time.monotonic() < deadline:
+        connection.process_data_events(time_limit=0.2)
+        taken += reader.take()
+    return taken
+
+
+@internals_timeout
+def test_pikas_transport_hands_every_read_to_the_reader(settings):
+    """The reader replaces `_on_data_available` on the connection object: pika's transport
+    must look it up there for each read, so deliveries come through the reader, not pika."""
+    with amqp.connect(settings, "test") as connection:
+        _channel, _tag, reader, to_pika = attached_consumer(connection, settings)
+        bodies = [f"message {n}".encode() for n in range(5)]
+        publish_raw(settings, bodies)
+        taken = read_until(connection, reader, len(bodies))
+        assert [body for _, _, _, body in taken] == bodies
+        assert to_pika == []
+
+
+@internals_timeout
+def test_frames_the_reader_passes_on_reach_pika(settings):
+    """`_process_frame` still takes a decoded frame and acts on it: another consumer's
+    deliveries reach its callback, a publisher confirm on another channel and a
+    Basic.Cancel round trip complete, all while the reader is attached."""
+    with amqp.connect(settings, "test") as connection:
+        channel, tag, reader, to_pika = attached_consumer(connection, settings)
+        other_queue = f"{settings.smsq_queue}.other"
+        channel.queue_declare(other_queue, exclusive=True)
+        to_other: list[bytes] = []
+        channel.basic_consume(other_queue, lambda _ch, _m, _p, body: to_other.append(body),
+                              auto_ack=True)
+        publish_raw(settings, [b"for the other consumer"], exchange="", routing_key=other_queue)
+        wait_until(lambda: connection.process_data_events(time_limit=0.2) or to_other,
+                   timeout=10, message="the other consumer's delivery, through pika")
+        assert to_other == [b"for the other consumer"] and reader.take() == []
+
+        confirmed = connection.channel()
+        confirmed.confirm_delivery()
+        confirmed.basic_publish("", other_queue, b"confirmed", mandatory=True)
+        reader.stop()
+        channel.basic_cancel(tag)  # returns once its CancelOk reached pika
+        wait_until(lambda: connection.process_data_events(time_limit=0.2) or len(to_other) == 2,
+                   timeout=10, message="the confirmed message, through pika")
+        assert to_pika == []
+
+
+@internals_timeout
+def test_heartbeats_count_the_bytes_the_reader_reads(settings, caplog):
+    """pika's heartbeat checker closes a connection whose `bytes_received` stood still for a
+    check interval. With the reader attached every byte passes through it: the connection
+    stays open over two checks only if the reader keeps counting them."""
+    caplog.set_level(logging.DEBUG, logger=CHECKS)
+    [params] = amqp.connection_parameters(settings, "test")  # the one broker of the tests
+    params.heartbeat = 1  # the shortest: a check every 6 s (pika adds 5 s to the timeout)
+    with pika.BlockingConnection(params) as connection:
+        _channel, _tag, reader, _to_pika = attached_consumer(connection, settings)
+        caplog.clear()
+        checks = []
+        give_up = time.monotonic() + 30
+        # Two checks after the attach: the first one compares with a count taken before it.
+        while len(checks) < 2 and time.monotonic() < give_up:
+            publish_raw(settings, [b"keeps coming"])
+            connection.process_data_events(time_limit=0.5)
+            checks = [r for r in caplog.records if r.name == CHECKS and "idle" in r.getMessage()]
+            reader.take()
+        assert len(checks) >= 2, "pika's heartbeat checker never ran"
+        assert connection.is_open
+        assert all(r.getMessage().endswith("idle intervals 0") for r in checks)
