@@ -174,7 +174,8 @@ def bench_claim(dsn: str, rows: int, runs: int = 50) -> None:
         conn.execute("VACUUM ANALYZE sms_notification")
     print(f"{rows:,} pending rows of one sender, mixed priorities, 10% scheduled later "
           f"(loaded in {time.monotonic() - started:.0f} s)")
-    params = {"sender": "", "holder": "bench", "limit": 100, "lease": 60.0, "max_rank": 2}
+    params = {"senders": [""], "limits": [100], "max_ranks": [2], "holder": "bench",
+              "lease": 60.0}
     with psycopg.connect(dsn, autocommit=True) as conn:  # autocommit, as the dispatcher's
         executions, plan = [], []
         for _ in range(runs):

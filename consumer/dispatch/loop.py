@@ -48,7 +48,16 @@ from consumer.dispatch.outcomes import (
 )
 from consumer.dispatch.prices import PriceSweeper
 from consumer.dispatch.reconcile import Reconciliation
-from consumer.dispatch.scheduler import ALL_RANKS, Expire, Paused, Resumed, Scheduler, Send, Sender
+from consumer.dispatch.scheduler import (
+    ALL_RANKS,
+    ClaimRequest,
+    Expire,
+    Paused,
+    Resumed,
+    Scheduler,
+    Send,
+    Sender,
+)
 from consumer.dispatch.sharing import TICK_SECONDS, SenderSharing
 from consumer.dispatch.threads import DueListener, SendResult, WorkerPool
 from consumer.dispatch.twilio_client import TwilioSender
@@ -66,6 +75,7 @@ HORIZON_SECONDS = 2.0  # claim about this much of a sender's sending at a time
 # 1/s) absorbs that, and still sends within one message a minute of the rate.
 PACING_MARGIN = 0.01
 SHUTDOWN_GRACE_SECONDS = 5.0  # wait this long for requests on the wire at SIGTERM
+CLAIMS_PER_STATEMENT = 200  # senders claimed for in one statement at most
 
 
 def paced_senders(settings: Settings) -> dict[str, str]:
@@ -214,17 +224,28 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
     # -- claiming and releasing, as the scheduler says ----------------------------------------
 
     def _claim_where_needed(self) -> None:
-        for request in self.scheduler.claims():
-            try:
-                claim = claims.claim_due(self.db, request.sender, self.holder, request.limit,
-                                        self.lease, request.max_rank)
-            except psycopg.DataError as exc:
-                self._fail_unloadable(request.sender, exc)
-                continue
+        requests = self.scheduler.claims()
+        for start in range(0, len(requests), CLAIMS_PER_STATEMENT):
+            self._claim(requests[start:start + CLAIMS_PER_STATEMENT])
+
+    def _claim(self, requests: list[ClaimRequest]) -> None:
+        wanted = [(r.sender, r.limit, r.max_rank) for r in requests]
+        try:
+            claimed = claims.claim_many(self.db, wanted, self.holder, self.lease)
+        except psycopg.DataError as exc:  # a row no claim can load: find whose, claim alone
+            if len(requests) > 1:
+                for request in requests:
+                    self._claim([request])
+                return
+            self._fail_unloadable(requests[0].sender, exc)
+            return
+        surplus: list[UUID] = []
+        for request in requests:
+            claim = claimed[request.sender]
             self._on_suppressed(claim.suppressed)
-            surplus = self.scheduler.claimed(request, claim.rows, claim.drained,
-                                             claim.next_due_in)
-            claims.release_unsent(self.db, surplus, self.holder)
+            surplus += self.scheduler.claimed(request, claim.rows, claim.drained,
+                                              claim.next_due_in)
+        claims.release_unsent(self.db, surplus, self.holder)
 
     def _fail_unloadable(self, key: str, exc: psycopg.DataError) -> None:
         failed = claims.fail_unloadable(self.db, key)
