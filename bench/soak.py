@@ -178,6 +178,18 @@ class Creations:
 # -- the database ----------------------------------------------------------------------------
 
 
+def autovacuum_is_off(dsn: str) -> bool:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SHOW autovacuum").fetchone()[0] == "off"
+
+
+def vacuum(dsn: str) -> None:
+    """What autovacuum would do, where the server has it off (a test server, say)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for table in TABLES:
+            conn.execute(f"VACUUM (ANALYZE) {table}")
+
+
 def database_state(dsn: str) -> dict:
     with psycopg.connect(dsn, autocommit=True) as conn:
         sizes = {table: conn.execute(
@@ -245,10 +257,13 @@ def soak(args: argparse.Namespace, dsn: str) -> None:
     programs = [consume, dispatch, fake_program]
     publisher = Publisher(names, args.senders * args.load)
     creations = Creations(fake)
+    vacuum_here = autovacuum_is_off(dsn)
     print(f"soak: {args.minutes:g} min, {args.senders} senders at 1/s, publishing "
           f"{publisher.rate:g}/s; faults created-500 1%, slow 1% (read timeout "
           f"{args.read_timeout:g} s), 20003 for a minute at half time; {os.cpu_count()} CPUs "
-          f"shared with whatever else runs", flush=True)
+          f"shared with whatever else runs"
+          + ("; the server's autovacuum is off: the soak vacuums each minute instead"
+             if vacuum_here else ""), flush=True)
     try:
         consume.start()
         dispatch.start()
@@ -267,6 +282,8 @@ def soak(args: argparse.Namespace, dsn: str) -> None:
                 do()
             if minute >= next_minute:
                 print_minute(minute, programs, database_state(dsn), creations.poll())
+                if vacuum_here:
+                    vacuum(dsn)
                 next_minute += 1
             time.sleep(1)
         publisher.stopping.set()
@@ -322,6 +339,8 @@ def delete_queues(names: dict[str, str]) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    # Run in the background, a shell ignores SIGINT for it: SIGTERM cleans up as Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with scratch_database(f"smsq_soak_{os.getpid()}") as dsn:
         soak(args, dsn)
     return 0
