@@ -95,3 +95,21 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+-- The same for the key of sms_notification.temporary_media_id: checked for every row stored,
+-- nearly all of them without media (a trigger call each, to find the NULL). Ingest stores the
+-- media in the row's own transaction; what the key did on delete, forget the media's id
+-- (SET NULL), is a statement trigger on the rare deletes of media (serve's cleanup).
+ALTER TABLE sms_notification DROP CONSTRAINT sms_notification_temporary_media_id_fkey;
+
+CREATE FUNCTION sms_temporary_media_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE sms_notification SET temporary_media_id = NULL
+    WHERE temporary_media_id = ANY (ARRAY(SELECT id FROM old_rows));  -- sms_notification_media_idx
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER sms_temporary_media_deleted AFTER DELETE ON sms_temporary_media
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT
+    EXECUTE FUNCTION sms_temporary_media_deleted();
