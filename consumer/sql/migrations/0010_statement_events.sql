@@ -16,6 +16,20 @@ DROP FUNCTION sms_delivery_status_event();
 -- same call.
 DROP TRIGGER notification_count_updated ON notification;
 
+-- What remains of 0004's count function: inserts and deletes.
+CREATE OR REPLACE FUNCTION notification_count_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO notification_count_delta (status, priority, delta)
+        SELECT status, priority, count(*) FROM new_rows GROUP BY 1, 2;
+    ELSE
+        INSERT INTO notification_count_delta (status, priority, delta)
+        SELECT status, priority, -count(*) FROM old_rows GROUP BY 1, 2;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
 CREATE FUNCTION notification_status_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     WITH changed AS (
