@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -136,18 +137,21 @@ def bench_overhead(dsn: str, rows: int = 40_000, seconds: float = 10.0) -> None:
 def bench_idle_latency(dsn: str, count: int = 200, gap: float = 0.05) -> None:
     names = {"SMSQ_EXCHANGE": f"bench.{os.getpid()}", "SMSQ_QUEUE": f"bench.{os.getpid()}.sms"}
     with fake_twilio() as fake, dispatcher(dsn, fake, TWILIO_SMS_RATE="100", SMSQ_BURST="1"), \
-            smsq_process("consume", dsn, fake, **names):
+            smsq_process("consume", dsn, fake, **names), DueNotifications(dsn) as notified:
         connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
         try:
             channel = connection.channel()
             wait_for(lambda: queue_exists(names["SMSQ_QUEUE"]), 30)
+            wait_for(lambda: senders_held(dsn), 30)  # idle, not starting: it holds its sender
             channel.confirm_delivery()
-            published, confirms = {}, []
+            published, confirms, ids, wall = {}, [], {}, {}
+            start = time.time()
             for index in range(count):
                 body = f"idle latency {index}"
-                message = {"id": str(uuid.uuid4()), "body": body, "priority": "high",
+                ids[body] = uuid.uuid4()
+                message = {"id": str(ids[body]), "body": body, "priority": "high",
                            "sms": {"to_phone_number": TO}}
-                published[body] = time.monotonic()
+                published[body], wall[body] = time.monotonic(), time.time()
                 channel.basic_publish(names["SMSQ_EXCHANGE"], "sms", json.dumps(message),
                                       pika.BasicProperties(delivery_mode=2), mandatory=True)
                 confirms.append((time.monotonic() - published[body]) * 1000)
@@ -157,13 +161,64 @@ def bench_idle_latency(dsn: str, count: int = 200, gap: float = 0.05) -> None:
         finally:
             delete_amqp(channel, names)
             connection.close()
-    latencies = sorted((received[body] - at) * 1000 for body, at in published.items())
+    latency = {body: (received[body] - at) * 1000 for body, at in published.items()}
+    latencies = sorted(latency.values())
     print(f"{count} single high-priority messages, {gap * 1000:.0f} ms apart, through RabbitMQ, "
           f"smsq consume, Postgres, smsq dispatch")
     print(f"  publish (from the call, confirmed) -> fake received: "
           f"p50 {percentile(latencies, 50):.1f} ms, p99 {percentile(latencies, 99):.1f} ms, "
           f"max {latencies[-1]:.1f} ms (targets: p50 <= 20, p99 <= 100)")
     print(f"  baseline, the confirmed publish alone: p50 {statistics.median(confirms):.1f} ms")
+    slowest = sorted(latency, key=latency.get, reverse=True)[:max(5, count // 40)]
+    print("  where the slowest spent their time, ms: publish -> ingest's transaction began "
+          "-> committed (its smsq_due seen by a listener) -> claimed -> at the fake")
+    for body in slowest:
+        at = wall[body] - start
+        began, claimed = stage_times(dsn, ids[body])
+        committed = next((t for t in notified.times if t >= began), float("nan"))
+        print(f"    #{int(body.split()[-1]):<3} at {at:5.1f} s: {latency[body]:6.1f} = "
+              f"{(began - wall[body]) * 1000:5.1f} + {(committed - began) * 1000:5.1f} + "
+              f"{(claimed - committed) * 1000:5.1f} + "
+              f"{latency[body] - (claimed - wall[body]) * 1000:5.1f}")
+
+
+def stage_times(dsn: str, notification_id: uuid.UUID) -> tuple[float, float]:
+    """When ingest's transaction storing it began (created_datetime is its now()), and when
+    it was claimed (its pending -> processing event), wall clock."""
+    with psycopg.connect(dsn) as conn:
+        began, claimed = conn.execute(
+            """SELECT extract(epoch FROM n.created_datetime),
+                      extract(epoch FROM min(e.created_datetime))
+               FROM notification n LEFT JOIN notification_event e
+                    ON e.notification_id = n.id AND e.new_value = 'processing'
+               WHERE n.id = %s GROUP BY n.id""", (notification_id,)).fetchone()
+    return float(began), float(claimed)
+
+
+class DueNotifications:
+    """The wall-clock times at which the `smsq_due` notifications arrive (each commit of
+    ingest sends one), heard as a dispatcher hears them."""
+
+    def __init__(self, dsn: str) -> None:
+        self.conn = psycopg.connect(dsn, autocommit=True)
+        self.conn.execute("LISTEN smsq_due")
+        self.times: list[float] = []
+        self.listening = True
+        self.thread = threading.Thread(target=self._listen, daemon=True)
+
+    def __enter__(self) -> DueNotifications:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.listening = False
+        self.thread.join()
+        self.conn.close()
+
+    def _listen(self) -> None:
+        while self.listening:
+            for _ in self.conn.notifies(timeout=0.2):
+                self.times.append(time.time())
 
 
 def bench_claim(dsn: str, rows: int, runs: int = 50) -> None:
@@ -281,6 +336,11 @@ def raw_client_rate(fake: FakeTwilioControl, threads: int, seconds: float) -> fl
     sender = TwilioSender(settings, pool_size=threads)
     return calls_per_second(lambda: sender.send(Outgoing(TO, DEFAULT_SENDER, "baseline")),
                             threads, seconds)
+
+
+def senders_held(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT coalesce(sum(senders_held), 0) FROM dispatcher").fetchone()[0]
 
 
 def queue_exists(queue: str) -> bool:

@@ -22,7 +22,7 @@ import pika
 import psycopg
 import tenacity
 
-from consumer import metrics, reconnect
+from consumer import metrics, pipeline, reconnect
 from consumer.ingest import storage
 from consumer.ingest.delivery_reader import UndecodableProperties, decode_properties
 from consumer.logs import error_text, some_ids
@@ -93,6 +93,7 @@ class WriterSession:
         self.settings = settings
         self.db: psycopg.Connection | None = None
         self.rows_since_replan = 0
+        self.next_fold = time.monotonic() + pipeline.FOLD_COUNTS_EVERY_SECONDS
 
     def connection(self) -> psycopg.Connection:
         if self.db is None or self.db.closed:
@@ -107,6 +108,22 @@ class WriterSession:
 
     def stored(self, rows: int) -> None:
         self.rows_since_replan += rows
+
+    def fold_counts_if_due(self) -> None:
+        """Every insert appends count deltas (migration 0004): consume folds them too, so
+        that a deployment running no `smsq serve` does not grow them forever."""
+        if time.monotonic() < self.next_fold or self.db is None or self.db.closed:
+            return
+        self.next_fold = time.monotonic() + pipeline.FOLD_COUNTS_EVERY_SECONDS
+        try:
+            folded = pipeline.fold_counts(self.db)
+            self.db.commit()
+        except psycopg.Error as exc:  # the next batch finds out whether Postgres is away
+            log.warning("could not fold the counts", extra={
+                "action": "counts_fold_failed", "error": error_text(exc)})
+            self.close()
+            return
+        log.debug("counts folded", extra={"action": "counts_folded", "rows": folded})
 
     def close(self) -> None:
         if self.db is not None:
@@ -156,6 +173,7 @@ class BatchWriter:
             while (batch := self.pending.get()) is not None:
                 self._store(session, batch)
                 self.on_done(batch)
+                session.fold_counts_if_due()
         finally:
             session.close()
 

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from pydantic import PostgresDsn
 
 import schemas.errors
-from consumer import amqp
+from consumer import amqp, pipeline
 from consumer.ingest import consume as ingest
 from consumer.ingest import writer
 from consumer.ingest.consume import Ingester
@@ -481,3 +481,19 @@ def consumers_of(settings: Settings, queue: str) -> int:
             return connection.channel().queue_declare(queue, passive=True).method.consumer_count
         except pika.exceptions.ChannelClosedByBroker:
             return 0  # not declared yet
+
+
+def test_consume_folds_the_count_deltas_it_appends(settings, monkeypatch):
+    """Without `smsq serve` (or a dispatcher) running, the deltas still stay few."""
+    monkeypatch.setattr(pipeline, "FOLD_COUNTS_EVERY_SECONDS", 0.0)
+
+    def deltas() -> list[tuple]:
+        with psycopg.connect(settings.database_dsn) as conn:
+            return conn.execute("SELECT status, priority, delta FROM notification_count_delta"
+                                ).fetchall()
+
+    with running(Ingester(settings, StopSignal())):
+        for _ in range(3):  # a batch each: store_and_wait's marker commits after its message
+            store_and_wait(settings, [json.dumps(simple()).encode()])
+        wait_until(lambda: len(deltas()) == 1, message="deltas folded into one row")
+    assert deltas() == [("pending", "low", 6)]

@@ -80,3 +80,33 @@ def test_migration_0004_counts_the_rows_already_there(database_url):
     with psycopg.connect(database_url) as conn:
         assert pipeline.counts_by_status(conn) == [("pending", "high", 7), ("pending", "low", 3)]
         assert_counts_exact(conn)
+
+
+def test_one_statement_over_many_rows_writes_one_event_per_changed_row(settings):
+    """The history comes from statement triggers (0010): every row a statement changes has
+    its event, with the old and new value and the message or error code; rows it leaves as
+    they were have none."""
+    with psycopg.connect(settings.database_dsn) as conn:
+        ids = ingest(conn, 4, "high")
+        conn.execute("UPDATE notification SET status = 'processing' WHERE id = ANY(%s)", (ids,))
+        conn.execute("UPDATE notification SET status = CASE WHEN id = %s THEN 'errored' "
+                     "ELSE 'sent' END, status_message = 'done' WHERE id = ANY(%s)",
+                     (ids[0], ids[:3]))
+        conn.execute("UPDATE sms_notification SET delivery_status = 'failed', error_code = 30005"
+                     " WHERE notification_id = ANY(%s)", (ids[1:3],))
+        conn.execute("UPDATE sms_notification SET delivery_status = 'failed'"
+                     " WHERE notification_id = ANY(%s)", (ids,))  # two of them unchanged
+        conn.commit()
+        events = conn.execute(
+            "SELECT notification_id, field, old_value, new_value, message, error_code"
+            " FROM notification_event ORDER BY id").fetchall()
+    of = {i: [e[1:] for e in events if e[0] == i] for i in ids}
+    assert of[ids[0]] == [("status", "pending", "processing", "", None),
+                          ("status", "processing", "errored", "done", None),
+                          ("delivery_status", None, "failed", "", None)]
+    assert of[ids[1]] == of[ids[2]] == [
+        ("status", "pending", "processing", "", None),
+        ("status", "processing", "sent", "done", None),
+        ("delivery_status", None, "failed", "", 30005)]
+    assert of[ids[3]] == [("status", "pending", "processing", "", None),
+                          ("delivery_status", None, "failed", "", None)]

@@ -73,11 +73,16 @@ def test_expired_media_nobody_needs_is_404_and_deleted_by_the_cleanup(client, co
 def test_expired_media_stays_while_a_notification_may_still_need_it(
         client, conn, status, sent_ago, kept):
     media_id, token = insert_media(conn, PNG, expires_in=timedelta(seconds=-1))
-    insert_notification(conn, status=status, sent_ago=sent_ago, media_id=media_id)
+    notification_id = insert_notification(conn, status=status, sent_ago=sent_ago,
+                                          media_id=media_id)
     # what is served and what the cleanup keeps are the same rule
     assert client.get(f"/media/{token}").status_code == (200 if kept else 404)
     queries.delete_expired_media(conn, GRACE)
     assert (media_id in media_ids(conn)) is kept
+    # and the notification forgets media that is gone (no dangling id)
+    assert conn.execute("SELECT temporary_media_id FROM sms_notification "
+                        "WHERE notification_id = %s", (notification_id,)).fetchone()[0] == (
+        media_id if kept else None)
 
 
 def test_serve_runs_the_cleanup_periodically(settings, conn):
