@@ -57,6 +57,11 @@ class TokenBucket:
         stopped it before the request), up to the capacity."""
         self._tokens = min(self.capacity, self.tokens + cost)
 
+    def debit(self, tokens: float) -> None:
+        """Take `tokens` more (a debt, if need be): what was taken went out later than
+        thought, and the tokens of that delay were not yet earned."""
+        self._tokens = self.tokens - tokens
+
     def _needed(self, cost: float) -> float:
         # A message larger than the bucket goes when the bucket is full, not never.
         return min(cost, self.capacity)

@@ -77,6 +77,8 @@ HORIZON_SECONDS = 2.0  # claim about this much of a sender's sending at a time
 PACING_MARGIN = 0.01
 SHUTDOWN_GRACE_SECONDS = 5.0  # wait this long for requests on the wire at SIGTERM
 CLAIMS_PER_STATEMENT = 200  # senders claimed for in one statement at most
+DEPARTURE_SLACK_SECONDS = 0.002  # a request leaving later than this after its release
+# takes its token from then
 
 
 def paced_senders(settings: Settings) -> dict[str, str]:
@@ -270,7 +272,7 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
                 self._fail(action.row, action.error)
         for send in self._within_recipient_limits(sends):
             self.in_flight[send.row.id] = send.row
-            self.pool.submit(self._send, send.sender.address, send.row)
+            self.pool.submit(self._send, send.sender.address, send.row, time.monotonic())
 
     def _fail(self, row: claims.ClaimedRow, exc: Exception) -> None:
         """A row smsq cannot handle becomes failed; the others go on (docs/contract.md, 4)."""
@@ -310,6 +312,8 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
         kind = event[0]
         if kind == "due":
             self.scheduler.announce(event[1], event[2])
+        elif kind == "departed_late":
+            self.scheduler.departed_late(event[1], event[2])
         elif kind == "poll":
             self.scheduler.announce_all()
         elif kind == "done":
@@ -327,7 +331,13 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
 
     # -- sending (in a worker thread) and its outcome (in the loop) ----------------------------
 
-    def _send(self, address: str, row: claims.ClaimedRow) -> SendResult:
+    def _send(self, address: str, row: claims.ClaimedRow, released: float) -> SendResult:
+        # A worker may start a request tens of milliseconds after its release (busy threads,
+        # the GIL): its token counts from when it leaves, so that two sends of one sender
+        # reach Twilio a token apart, not one early.
+        late = time.monotonic() - released
+        if late > DEPARTURE_SLACK_SECONDS:
+            self.events.put(("departed_late", row.sender, late))
         started = time.perf_counter()
         try:
             attempt, error = self.twilio.send(row.outgoing(address)), None

@@ -241,6 +241,13 @@ class Scheduler(Generic[RowT]):
             sender.bucket.give_back(cost)
             self._to_release[key] = None
 
+    def departed_late(self, key: str, seconds: float) -> None:
+        """A request of `key` left `seconds` after its release: its token is counted from
+        when it left, so the sender's next one leaves a whole token later."""
+        sender = self.senders.get(key)
+        if sender is not None:
+            sender.bucket.debit(seconds * sender.bucket.rate)
+
     def hand_back(self, key: str) -> list[UUID]:
         """The rows in hand of `key`, to return to pending while it waits."""
         sender = self.senders[key]

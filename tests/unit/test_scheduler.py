@@ -242,3 +242,15 @@ def test_losing_every_sender_forgets_them_all():
     h.scheduler.drop_all()
     assert h.step() == [] and h.scheduler.queued_ids() == []
     assert h.scheduler.next_wake(100) is None
+
+
+def test_a_request_that_leaves_late_takes_its_token_from_when_it_left():
+    h = Harness(rate=1.0, burst=1.0)
+    h.scheduler.take("", "+15005550006")
+    h.publish(*[FakeRow(f"m{n}") for n in range(3)])
+    assert h.sent_bodies(h.step()) == ["m0"]
+    h.scheduler.departed_late("", 0.3)  # a busy worker started it 0.3 s after its release
+    h.clock.advance(1.0)
+    assert h.sent_bodies(h.step()) == []  # a token after its release, not after it left
+    h.clock.advance(0.3)
+    assert h.sent_bodies(h.step()) == ["m1"]
