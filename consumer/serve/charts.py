@@ -7,6 +7,7 @@ shows it at once, and it prints and scales like any SVG.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
@@ -59,33 +60,38 @@ def per_minute(rows: list[tuple[datetime, int]], last_minute: datetime,
             for i in range(minutes)]
 
 
-def nice_ceiling(value: int) -> int:
-    """The smallest of 1, 2, 5, 10, 20, 50... that is at least `value` (axis maximum)."""
-    if value <= 1:
+def nice_ceiling(value: float) -> float:
+    """The smallest of ... 0.1, 0.2, 0.5, 1, 2, 5, 10, 20 ... at least `value` (an axis's
+    maximum; 1 for nothing at all)."""
+    if value <= 0:
         return 1
     magnitude = 10 ** math.floor(math.log10(value))
-    for step in (1, 2, 5, 10):
-        if step * magnitude >= value:
-            return step * magnitude
-    return 10 * magnitude
+    return next(step * magnitude for step in (1, 2, 5, 10) if step * magnitude >= value)
 
 
 def bar_chart(series: list[tuple[datetime, int]]) -> BarChart:
-    peak = max((count for _, count in series), default=0)
+    """Sends per minute."""
+    return _chart(series, lambda top: _short(round(top)), "%H:%M", label_every=10)
+
+
+def _chart(series: Sequence[tuple[datetime, float]], tick_label: Callable[[float], str],
+           time_format: str, label_every: int) -> BarChart:
+    peak = max((value for _, value in series), default=0)
     top = nice_ceiling(peak)
     plot_height = HEIGHT - PAD_BOTTOM - PAD_TOP
     slot = (WIDTH - PAD_LEFT - PAD_RIGHT) / max(len(series), 1)
     bars = []
-    for i, (minute, count) in enumerate(series):
-        height = plot_height * count / top
+    for i, (moment, value) in enumerate(series):
+        height = plot_height * value / top
         bars.append(Bar(x=PAD_LEFT + i * slot + slot * 0.1, y=HEIGHT - PAD_BOTTOM - height,
-                        width=slot * 0.8, height=height, minute=minute, count=count))
-    ticks = [Tick(y=HEIGHT - PAD_BOTTOM - plot_height * part, label=_short(round(top * part)))
+                        width=slot * 0.8, height=height, minute=moment, count=value))
+    ticks = [Tick(y=HEIGHT - PAD_BOTTOM - plot_height * part, label=tick_label(top * part))
              for part in (0, 0.5, 1)]
-    time_labels = [TimeLabel(x=PAD_LEFT + i * slot + slot / 2, label=minute.strftime("%H:%M"))
-                   for i, (minute, _) in enumerate(series) if i % 10 == 0 or i == len(series) - 1]
+    time_labels = [TimeLabel(x=PAD_LEFT + i * slot + slot / 2, label=moment.strftime(time_format))
+                   for i, (moment, _) in enumerate(series)
+                   if i % label_every == 0 or i == len(series) - 1]
     return BarChart(bars=bars, ticks=ticks, time_labels=time_labels,
-                    total=sum(count for _, count in series), peak=peak)
+                    total=sum(value for _, value in series), peak=peak)
 
 
 def _short(value: int) -> str:
@@ -106,28 +112,7 @@ def per_day(rows: list[tuple[date, float]], last_day: date,
             for i in range(days)]
 
 
-def nice_amount_ceiling(value: float) -> float:
-    """The smallest of ... 0.01, 0.02, 0.05, 0.1 ... 1, 2, 5, 10 ... at least `value`."""
-    if value <= 0:
-        return 1.0
-    magnitude = 10 ** math.floor(math.log10(value))
-    return next(step * magnitude for step in (1, 2, 5, 10) if step * magnitude >= value)
-
-
 def spend_chart(series: list[tuple[date, float]]) -> BarChart:
     """Bars of money per day; `count` holds the amount, `minute` the day (as a datetime)."""
-    peak = max((amount for _, amount in series), default=0.0)
-    top = nice_amount_ceiling(peak)
-    plot_height = HEIGHT - PAD_BOTTOM - PAD_TOP
-    slot = (WIDTH - PAD_LEFT - PAD_RIGHT) / max(len(series), 1)
-    bars = [Bar(x=PAD_LEFT + i * slot + slot * 0.1,
-                y=HEIGHT - PAD_BOTTOM - plot_height * amount / top, width=slot * 0.8,
-                height=plot_height * amount / top,
-                minute=datetime(day.year, day.month, day.day), count=amount)
-            for i, (day, amount) in enumerate(series)]
-    ticks = [Tick(y=HEIGHT - PAD_BOTTOM - plot_height * part, label=f"{top * part:g}")
-             for part in (0, 0.5, 1)]
-    time_labels = [TimeLabel(x=PAD_LEFT + i * slot + slot / 2, label=day.strftime("%d %b"))
-                   for i, (day, _) in enumerate(series) if i % 5 == 0 or i == len(series) - 1]
-    return BarChart(bars=bars, ticks=ticks, time_labels=time_labels,
-                    total=sum(amount for _, amount in series), peak=peak)
+    return _chart([(datetime(day.year, day.month, day.day), amount) for day, amount in series],
+                  lambda top: f"{top:g}", "%d %b", label_every=5)
