@@ -120,11 +120,13 @@ class FakeTwilio:
 
     # --- the API -------------------------------------------------------------------------
 
-    def create(self, form: dict[str, list[str]]) -> Reply:
+    def create(self, form: dict[str, list[str]], arrived: float | None = None) -> Reply:
+        """`arrived`: the request's time.monotonic() when its first packet came in."""
         now = time.time()
         first = {key: values[0] for key, values in form.items()}
         entry = Received(
-            seq=0, received_at=now, received_monotonic=time.monotonic(),
+            seq=0, received_at=now,
+            received_monotonic=time.monotonic() if arrived is None else arrived,
             to=first.get("To", ""), from_=first.get("From") or None,
             messaging_service_sid=first.get("MessagingServiceSid") or None,
             body=first.get("Body", ""), media_url=form.get("MediaUrl", []),

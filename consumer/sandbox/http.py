@@ -6,8 +6,12 @@ must be able to close the TCP connection without any response, which ASGI cannot
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import socket
+import struct
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,12 +23,55 @@ from consumer.sandbox.faults import FaultError, FaultRule, Reply, error_reply
 log = logging.getLogger(__name__)
 
 
+# The kernel's receive time of each packet (CLOCK_REALTIME), read with the data: Linux's
+# SO_TIMESTAMPNS, which the socket module does not name. Elsewhere, Python's clock on reading.
+_SO_TIMESTAMPNS = 35 if sys.platform == "linux" else None
+_TIMESTAMP_SPACE = socket.CMSG_SPACE(struct.calcsize("ll"))
+
+
+class _ArrivalStampedSocketIO(socket.SocketIO):
+    """The connection's raw reader, keeping when the kernel received the first bytes read.
+
+    A request's arrival is stamped by the kernel, not when a busy Python thread gets round to
+    it: with hundreds of connections the GIL delays that by tens of milliseconds, which would
+    make two requests that left a second apart look closer than they were.
+    """
+
+    first_arrival: float | None = None  # time.monotonic() of the first packet since reset
+
+    def readinto(self, buffer):  # type: ignore[no-untyped-def]  # socket.SocketIO's signature
+        size, ancillary, _flags, _address = self._sock.recvmsg_into([buffer], _TIMESTAMP_SPACE)
+        if self.first_arrival is None:
+            self.first_arrival = _monotonic_of(ancillary)
+        return size
+
+
+def _monotonic_of(ancillary: list[tuple[int, int, bytes]]) -> float:
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+            seconds, nanoseconds = struct.unpack("ll", data[:struct.calcsize("ll")])
+            return time.monotonic() - (time.time() - seconds - nanoseconds / 1e9)
+    return time.monotonic()
+
+
 class Handler(BaseHTTPRequestHandler):
     """Routes one request to the FakeTwilio of its server; keep-alive, one write per answer."""
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # small answers must not wait for the client's delayed ACK
     server: FakeTwilioHTTPServer
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # replaced by a reader that keeps the kernel's receive times
+        if _SO_TIMESTAMPNS is not None:
+            self.connection.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        self.raw_reader = _ArrivalStampedSocketIO(self.connection, "rb")
+        self.rfile = io.BufferedReader(self.raw_reader)
+
+    def handle_one_request(self) -> None:
+        self.raw_reader.first_arrival = None  # the next read is this request's first packet
+        super().handle_one_request()
 
     def do_GET(self) -> None:
         self._route("GET")
@@ -58,7 +105,8 @@ class Handler(BaseHTTPRequestHandler):
             return error_reply(401, 20003, "Authenticate")
         prefix = fake.messages_uri
         if method == "POST" and path == f"{prefix}.json":
-            return fake.create(parse_qs(body.decode(), keep_blank_values=True))
+            return fake.create(parse_qs(body.decode(), keep_blank_values=True),
+                               arrived=self.raw_reader.first_arrival)
         refused = fake.account_refusal(path)  # creates meet their fault rules in create()
         if refused is not None:
             return refused
@@ -123,6 +171,15 @@ class FakeTwilioHTTPServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], fake: FakeTwilio) -> None:
         self.fake = fake
         super().__init__(address, Handler)
+
+    def handle_error(self, request: object, client_address: tuple[str, int]) -> None:
+        """A client that goes away (a dispatcher killed mid-request) is routine, not a traceback
+        on stderr; anything else is logged as the bug it is."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            log.debug("client %s went away", client_address, extra={"action": "fake_client_gone"})
+            return
+        log.exception("fake Twilio failed to answer %s", client_address,
+                      extra={"action": "fake_request_failed"})
 
 
 def _numbers(payload: object, key: str) -> list[str]:

@@ -29,7 +29,9 @@ class Received:
 
     seq: int  # position in the log, from 1
     received_at: float  # epoch seconds
-    received_monotonic: float  # time.monotonic(): comparable with other processes on this host
+    # When its first packet reached this host (the kernel's stamp), as time.monotonic():
+    # comparable with other processes on this host.
+    received_monotonic: float
     to: str
     from_: str | None
     messaging_service_sid: str | None

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import re
 import signal
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -578,6 +580,42 @@ def test_connections_are_kept_alive(fake_twilio: FakeTwilioControl) -> None:
         sockets.append(connection.sock)
     assert sockets[0] is not None and sockets.count(sockets[0]) == 3
     connection.close()
+
+
+def test_arrival_is_when_the_first_packet_came_not_when_python_read_it(
+        fake_twilio: FakeTwilioControl) -> None:
+    """The request's head goes first, its body half a second later: the arrival recorded is
+    the head's, stamped by the kernel, as Twilio's clock would see a request leave."""
+    auth = requests.auth._basic_auth_str(fake_twilio.account_sid, fake_twilio.auth_token)
+    body = b"To=%2B14155550123&From=%2B15005550006&Body=split"
+    head = (f"POST /2010-04-01/Accounts/{fake_twilio.account_sid}/Messages.json HTTP/1.1\r\n"
+            f"Host: fake\r\nAuthorization: {auth}\r\n"
+            "Content-Type: application/x-www-form-urlencoded\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(urlsplit(fake_twilio.url).netloc.split(":"), timeout=5) as sock:
+        head_sent = time.monotonic()
+        sock.sendall(head)
+        time.sleep(0.5)
+        body_sent = time.monotonic()
+        sock.sendall(body)
+        assert sock.recv(100).startswith(b"HTTP/1.1 201")
+    (message,) = fake_twilio.messages()
+    # 1 ms for converting the kernel's wall-clock stamp to the monotonic clock.
+    assert head_sent - 0.001 <= message["received_monotonic"] < body_sent
+
+
+def test_a_client_that_resets_its_connection_is_logged_quietly(
+        fake_twilio: FakeTwilioControl, caplog: pytest.LogCaptureFixture) -> None:
+    """A dispatcher killed mid-request resets its connections: one debug line each, no
+    traceback on the sandbox's stderr."""
+    caplog.set_level("DEBUG", logger="consumer.sandbox.http")
+    sock = socket.create_connection(urlsplit(fake_twilio.url).netloc.split(":"), timeout=5)
+    sock.sendall(b"POST /2010-04-01/Accounts/x/Messages.json HTTP/1.1\r\n")  # half a head
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # with linger 0: a reset, not a FIN
+    wait_until(lambda: any(getattr(r, "action", None) == "fake_client_gone"
+                           for r in caplog.records))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 # --- status callbacks ----------------------------------------------------------------------
