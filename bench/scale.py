@@ -93,7 +93,9 @@ def run(dsn: str, senders: int, dispatchers: int, seconds: float, kill_one: bool
         by_sender.setdefault(message["from"], []).append(message["received_monotonic"])
     worst_second = max(most_in_any_window(sorted(times), window=1.0 * 0.999)
                        for times in by_sender.values())
-    outcome = {"rate": len(window) / seconds, "ideal": senders,
+    closest = min((b - a for times in by_sender.values()
+                   for a, b in zip(sorted(times), sorted(times)[1:])), default=float("inf"))
+    outcome = {"rate": len(window) / seconds, "ideal": senders, "closest": closest,
                "cpu_us_per_send": cpu / max(1, len(window)) * 1e6, "worst_second": worst_second}
     if killed_at is not None:
         outcome["standstill"] = max(longest_gap(times, killed_at) for times in by_sender.values())
@@ -135,6 +137,7 @@ def report(results: dict[tuple, list[dict]]) -> None:
             base = statistics.median(o["cpu_us_per_send"] for o in baseline)
             line += f", {statistics.median(cpu) / base:.2f}x the 10-sender CPU"
         line += f", most segments of one sender in 1 s: {max(o['worst_second'] for o in outcomes):g}"
+        line += f" (closest two arrivals {min(o['closest'] for o in outcomes):.3f} s apart)"
         if section == "handover":
             stand = sorted(o["standstill"] for o in outcomes)
             line += f", longest standstill of a sender at the kill {statistics.median(stand):.2f} s"
