@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from consumer.sandbox.api import API_VERSION, FakeTwilio
@@ -39,7 +40,7 @@ class _ArrivalStampedSocketIO(socket.SocketIO):
 
     first_arrival: float | None = None  # time.monotonic() of the first packet since reset
 
-    def readinto(self, buffer):  # type: ignore[no-untyped-def]  # socket.SocketIO's signature
+    def readinto(self, buffer: Any) -> int:  # any writable buffer, as socket.SocketIO takes
         size, ancillary, _flags, _address = self._sock.recvmsg_into([buffer], _TIMESTAMP_SPACE)
         if self.first_arrival is None:
             self.first_arrival = _monotonic_of(ancillary)
