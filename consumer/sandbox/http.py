@@ -40,8 +40,12 @@ class _ArrivalStampedSocketIO(socket.SocketIO):
 
     first_arrival: float | None = None  # time.monotonic() of the first packet since reset
 
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock, "rb")
+        self.sock = sock
+
     def readinto(self, buffer: Any) -> int:  # any writable buffer, as socket.SocketIO takes
-        size, ancillary, _flags, _address = self._sock.recvmsg_into([buffer], _TIMESTAMP_SPACE)
+        size, ancillary, _flags, _address = self.sock.recvmsg_into([buffer], _TIMESTAMP_SPACE)
         if self.first_arrival is None:
             self.first_arrival = _monotonic_of(ancillary)
         return size
@@ -67,7 +71,7 @@ class Handler(BaseHTTPRequestHandler):
         self.rfile.close()  # replaced by a reader that keeps the kernel's receive times
         if _SO_TIMESTAMPNS is not None:
             self.connection.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
-        self.raw_reader = _ArrivalStampedSocketIO(self.connection, "rb")
+        self.raw_reader = _ArrivalStampedSocketIO(self.connection)
         self.rfile = io.BufferedReader(self.raw_reader)
 
     def handle_one_request(self) -> None:
