@@ -69,8 +69,6 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.rfile.close()  # replaced by a reader that keeps the kernel's receive times
-        if _SO_TIMESTAMPNS is not None:
-            self.connection.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
         self.raw_reader = _ArrivalStampedSocketIO(self.connection)
         self.rfile = io.BufferedReader(self.raw_reader)
 
@@ -176,6 +174,13 @@ class FakeTwilioHTTPServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], fake: FakeTwilio) -> None:
         self.fake = fake
         super().__init__(address, Handler)
+
+    def server_bind(self) -> None:
+        # Set on the listening socket, so that every accepted connection has it from its
+        # first packet on (set after accept(), that packet would have no stamp).
+        if _SO_TIMESTAMPNS is not None:
+            self.socket.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        super().server_bind()
 
     def handle_error(self, request: object, client_address: tuple[str, int]) -> None:
         """A client that goes away (a dispatcher killed mid-request) is routine, not a traceback
