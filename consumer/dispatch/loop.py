@@ -332,15 +332,16 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
     # -- sending (in a worker thread) and its outcome (in the loop) ----------------------------
 
     def _send(self, address: str, row: claims.ClaimedRow, released: float) -> SendResult:
-        # A worker may start a request tens of milliseconds after its release (busy threads,
-        # the GIL): its token counts from when it leaves, so that two sends of one sender
-        # reach Twilio a token apart, not one early.
-        late = time.monotonic() - released
-        if late > DEPARTURE_SLACK_SECONDS:
-            self.events.put(("departed_late", row.sender, late))
+        # A request may leave tens of milliseconds after its release (busy threads, the GIL):
+        # its token counts from when it leaves, so that two sends of one sender reach Twilio a
+        # token apart, not one early.
+        def departed(at: float) -> None:
+            if at - released > DEPARTURE_SLACK_SECONDS:
+                self.events.put(("departed_late", row.sender, at - released))
+
         started = time.perf_counter()
         try:
-            attempt, error = self.twilio.send(row.outgoing(address)), None
+            attempt, error = self.twilio.send(row.outgoing(address), departed), None
         except Exception as exc:  # noqa: BLE001 - a bug of ours: the row becomes failed
             attempt, error = None, exc
         seconds = time.perf_counter() - started

@@ -19,14 +19,17 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from email.utils import parsedate_to_datetime
+from typing import Any
 from uuid import UUID
 
 import requests
+import urllib3
+import urllib3.connection
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 from twilio.base.exceptions import TwilioRestException, TwilioServiceException
@@ -91,6 +94,47 @@ class MissingPublicUrl(Exception):
     """Hosted media needs SMSQ_PUBLIC_URL: Twilio must be able to fetch it from us."""
 
 
+_departure = threading.local()  # what the current thread's next request calls as it leaves
+
+
+class _DepartureStamped:
+    """Calls the thread's departure callback with time.monotonic() once the request's first
+    bytes are in the kernel: after all the work of building the request, which with many
+    threads waiting for the GIL can take tens of milliseconds. Stamped after the write, not
+    before, because the thread may wait for the GIL between any two lines of Python: a stamp
+    taken before would sometimes be milliseconds early, one taken after is never early."""
+
+    def send(self, data: Any) -> None:
+        super().send(data)  # type: ignore[misc]  # urllib3's connection, after this in the MRO
+        notify = getattr(_departure, "notify", None)
+        if notify is not None:
+            _departure.notify = None
+            notify(time.monotonic())
+
+
+class _StampedHTTPConnection(_DepartureStamped, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _StampedHTTPSConnection(_DepartureStamped, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _StampedHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _StampedHTTPConnection
+
+
+class _StampedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _StampedHTTPSConnection
+
+
+class _StampingAdapter(HTTPAdapter):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _StampedHTTPPool,
+                                                   "https": _StampedHTTPSPool}
+
+
 class PooledHttpClient(TwilioHttpClient):
     """TwilioHttpClient with a pool sized to the concurrency and per-thread last responses."""
 
@@ -99,7 +143,7 @@ class PooledHttpClient(TwilioHttpClient):
         super().__init__(pool_connections=True, logger=_HTTP_LOG)
         self.timeout = (connect_timeout, read_timeout)  # requests takes a tuple
         # No transport retries: a blind retry of a POST is exactly a possible double send.
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
+        adapter = _StampingAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         # The standard proxy variables (HTTPS_PROXY, NO_PROXY) are read once, here: looking
@@ -138,9 +182,12 @@ class TwilioSender:
         self.public_url = public
         self.status_callback = f"{public}/twilio/status" if public else None
 
-    def send(self, message: Outgoing) -> TwilioAttempt:
-        """Create the message at Twilio; never raises for anything Twilio or the network does."""
+    def send(self, message: Outgoing,
+             on_departure: Callable[[float], None] | None = None) -> TwilioAttempt:
+        """Create the message at Twilio; never raises for anything Twilio or the network does.
+        `on_departure` is called with time.monotonic() as the request leaves."""
         params = self._create_params(message)
+        _departure.notify = on_departure
         try:
             created = self.client.messages.create(**params)
         except TwilioRestException as exc:  # the legacy error body
@@ -153,6 +200,8 @@ class TwilioSender:
         except requests.RequestException as exc:
             return TwilioAttempt(request_sent=_left_before_failure(exc),
                                  error_message=f"{type(exc).__name__}: {exc}")
+        finally:
+            _departure.notify = None
         status = self.http.last_response.status_code if self.http.last_response else 201
         return TwilioAttempt(request_sent=True, http_status=status, sid=created.sid,
                              segments=_int_or_none(created.num_segments))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 import uuid
@@ -60,13 +61,48 @@ def test_an_accepted_message_gives_its_sid_and_segments(fake_twilio):
     assert received["status_callback"] is None  # no SMSQ_PUBLIC_URL, no callback
 
 
-def test_a_refused_connection_was_not_sent():
+def test_the_departure_is_stamped_once_after_the_request_left():
+    """The pacing counts a token from this stamp, so it must never come before the request's
+    bytes are in the kernel: when it is called, the server's side can already read them."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        readable_at_departure: list[bool] = []
+
+        def departed(at: float) -> None:
+            try:  # connected yet? then it waits in the backlog
+                connection, _ = listener.accept()
+            except BlockingIOError:
+                readable_at_departure.append(False)
+                return
+            readable_at_departure.append(bool(select.select([connection], [], [], 0)[0]))
+            connection.close()  # no answer: the request ends as a lost answer
+
+        listener.setblocking(False)
+
+        host, port = listener.getsockname()
+        nowhere = type("Silent", (), {"url": f"http://{host}:{port}", "account_sid": "AC1",
+                                      "auth_token": "x"})
+        attempt = sender_for(nowhere).send(Outgoing(TO, FROM, "hello"), departed)
+    assert attempt.request_sent
+    assert readable_at_departure == [True]
+
+
+def test_a_request_that_never_left_has_no_departure():
+    departures: list[float] = []
+    attempt = sender_for(nowhere()).send(Outgoing(TO, FROM, "hello"), departures.append)
+    assert not attempt.request_sent and departures == []
+
+
+def nowhere():
+    """A fake's address that refuses connections."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    fake = type("Nowhere", (), {"url": f"http://127.0.0.1:{port}", "account_sid": "AC1",
+    return type("Nowhere", (), {"url": f"http://127.0.0.1:{port}", "account_sid": "AC1",
                                 "auth_token": "x"})
-    attempt = sender_for(fake).send(Outgoing(TO, FROM, "hello"))
+
+
+def test_a_refused_connection_was_not_sent():
+    attempt = sender_for(nowhere()).send(Outgoing(TO, FROM, "hello"))
     assert not attempt.request_sent
     policy = RetryPolicy(max_attempts=5, backoff=1, backoff_max=10)
     assert decide(attempt, 1, policy).status == "pending"
