@@ -92,22 +92,30 @@ _ROW_COLUMNS = """
 # with Twilio's code for an unsubscribed recipient: never sent, never paced.
 # Claims for many senders in one statement: one (sender, limit, max rank) request each, the
 # rows of each found by their own index scan (LATERAL), the best first.
+# `total` is the sum of the limits: a LIMIT the planner can read. Without it the planner
+# guesses a tenth of the sender's due rows for `LIMIT req.lim` (a column), and with a
+# million pending rows it joined them by hashing both tables whole: 2.7 s instead of 3 ms.
+# Each row's sms_notification is read once, by its key, after the row is locked; the update
+# and the answer carry its columns along.
 CLAIM_DUE = f"""
 WITH req AS (
     SELECT * FROM unnest(%(senders)s::text[], %(limits)s::int[], %(max_ranks)s::int[])
         AS r(sender, lim, max_rank)
 ), due AS (
-    SELECT d.id, d.suppressed_as FROM req CROSS JOIN LATERAL (
-        SELECT id, (SELECT x.reason FROM sms_notification s
-                    JOIN suppressed_number x ON x.phone_number = s.to_phone_number
-                    WHERE s.notification_id = notification.id) AS suppressed_as
-        FROM notification
+    SELECT d.id, s.to_phone_number, s.media_url, s.temporary_media_id, s.attempts,
+           s.reconcile_checks,
+           (SELECT x.reason FROM suppressed_number x
+            WHERE x.phone_number = s.to_phone_number) AS suppressed_as
+    FROM req CROSS JOIN LATERAL (
+        SELECT id FROM notification
         WHERE status = 'pending' AND sender = req.sender AND priority_rank <= req.max_rank
           AND publish_datetime <= now()
           AND (retry_datetime IS NULL OR retry_datetime <= now())
         ORDER BY priority_rank, publish_datetime
         LIMIT req.lim
         FOR UPDATE SKIP LOCKED) d
+    JOIN sms_notification s ON s.notification_id = d.id
+    LIMIT %(total)s
 ), c AS (
     UPDATE notification n
     SET status = CASE WHEN due.suppressed_as IS NULL THEN 'processing' ELSE 'errored' END,
@@ -120,14 +128,16 @@ WITH req AS (
                                      THEN now() + make_interval(secs => %(lease)s) END
     FROM due WHERE n.id = due.id
     RETURNING n.id, n.sender, n.priority_rank, n.publish_datetime, n.expire_datetime, n.body,
-              n.claimed_datetime, due.suppressed_as IS NOT NULL AS suppressed
+              n.claimed_datetime, due.to_phone_number, due.media_url, due.temporary_media_id,
+              due.attempts, due.reconcile_checks, due.suppressed_as IS NOT NULL AS suppressed
 ), unsubscribed AS (
     UPDATE sms_notification s SET error_code = {UNSUBSCRIBED}
     FROM due WHERE s.notification_id = due.id AND due.suppressed_as IS NOT NULL
 )
-SELECT {_ROW_COLUMNS}, c.suppressed
-FROM c JOIN sms_notification s ON s.notification_id = c.id
-LEFT JOIN sms_temporary_media m ON m.id = s.temporary_media_id
+SELECT c.id, c.sender, c.priority_rank, c.publish_datetime, c.expire_datetime, c.body,
+       c.claimed_datetime, c.to_phone_number, c.media_url, m.access_token AS media_token,
+       c.attempts, c.reconcile_checks, c.suppressed
+FROM c LEFT JOIN sms_temporary_media m ON m.id = c.temporary_media_id
 """
 
 # Rows of these senders left in processing by anyone but what this process has in hand.
@@ -382,7 +392,8 @@ def claim_many(conn: psycopg.Connection, requests: list[tuple[str, int, int]], h
     senders, limits, ranks = (list(column) for column in zip(*requests))
     with conn.transaction(), conn.cursor(row_factory=class_row(ClaimedRow)) as cur:
         cur.execute(CLAIM_DUE, {"senders": senders, "limits": limits, "max_ranks": ranks,
-                                "holder": holder, "lease": lease_seconds})
+                                "total": sum(limits), "holder": holder,
+                                "lease": lease_seconds})
         claimed: dict[str, Claim] = {sender: Claim([]) for sender in senders}
         for row in cur.fetchall():
             claim = claimed[row.sender]
