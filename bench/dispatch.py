@@ -262,7 +262,7 @@ def bench_claim(dsn: str, rows: int, rounds: int = 5, runs: int = 30) -> None:
 
 def explain_claim(conn: psycopg.Connection, runs: int) -> tuple[list[str], list[float]]:
     """The last plan of the claim, with each run's server execution time in ms."""
-    params = {"senders": [""], "limits": [100], "max_ranks": [2], "total": 100,
+    params = {"senders": [""], "limits": [100], "max_ranks": [2],
               "holder": "bench", "lease": 60.0}
     executions, plan = [], []
     for _ in range(runs):
