@@ -4,6 +4,7 @@ the plan Postgres makes of it."""
 from __future__ import annotations
 
 import psycopg
+import pytest
 
 from consumer.dispatch import claims
 
@@ -92,3 +93,10 @@ def positional(statement: str, *names: str) -> str:
 
 def nodes(plan: dict) -> list[dict]:
     return [plan] + [node for child in plan.get("Plans", []) for node in nodes(child)]
+
+
+def test_rows_whose_columns_are_not_the_fields_in_order_are_refused(database_url):
+    with psycopg.connect(database_url) as conn, conn.cursor(
+            row_factory=claims.claimed_rows) as cur:
+        with pytest.raises(ValueError, match="first fields of ClaimedRow"):
+            cur.execute("SELECT gen_random_uuid() AS id, 0 AS priority_rank")
