@@ -109,11 +109,10 @@ _ROW_COLUMNS = """
 # with Twilio's code for an unsubscribed recipient: never sent, never paced.
 # Claims for many senders in one statement: one (sender, limit, max rank) request each, the
 # rows of each found by their own index scan (LATERAL), the best first.
-# The claimed rows are found again by key = ANY(ARRAY(...)): a primary-key probe each, whatever
-# the planner guesses. It cannot read `LIMIT req.lim` (a column) and guesses a tenth of the
-# sender's due rows; joined by `n.id = due.id`, a million pending rows made it hash all of
-# notification and sms_notification (2.7 s a claim instead of 3 ms). Each row's
-# sms_notification is read once, after the row is locked, and carried along.
+# The locked rows are found again by key = ANY(ARRAY(...)), a primary-key probe each in any
+# plan: for `LIMIT req.lim` (a column) Postgres guesses a tenth of the due rows, and joined by
+# that guess a million pending rows were hashed whole (2.7 s a claim instead of 3 ms). Each
+# row's sms_notification is read once, after the row is locked, and carried along.
 CLAIM_DUE = f"""
 WITH req AS (
     SELECT * FROM unnest(%(senders)s::text[], %(limits)s::int[], %(max_ranks)s::int[])
@@ -280,7 +279,6 @@ _FAIL_ONE = """
 UPDATE notification SET status = 'failed', status_message = %s
 WHERE id = %s AND status = 'processing'
 """
-
 
 
 # Senders nobody holds: no session holds their advisory lock (pg_locks keeps the second key
