@@ -7,13 +7,14 @@ on the wire.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 import psycopg
-from psycopg.rows import class_row
+from psycopg.rows import RowMaker
 
 from consumer.dispatch.twilio_client import Outgoing
 from consumer.pipeline import LOCK_CONNECTION_PREFIX, UNSUBSCRIBED, SuppressionReason, scalar
@@ -57,6 +58,22 @@ class ClaimedRow:
                         notification_id=self.id, expire_datetime=self.expire_datetime)
 
 
+_CLAIMED_ROW_FIELDS = [f.name for f in fields(ClaimedRow)]
+
+
+def claimed_rows(cursor: psycopg.Cursor[Any]) -> RowMaker[ClaimedRow]:
+    """A row factory: ClaimedRow(*values). psycopg's class_row builds a dict for every row,
+    0.37 ms of Python for a claim of 100 rows instead of 0.20. The columns must be the
+    first fields of ClaimedRow, in order; checked once per statement."""
+    names = [column.name for column in cursor.description or ()]
+    if names != _CLAIMED_ROW_FIELDS[:len(names)]:
+        raise ValueError(f"columns {names} are not the first fields of ClaimedRow")
+
+    def make(values: Sequence[Any]) -> ClaimedRow:
+        return ClaimedRow(*values)
+    return make
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What to write for one row. status is the row's status afterwards.
@@ -92,22 +109,29 @@ _ROW_COLUMNS = """
 # with Twilio's code for an unsubscribed recipient: never sent, never paced.
 # Claims for many senders in one statement: one (sender, limit, max rank) request each, the
 # rows of each found by their own index scan (LATERAL), the best first.
+# The locked rows are found again by key = ANY(ARRAY(...)), a primary-key probe each in any
+# plan: for `LIMIT req.lim` (a column) Postgres guesses a tenth of the due rows, and joined by
+# that guess a million pending rows were hashed whole (2.7 s a claim instead of 3 ms). Each
+# row's sms_notification is read once, after the row is locked, and carried along.
 CLAIM_DUE = f"""
 WITH req AS (
     SELECT * FROM unnest(%(senders)s::text[], %(limits)s::int[], %(max_ranks)s::int[])
         AS r(sender, lim, max_rank)
-), due AS (
-    SELECT d.id, d.suppressed_as FROM req CROSS JOIN LATERAL (
-        SELECT id, (SELECT x.reason FROM sms_notification s
-                    JOIN suppressed_number x ON x.phone_number = s.to_phone_number
-                    WHERE s.notification_id = notification.id) AS suppressed_as
-        FROM notification
+), locked AS (
+    SELECT d.id FROM req CROSS JOIN LATERAL (
+        SELECT id FROM notification
         WHERE status = 'pending' AND sender = req.sender AND priority_rank <= req.max_rank
           AND publish_datetime <= now()
           AND (retry_datetime IS NULL OR retry_datetime <= now())
         ORDER BY priority_rank, publish_datetime
         LIMIT req.lim
         FOR UPDATE SKIP LOCKED) d
+), due AS (
+    SELECT s.notification_id AS id, s.to_phone_number, s.media_url, s.temporary_media_id,
+           s.attempts, s.reconcile_checks,
+           (SELECT x.reason FROM suppressed_number x
+            WHERE x.phone_number = s.to_phone_number) AS suppressed_as
+    FROM sms_notification s WHERE s.notification_id = ANY(ARRAY(SELECT id FROM locked))
 ), c AS (
     UPDATE notification n
     SET status = CASE WHEN due.suppressed_as IS NULL THEN 'processing' ELSE 'errored' END,
@@ -118,16 +142,19 @@ WITH req AS (
         claimed_datetime = CASE WHEN due.suppressed_as IS NULL THEN now() END,
         lease_expire_datetime = CASE WHEN due.suppressed_as IS NULL
                                      THEN now() + make_interval(secs => %(lease)s) END
-    FROM due WHERE n.id = due.id
+    -- The ANY finds the rows by key; the join only pairs each with its own values.
+    FROM due WHERE n.id = ANY(ARRAY(SELECT id FROM due)) AND n.id = due.id
     RETURNING n.id, n.sender, n.priority_rank, n.publish_datetime, n.expire_datetime, n.body,
-              n.claimed_datetime, due.suppressed_as IS NOT NULL AS suppressed
+              n.claimed_datetime, due.to_phone_number, due.media_url, due.temporary_media_id,
+              due.attempts, due.reconcile_checks, due.suppressed_as IS NOT NULL AS suppressed
 ), unsubscribed AS (
     UPDATE sms_notification s SET error_code = {UNSUBSCRIBED}
-    FROM due WHERE s.notification_id = due.id AND due.suppressed_as IS NOT NULL
+    WHERE s.notification_id = ANY(ARRAY(SELECT id FROM due WHERE suppressed_as IS NOT NULL))
 )
-SELECT {_ROW_COLUMNS}, c.suppressed
-FROM c JOIN sms_notification s ON s.notification_id = c.id
-LEFT JOIN sms_temporary_media m ON m.id = s.temporary_media_id
+SELECT c.id, c.sender, c.priority_rank, c.publish_datetime, c.expire_datetime, c.body,
+       c.claimed_datetime, c.to_phone_number, c.media_url, m.access_token AS media_token,
+       c.attempts, c.reconcile_checks, false AS lease_expired, c.suppressed
+FROM c LEFT JOIN sms_temporary_media m ON m.id = c.temporary_media_id
 """
 
 # Rows of these senders left in processing by anyone but what this process has in hand.
@@ -252,7 +279,6 @@ _FAIL_ONE = """
 UPDATE notification SET status = 'failed', status_message = %s
 WHERE id = %s AND status = 'processing'
 """
-
 
 
 # Senders nobody holds: no session holds their advisory lock (pg_locks keeps the second key
@@ -380,7 +406,7 @@ def claim_many(conn: psycopg.Connection, requests: list[tuple[str, int, int]], h
     both statements, so a row becoming due between them cannot fall through the gap.
     """
     senders, limits, ranks = (list(column) for column in zip(*requests))
-    with conn.transaction(), conn.cursor(row_factory=class_row(ClaimedRow)) as cur:
+    with conn.transaction(), conn.cursor(row_factory=claimed_rows) as cur:
         cur.execute(CLAIM_DUE, {"senders": senders, "limits": limits, "max_ranks": ranks,
                                 "holder": holder, "lease": lease_seconds})
         claimed: dict[str, Claim] = {sender: Claim([]) for sender in senders}
@@ -398,7 +424,7 @@ def claim_many(conn: psycopg.Connection, requests: list[tuple[str, int, int]], h
 def stale_processing(conn: psycopg.Connection, senders: list[str], exclude: Iterable[UUID],
                      expired_only: bool) -> list[ClaimedRow]:
     """Rows of `senders` in processing that need reconciling with Twilio."""
-    with conn.cursor(row_factory=class_row(ClaimedRow)) as cur:
+    with conn.cursor(row_factory=claimed_rows) as cur:
         cur.execute(_STALE, {"senders": senders, "exclude": list(exclude),
                              "expired_only": expired_only})
         return cur.fetchall()

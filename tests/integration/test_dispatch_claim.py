@@ -1,0 +1,102 @@
+"""The claim statement itself (claims.claim_many) against real Postgres: what it returns and
+the plan Postgres makes of it."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from consumer.dispatch import claims
+
+POOL = "+15017122661"
+SUPPRESSED = "+14155550199"
+
+
+def add_pending(conn: psycopg.Connection, count: int, sender: str = "",
+                to: str = "+14155550123", priority: str = "low", age_seconds: int = 60) -> None:
+    """`count` due rows of `sender`, the first one the oldest."""
+    conn.execute("""
+        WITH n AS (
+            INSERT INTO notification (id, body, priority, publish_datetime, sender)
+            SELECT gen_random_uuid(), 'claim test ' || i, %(priority)s,
+                   now() - (%(age)s - i) * interval '1 millisecond', %(sender)s
+            FROM generate_series(1, %(count)s) i
+            RETURNING id)
+        INSERT INTO sms_notification (notification_id, to_phone_number, media_url, attempts)
+        SELECT id, %(to)s, ARRAY['https://example.com/a.png'], 2 FROM n""",
+                 {"count": count, "sender": sender, "to": to, "priority": priority,
+                  "age": age_seconds * 1000})
+
+
+def test_a_claim_takes_the_best_rows_of_each_sender_once_with_their_sms_part(database_url):
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        add_pending(conn, 3, priority="low")
+        add_pending(conn, 2, priority="high", age_seconds=1)
+        add_pending(conn, 2, sender=POOL)
+        add_pending(conn, 1, sender=POOL, to=SUPPRESSED, age_seconds=3600)
+        conn.execute("INSERT INTO suppressed_number (phone_number, reason) "
+                     "VALUES (%s, 'operator')", (SUPPRESSED,))
+        first = claims.claim_many(conn, [("", 3, 2), (POOL, 2, 2)], "me", 60.0)
+        second = claims.claim_many(conn, [("", 3, 2), (POOL, 2, 2)], "me", 60.0)
+        errored = conn.execute("SELECT s.error_code, n.status FROM notification n JOIN "
+                               "sms_notification s ON s.notification_id = n.id "
+                               "WHERE s.to_phone_number = %s", (SUPPRESSED,)).fetchall()
+    # In any order: the dispatcher keeps what it holds in a heap by priority and age.
+    default = sorted(first[""].rows, key=lambda row: (row.priority_rank, row.publish_datetime))
+    assert [row.priority_rank for row in default] == [0, 0, 2]
+    assert default[2].publish_datetime == min(
+        row.publish_datetime for row in default + second[""].rows if row.priority_rank == 2)
+    assert all(row.to_phone_number == "+14155550123" and row.attempts == 2
+               and row.media_url == ["https://example.com/a.png"] and row.media_token is None
+               and row.claimed_datetime is not None for row in default)
+    assert [row.to_phone_number for row in first[POOL].suppressed] == [SUPPRESSED]
+    assert len(first[POOL].rows) == 1 and not first[POOL].drained
+    assert errored == [(21610, "errored")]
+    claimed_twice = {r.id for r in default + first[POOL].rows} & {
+        r.id for r in second[""].rows + second[POOL].rows}
+    assert not claimed_twice
+    assert len(second[""].rows) == 2 and second[""].drained
+    assert len(second[POOL].rows) == 1 and second[POOL].drained
+
+
+def test_the_claim_finds_its_rows_by_key_whatever_the_planner_guesses(database_url):
+    """Postgres guesses a tenth of the due rows for `LIMIT req.lim`: with a million of them,
+    joining the claimed rows by that guess hashed whole tables (seconds, not milliseconds).
+    No plan of the claim, with its parameters or without (a prepared statement's generic
+    plan), reads notification or sms_notification whole."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        add_pending(conn, 5000)
+        conn.execute("ANALYZE notification")
+        conn.execute("ANALYZE sms_notification")
+        conn.execute("PREPARE claim(text[], int[], int[], text, float8) AS "
+                     + positional(claims.CLAIM_DUE, "senders", "limits", "max_ranks", "holder",
+                                  "lease"))
+        plans = {}
+        for mode in ("force_custom_plan", "force_generic_plan"):
+            with conn.transaction(force_rollback=True):
+                conn.execute(f"SET LOCAL plan_cache_mode = {mode}")
+                [[plans[mode]]] = conn.execute(
+                    f"EXPLAIN (FORMAT JSON) EXECUTE claim(ARRAY['', '{POOL}'], ARRAY[100, 50], "
+                    "ARRAY[2, 2], 'me', 60)").fetchall()
+    for mode, plan in plans.items():
+        read_whole = {node.get("Relation Name") for node in nodes(plan[0]["Plan"])
+                      if node["Node Type"] == "Seq Scan"}
+        assert not read_whole & {"notification", "sms_notification"}, mode
+
+
+def positional(statement: str, *names: str) -> str:
+    """`statement` with its named parameters as $1, $2, ... in the order of `names`."""
+    for number, name in enumerate(names, 1):
+        statement = statement.replace(f"%({name})s", f"${number}")
+    return statement
+
+
+def nodes(plan: dict) -> list[dict]:
+    return [plan] + [node for child in plan.get("Plans", []) for node in nodes(child)]
+
+
+def test_rows_whose_columns_are_not_the_fields_in_order_are_refused(database_url):
+    with psycopg.connect(database_url) as conn, conn.cursor(
+            row_factory=claims.claimed_rows) as cur:
+        with pytest.raises(ValueError, match="first fields of ClaimedRow"):
+            cur.execute("SELECT gen_random_uuid() AS id, 0 AS priority_rank")
