@@ -313,7 +313,7 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
         if kind == "due":
             self.scheduler.announce(event[1], event[2])
         elif kind == "departed_late":
-            self.scheduler.departed_late(event[1], event[2])
+            self.scheduler.departed_late(event[1], event[2], event[3])
         elif kind == "poll":
             self.scheduler.announce_all()
         elif kind == "done":
@@ -337,7 +337,7 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
         # token apart, not one early.
         def departed(at: float) -> None:
             if at - released > DEPARTURE_SLACK_SECONDS:
-                self.events.put(("departed_late", row.sender, at - released))
+                self.events.put(("departed_late", row.sender, at - released, row.cost))
 
         started = time.perf_counter()
         try:

@@ -241,12 +241,14 @@ class Scheduler(Generic[RowT]):
             sender.bucket.give_back(cost)
             self._to_release[key] = None
 
-    def departed_late(self, key: str, seconds: float) -> None:
-        """A request of `key` left `seconds` after its release: its token is counted from
-        when it left, so the sender's next one leaves a whole token later."""
+    def departed_late(self, key: str, seconds: float, cost: float) -> None:
+        """A request of `key` costing `cost` tokens left `seconds` after its release: its
+        tokens are counted from when it left, so the sender's next one leaves a whole token
+        later. Never more than its own tokens: at a high rate, the refill of a few late
+        milliseconds would be thousands of tokens and would starve the sender."""
         sender = self.senders.get(key)
         if sender is not None:
-            sender.bucket.debit(seconds * sender.bucket.rate)
+            sender.bucket.debit(min(seconds * sender.bucket.rate, cost))
 
     def hand_back(self, key: str) -> list[UUID]:
         """The rows in hand of `key`, to return to pending while it waits."""

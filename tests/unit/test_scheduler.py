@@ -249,8 +249,18 @@ def test_a_request_that_leaves_late_takes_its_token_from_when_it_left():
     h.scheduler.take("", "+15005550006")
     h.publish(*[FakeRow(f"m{n}") for n in range(3)])
     assert h.sent_bodies(h.step()) == ["m0"]
-    h.scheduler.departed_late("", 0.3)  # a busy worker started it 0.3 s after its release
+    h.scheduler.departed_late("", 0.3, 1.0)  # a busy worker started it 0.3 s after its release
     h.clock.advance(1.0)
     assert h.sent_bodies(h.step()) == []  # a token after its release, not after it left
     h.clock.advance(0.3)
+    assert h.sent_bodies(h.step()) == ["m1"]
+
+
+def test_a_late_request_at_a_high_rate_is_charged_no_more_than_its_own_tokens():
+    h = Harness(rate=1_000_000.0, burst=1.0)
+    h.scheduler.take("", "+15005550006")
+    h.publish(*[FakeRow(f"m{n}") for n in range(3)])
+    assert h.sent_bodies(h.step()) == ["m0"]
+    h.scheduler.departed_late("", 0.01, 1.0)  # 10 ms late: 10,000 tokens of refill
+    h.clock.advance(2.5e-6)  # the debt of one token, then the next token
     assert h.sent_bodies(h.step()) == ["m1"]
