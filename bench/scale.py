@@ -3,6 +3,7 @@
     .venv/bin/python bench/scale.py                 # every section, about 6 minutes
     .venv/bin/python bench/scale.py --only one --senders 10,100,300
     .venv/bin/python bench/scale.py --rounds 3      # rounds interleaved; median and worst
+    .venv/bin/python bench/scale.py --case 300x1 --case 1000x3   # just these (senders x dispatchers)
 
 Every sender sends 1 segment a second; the sandbox answers after 200 ms, as Twilio over the
 internet might. Figures come from the sandbox's own arrival times (CLOCK_MONOTONIC, shared by
@@ -48,14 +49,18 @@ def main() -> int:
                         help="sender counts of the 'one' section")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured window")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--case", action="append", metavar="SENDERSxDISPATCHERS",
+                        help="run only these cases (e.g. 300x1), instead of the sections")
     args = parser.parse_args()
     counts = [int(n) for n in args.senders.split(",")]
     runs = {"one": [(n, 1) for n in counts],
-            "many": [(300, 1), (300, 2), (300, 3), (1000, 3)], "handover": [(300, 3)]}
+            "many": [(300, 1), (300, 2), (300, 3), (1000, 3)], "handover": [(300, 3)],
+            "case": [tuple(int(n) for n in c.split("x")) for c in args.case or ()]}
     results: dict[tuple, list[dict]] = {}
-    with scratch_database("smsq_bench_scale") as dsn:
+    # A name of its own: two benches running at once must not drop each other's database.
+    with scratch_database(f"smsq_bench_scale_{os.getpid()}") as dsn:
         for _ in range(args.rounds):  # rounds interleaved: a noisy minute hits every case
-            for section in args.only or SECTIONS:
+            for section in (["case"] if args.case else args.only or SECTIONS):
                 for senders, dispatchers in runs[section]:
                     reset(dsn)
                     outcome = run(dsn, senders, dispatchers, args.seconds,
