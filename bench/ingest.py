@@ -20,7 +20,9 @@ rate at which smsq's CPU per message would keep every CPU of the machine busy, a
 to the ceiling ("reachable / ceiling"). The broker and the database share these CPUs.
 
 The bench works in a database and on queues of its own, named after its process id, and
-removes them at the end (also on Ctrl-C).
+removes them at the end (also on Ctrl-C). Its queues are declared by smsq's own code, as
+`smsq consume` declares them: quorum queues, or classic ones with `--classic-queues` (then
+smsq runs with SMSQ_QUORUM_QUEUES=false, and the ceilings read from classic queues too).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import scratch_database  # noqa: E402
+from consumer import amqp  # noqa: E402
 from consumer.ingest.delivery_reader import DeliveryReader  # noqa: E402
 from consumer.settings import Settings  # noqa: E402
 from schemas.errors import parse_notification  # noqa: E402
@@ -69,6 +72,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--backlog", type=int, default=0,
                         help="also measure smsq consume, in each round, on a database where "
                              "this many rows are already stored")
+    parser.add_argument("--classic-queues", action="store_true",
+                        help="classic queues instead of quorum ones, for the ceilings and "
+                             "for smsq (SMSQ_QUORUM_QUEUES=false)")
     return parser.parse_args(argv)
 
 
@@ -109,12 +115,9 @@ def connect_amqp(settings: Settings) -> pika.BlockingConnection:
 
 
 def declare(settings: Settings) -> None:
+    """The queues as `smsq consume` declares them (which refuses a queue of another kind)."""
     with connect_amqp(settings) as connection:
-        channel = connection.channel()
-        channel.exchange_declare(settings.smsq_exchange, exchange_type="topic", durable=True)
-        for queue in (settings.smsq_queue, settings.dead_queue):
-            channel.queue_declare(queue, durable=True)
-        channel.queue_bind(settings.smsq_queue, settings.smsq_exchange, settings.smsq_routing_key)
+        amqp.declare_topology(connection.channel(), settings)
 
 
 def fill_queue(settings: Settings, bodies: list[bytes]) -> None:
@@ -345,6 +348,7 @@ def measure_smsq(settings: Settings, count: int, last_id: uuid.UUID) -> Measurem
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SMSQ_", "TWILIO_"))}
     env.update(DATABASE_URL=settings.database_dsn, AMQP_URL=settings.amqp_url,
                SMSQ_EXCHANGE=settings.smsq_exchange, SMSQ_QUEUE=settings.smsq_queue,
+               SMSQ_QUORUM_QUEUES=str(settings.smsq_quorum_queues).lower(),
                SMSQ_LOG_LEVEL="WARNING",
                SMSQ_INGEST_BATCH_SIZE=str(settings.smsq_ingest_batch_size),
                SMSQ_INGEST_BATCH_MS=str(settings.smsq_ingest_batch_ms),
@@ -404,6 +408,7 @@ def run(args: argparse.Namespace, settings: Settings, backlog_settings: Settings
     print(f"database: {durability(settings.database_dsn)}; {os.cpu_count()} CPUs; "
           f"{args.messages:,} messages to {args.recipients:,} recipients; batch "
           f"{settings.smsq_ingest_batch_size}, prefetch {settings.smsq_prefetch}; "
+          f"{'quorum' if settings.smsq_quorum_queues else 'classic'} queues; "
           f"{args.rounds} rounds, taking turns (the machine may be shared)", flush=True)
     bodies, ids = message_bodies(args.messages, args.recipients)
     if backlog_settings is not None:
@@ -526,7 +531,8 @@ def main(argv: list[str]) -> int:
     with ExitStack() as cleanup:
         database_url = cleanup.enter_context(scratch_database(f"smsq_bench_{suffix}"))
         settings = Settings(_env_file=None, database_url=database_url, amqp_url=amqp_url,
-                            smsq_exchange=f"bench.{suffix}", smsq_queue=f"bench.{suffix}.sms")
+                            smsq_exchange=f"bench.{suffix}", smsq_queue=f"bench.{suffix}.sms",
+                            smsq_quorum_queues=not args.classic_queues)
         backlog_settings = None
         if args.backlog:
             backlog_url = cleanup.enter_context(
