@@ -335,7 +335,10 @@ def test_a_second_signal_exits_at_once(settings, tmp_path):
     with socket.socket() as silent:  # accepts connections, never answers: a hung Postgres
         silent.bind(("127.0.0.1", 0))
         silent.listen()
-        hung_url = f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/smsq"
+        # A connect timeout longer than the test: on a loaded machine the default 5 s could
+        # run out before the first signal, and the consumer would exit on its own.
+        hung_url = (f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/smsq"
+                    "?connect_timeout=60")
         settings = settings.model_copy(update={"database_url": PostgresDsn(hung_url)})
         log_path = tmp_path / "consume.log"
         consumer = start_smsq(settings, "consume", log_path=log_path)
@@ -345,7 +348,7 @@ def test_a_second_signal_exits_at_once(settings, tmp_path):
         consumer.send_signal(signal.SIGTERM)
         wait_until(lambda: "stop_requested" in log_of(log_path), message="first signal seen")
         # Longer than the loop's idle wake (1 s), shorter than the writer's connect timeout
-        # (5 s): a consumer that did not wait for its batch would have exited by now.
+        # (60 s): a consumer that did not wait for its batch would have exited by now.
         time.sleep(1.5)
         assert consumer.poll() is None  # still waiting for the hung database
         consumer.send_signal(signal.SIGTERM)
