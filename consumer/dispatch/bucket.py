@@ -57,10 +57,12 @@ class TokenBucket:
         stopped it before the request), up to the capacity."""
         self._tokens = min(self.capacity, self.tokens + cost)
 
-    def debit(self, tokens: float) -> None:
-        """Take `tokens` more (a debt, if need be): what was taken went out later than
-        thought, and the tokens of that delay were not yet earned."""
-        self._tokens = self.tokens - tokens
+    def left_late(self, cost: float, seconds: float) -> None:
+        """`cost` tokens taken `seconds` ago were used only now: count them from now. The
+        bucket refilled meanwhile, and up to `cost` of that refill was not yet earned (a debt,
+        if need be). Never more than `cost`: at a high rate the refill of a few milliseconds
+        is thousands of tokens, and charging it all would starve the sender."""
+        self._tokens = self.tokens - min(cost, seconds * self.rate)
 
     def _needed(self, cost: float) -> float:
         # A message larger than the bucket goes when the bucket is full, not never.

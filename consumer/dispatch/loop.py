@@ -77,8 +77,7 @@ HORIZON_SECONDS = 2.0  # claim about this much of a sender's sending at a time
 PACING_MARGIN = 0.01
 SHUTDOWN_GRACE_SECONDS = 5.0  # wait this long for requests on the wire at SIGTERM
 CLAIMS_PER_STATEMENT = 200  # senders claimed for in one statement at most
-DEPARTURE_SLACK_SECONDS = 0.002  # a request leaving later than this after its release
-# takes its token from then
+DEPARTURE_SLACK_SECONDS = 0.002  # a request leaving later after its release: tokens from then
 
 
 def paced_senders(settings: Settings) -> dict[str, str]:
@@ -272,7 +271,7 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
                 self._fail(action.row, action.error)
         for send in self._within_recipient_limits(sends):
             self.in_flight[send.row.id] = send.row
-            self.pool.submit(self._send, send.sender.address, send.row, time.monotonic())
+            self.pool.submit(self._send, send, time.monotonic())
 
     def _fail(self, row: claims.ClaimedRow, exc: Exception) -> None:
         """A row smsq cannot handle becomes failed; the others go on (docs/contract.md, 4)."""
@@ -331,17 +330,18 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
 
     # -- sending (in a worker thread) and its outcome (in the loop) ----------------------------
 
-    def _send(self, address: str, row: claims.ClaimedRow, released: float) -> SendResult:
+    def _send(self, send: Send[claims.ClaimedRow], released: float) -> SendResult:
         # A request may leave tens of milliseconds after its release (busy threads, the GIL):
-        # its token counts from when it leaves, so that two sends of one sender reach Twilio a
-        # token apart, not one early.
+        # its tokens count from when it leaves, so two of one sender reach Twilio a token apart.
+        row = send.row
+
         def departed(at: float) -> None:
             if at - released > DEPARTURE_SLACK_SECONDS:
-                self.events.put(("departed_late", row.sender, at - released, row.cost))
+                self.events.put(("departed_late", row.sender, at - released, send.cost))
 
         started = time.perf_counter()
         try:
-            attempt, error = self.twilio.send(row.outgoing(address), departed), None
+            attempt, error = self.twilio.send(row.outgoing(send.sender.address), departed), None
         except Exception as exc:  # noqa: BLE001 - a bug of ours: the row becomes failed
             attempt, error = None, exc
         seconds = time.perf_counter() - started

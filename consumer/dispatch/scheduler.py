@@ -99,6 +99,7 @@ class ClaimRequest:
 class Send(Generic[RowT]):
     sender: Sender
     row: RowT
+    cost: float  # the tokens it took: given back if it does not go, charged if it goes late
 
 
 @dataclass(frozen=True)
@@ -242,13 +243,11 @@ class Scheduler(Generic[RowT]):
             self._to_release[key] = None
 
     def departed_late(self, key: str, seconds: float, cost: float) -> None:
-        """A request of `key` costing `cost` tokens left `seconds` after its release: its
-        tokens are counted from when it left, so the sender's next one leaves a whole token
-        later. Never more than its own tokens: at a high rate, the refill of a few late
-        milliseconds would be thousands of tokens and would starve the sender."""
+        """A request of `key` that took `cost` tokens left `seconds` after its release: its
+        tokens count from when it left, so the sender's next one leaves a token later."""
         sender = self.senders.get(key)
         if sender is not None:
-            sender.bucket.debit(min(seconds * sender.bucket.rate, cost))
+            sender.bucket.left_late(cost, seconds)
 
     def hand_back(self, key: str) -> list[UUID]:
         """The rows in hand of `key`, to return to pending while it waits."""
@@ -370,7 +369,7 @@ class Scheduler(Generic[RowT]):
         sender.spent_today += cost
         if len(sender.queue) <= self.in_hand_target // 2 and sender.maybe_due:
             self._to_claim[key] = None
-        return Send(sender, row)
+        return Send(sender, row, cost)
 
     def _pause_until(self, sender: Sender, until: float) -> None:
         if until > sender.paused_until:

@@ -171,3 +171,20 @@ def test_long_run_bounds(rate: float, capacity: float, max_cost: int, idle_chanc
         elapsed = sends[-1][0] - sends[0][0]
         sent_after_first = sum(cost for _, cost in sends[1:])
         assert abs(sent_after_first - (rate * elapsed + capacity - sends[0][1])) <= max_cost
+
+
+def test_a_take_used_late_counts_from_when_it_was_used(clock: FakeClock) -> None:
+    bucket = TokenBucket(rate=1, capacity=1, clock=clock)
+    assert bucket.try_take(1)
+    clock.advance(0.3)
+    bucket.left_late(1, 0.3)  # the message left 0.3 s after its tokens were taken
+    assert bucket.wait_time(1) == pytest.approx(1.0)  # a whole token after it left
+
+
+def test_a_late_take_is_charged_at_most_its_own_cost(clock: FakeClock) -> None:
+    bucket = TokenBucket(rate=1_000_000, capacity=1, clock=clock)
+    assert bucket.try_take(1)
+    clock.advance(0.01)  # 10,000 tokens' time, capped at 1 in the bucket
+    bucket.left_late(1, 0.01)
+    assert bucket.tokens == pytest.approx(0.0)
+    assert bucket.wait_time(1) == pytest.approx(1e-6)
