@@ -42,6 +42,18 @@ WARM_UP = 4.0  # seconds after the first send before measuring: every sender tak
 SECTIONS = ("one", "many", "handover")
 
 
+def senders_by_dispatchers(text: str) -> tuple[int, int]:
+    """'300x1' -> (300, 1)."""
+    try:
+        senders, dispatchers = (int(n) for n in text.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected SENDERSxDISPATCHERS, e.g. 300x1") from None
+    if senders < 1 or dispatchers < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: senders and dispatchers must be >= 1")
+    return senders, dispatchers
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=SECTIONS, action="append")
@@ -50,12 +62,13 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured window")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--case", action="append", metavar="SENDERSxDISPATCHERS",
+                        type=senders_by_dispatchers,
                         help="run only these cases (e.g. 300x1), instead of the sections")
     args = parser.parse_args()
     counts = [int(n) for n in args.senders.split(",")]
     runs = {"one": [(n, 1) for n in counts],
             "many": [(300, 1), (300, 2), (300, 3), (1000, 3)], "handover": [(300, 3)],
-            "case": [tuple(int(n) for n in c.split("x")) for c in args.case or ()]}
+            "case": args.case or []}
     results: dict[tuple, list[dict]] = {}
     # A name of its own: two benches running at once must not drop each other's database.
     with scratch_database(f"smsq_bench_scale_{os.getpid()}") as dsn:
