@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import argparse
 
-from consumer.dispatch import loop
+from consumer.dispatch import loop, sharing
 from consumer.migrate import require_current_schema
 from consumer.settings import ConfigError, Settings
 from consumer.signals import StopSignal
@@ -28,6 +28,6 @@ def check_can_send(settings: Settings) -> None:
                                                  and settings.twilio_auth_token):
         raise ConfigError("TWILIO_ACCOUNT_SID / TWILIO_AUTH_TOKEN: required to send through "
                           "Twilio (or point TWILIO_API_URL at a sandbox such as smsq fake-twilio)")
-    if not loop.paced_senders(settings):
+    if not sharing.paced_senders(settings):
         raise ConfigError("TWILIO_PHONE_NUMBER / TWILIO_MESSAGING_SERVICE_SID: set one of them "
                           "(or SMSQ_SENDERS), the number or service messages are sent from")

@@ -45,9 +45,10 @@ class TokenBucket:
         missing = self._needed(cost) - self.tokens
         return 0.0 if missing <= _EPSILON else missing / self.rate
 
-    def try_take(self, cost: float) -> bool:
-        """Take `cost` tokens if the bucket allows it now; False (and no change) otherwise."""
-        if self.tokens + _EPSILON < self._needed(cost):
+    def try_take(self, cost: float, reserved: float = 0.0) -> bool:
+        """Take `cost` tokens if the bucket allows it now, `reserved` of its tokens aside;
+        False (and no change) otherwise."""
+        if self.tokens - reserved + _EPSILON < self._needed(cost):
             return False
         self._tokens -= cost
         return True

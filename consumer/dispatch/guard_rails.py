@@ -48,7 +48,7 @@ class GuardRails(DispatcherState):
             limit = capped.get(send.row.id)
             if limit is None:
                 continue
-            self.scheduler.unsend(send.sender.key, send.cost)
+            self.scheduler.unsend(send)
             message = (f"not sent: recipient limit reached ({limit.sends} per "
                        f"{limit.text.split('/', 1)[1]} to one number, SMSQ_RECIPIENT_LIMIT)")
             self.outcomes.append(claims.Outcome(send.row.id, "errored", message,

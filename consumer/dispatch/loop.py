@@ -23,6 +23,7 @@ One thread runs the loop and owns the two database connections; it never waits o
 
 from __future__ import annotations
 
+import collections
 import gc
 import logging
 import math
@@ -59,7 +60,7 @@ from consumer.dispatch.scheduler import (
     Send,
     Sender,
 )
-from consumer.dispatch.sharing import TICK_SECONDS, SenderSharing
+from consumer.dispatch.sharing import TICK_SECONDS, SenderSharing, paced_senders
 from consumer.dispatch.threads import DueListener, SendResult, WorkerPool
 from consumer.dispatch.twilio_client import TwilioSender
 from consumer.logs import error_text
@@ -77,18 +78,6 @@ HORIZON_SECONDS = 2.0  # claim about this much of a sender's sending at a time
 PACING_MARGIN = 0.01
 SHUTDOWN_GRACE_SECONDS = 5.0  # wait this long for requests on the wire at SIGTERM
 CLAIMS_PER_STATEMENT = 200  # senders claimed for in one statement at most
-DEPARTURE_SLACK_SECONDS = 0.002  # a request leaving later after its release: tokens from then
-
-
-def paced_senders(settings: Settings) -> dict[str, str]:
-    """sender key (as stored in notification.sender) -> the From number or Messaging Service."""
-    senders = {}
-    default = settings.twilio_messaging_service_sid or settings.twilio_phone_number
-    if default:
-        senders[""] = default
-    for number in settings.extra_senders:
-        senders[number] = number
-    return senders
 
 
 class Dispatcher(SenderSharing, Reconciliation, GuardRails):
@@ -109,6 +98,10 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
             policy, lambda row: row.cost, daily_limit=settings.smsq_daily_segment_limit)
         self.twilio = TwilioSender(settings, self.concurrency)
         self.events: queue.SimpleQueue = queue.SimpleQueue()
+        # Requests that left, from the workers: (sender, row id, seconds after release, cost).
+        # Read before each release; an event only when a sender waits for one of them.
+        self.departures: collections.deque[tuple[str, UUID, float, float]] = collections.deque()
+        self.wake_on_departure = False
         self.pool = WorkerPool(self.concurrency, self.events)
         self.in_flight: dict[UUID, claims.ClaimedRow] = {}  # sends and reconciliations
         self.outcomes: list[claims.Outcome] = []
@@ -259,6 +252,7 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
         self.scheduler.announce(key, ALL_RANKS)  # claimed again at once, without them
 
     def _release_ready(self) -> None:
+        self._note_departures()
         sends = []
         for action in self.scheduler.releases(self.concurrency - len(self.in_flight)):
             if isinstance(action, Send):
@@ -289,7 +283,15 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
         log.info("message expired", extra={"action": "message_expired",
                                            "notification_id": str(row.id)})
 
+    def _note_departures(self) -> None:
+        while self.departures:
+            self.scheduler.departed(*self.departures.popleft())
+
     def _next_wake(self) -> float:
+        # Set before looking at the departures: a worker appends, then reads the flag.
+        self.wake_on_departure = self.scheduler.awaiting_departures
+        if self.wake_on_departure and self.departures:
+            return time.monotonic()
         wake = self.scheduler.next_wake(self.concurrency - len(self.in_flight))
         return min(self.next_tick, self.next_poll, wake if wake is not None else math.inf)
 
@@ -311,8 +313,6 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
         kind = event[0]
         if kind == "due":
             self.scheduler.announce(event[1], event[2])
-        elif kind == "departed_late":
-            self.scheduler.departed_late(event[1], event[2], event[3])
         elif kind == "poll":
             self.scheduler.announce_all()
         elif kind == "done":
@@ -336,8 +336,9 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
         row = send.row
 
         def departed(at: float) -> None:
-            if at - released > DEPARTURE_SLACK_SECONDS:
-                self.events.put(("departed_late", row.sender, at - released, send.cost))
+            self.departures.append((row.sender, row.id, at - released, send.cost))
+            if self.wake_on_departure:  # only wakes the loop, which reads self.departures
+                self.events.put(("departed",))
 
         started = time.perf_counter()
         try:
@@ -358,7 +359,7 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
             decision = decide(result.attempt, row.attempts + 1, self.policy)
         self.outcomes.append(self._outcome_of(result, decision))
         retry_after = result.attempt.retry_after if result.attempt else None
-        event = self.scheduler.finished(row.sender, decision, retry_after,
+        event = self.scheduler.finished(row.sender, row.id, decision, retry_after,
                                         self._unspent(result, decision))
         if isinstance(event, Paused):
             self._on_paused(event)

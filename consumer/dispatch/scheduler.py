@@ -28,6 +28,9 @@ from consumer.dispatch.outcomes import BUDGET_PAUSE, Decision, RetryPolicy, paus
 # A row due already but not claimable (locked by an operator's transaction) is looked at
 # again after this, not in a busy loop.
 MIN_WAKE_SECONDS = 0.05
+# A request leaving later than this after its release takes its tokens from when it left. A
+# sender whose token is shorter than this is not held back for its requests' departures.
+DEPARTURE_SLACK_SECONDS = 0.002
 ALL_RANKS = 2  # a claim of every priority: high (0), medium (1) and low (2)
 
 
@@ -70,6 +73,8 @@ class Sender:
     pause_message: str = ""
     pauses: int = 0  # account-wide pauses in a row: each waits longer
     in_flight: int = 0  # requests of this sender on the wire
+    # Requests released that have not left yet: row id -> (when released, tokens taken).
+    undeparted: dict = field(default_factory=dict)
     spent_today: float = 0.0  # segments sent (or on the wire) on `budget_day`, UTC
     budget_day: date | None = None
 
@@ -144,6 +149,7 @@ class Scheduler(Generic[RowT]):
         self._timers: list[tuple[float, int, str]] = []
         self._to_claim: dict[str, None] = {}  # insertion-ordered sets
         self._to_release: dict[str, None] = {}
+        self._awaiting_departure: set[str] = set()  # held until their last request leaves
 
     # -- senders --------------------------------------------------------------------------
 
@@ -163,6 +169,7 @@ class Scheduler(Generic[RowT]):
         del self.senders[key]
         self._to_claim.pop(key, None)
         self._to_release.pop(key, None)
+        self._awaiting_departure.discard(key)
         return ids  # its timers find no sender and are skipped
 
     def drop_all(self) -> None:
@@ -171,6 +178,7 @@ class Scheduler(Generic[RowT]):
         self._timers.clear()
         self._to_claim.clear()
         self._to_release.clear()
+        self._awaiting_departure.clear()
 
     # -- what happened --------------------------------------------------------------------
 
@@ -213,16 +221,19 @@ class Scheduler(Generic[RowT]):
         self._to_release[sender.key] = None
         return self._surplus(sender) if request.overtake else []
 
-    def finished(self, key: str, decision: Decision | None, retry_after: float | None = None,
-                 unspent: float = 0.0) -> Paused | Resumed | None:
-        """A request of `key` came back; `unspent`: segments counted against today's budget
-        when it left that it did not use after all. An account-wide error pauses the sender,
-        longer each time in a row; any other answer from Twilio ends the pause."""
+    def finished(self, key: str, row_id: UUID, decision: Decision | None,
+                 retry_after: float | None = None, unspent: float = 0.0
+                 ) -> Paused | Resumed | None:
+        """The request of `key` for `row_id` came back; `unspent`: segments counted against
+        today's budget when it left that it did not use after all. An account-wide error
+        pauses the sender, longer each time in a row; any other answer from Twilio ends the
+        pause."""
         sender = self.senders.get(key)
         if sender is None:
             return None
         sender.in_flight -= 1
         sender.spent_today -= unspent
+        self._forget_departure(sender, row_id)  # a request that failed to connect never left
         self._to_release[key] = None
         now = self.clock.monotonic()
         event = self._pause_or_resume(sender, decision, now) if decision else None
@@ -232,22 +243,33 @@ class Scheduler(Generic[RowT]):
             self.wake(key, now + decision.retry_in)
         return event
 
-    def unsend(self, key: str, cost: float) -> None:
+    def unsend(self, send: Send[RowT]) -> None:
         """A row released to send was stopped before its request (a guard rail): its tokens
         and its share of the budget come back."""
-        sender = self.senders.get(key)
+        sender = self.senders.get(send.sender.key)
         if sender is not None:
             sender.in_flight -= 1
-            sender.spent_today -= cost
-            sender.bucket.give_back(cost)
-            self._to_release[key] = None
+            sender.spent_today -= send.cost
+            sender.bucket.give_back(send.cost)
+            self._forget_departure(sender, send.row.id)
+            self._to_release[sender.key] = None
 
-    def departed_late(self, key: str, seconds: float, cost: float) -> None:
-        """A request of `key` that took `cost` tokens left `seconds` after its release: its
-        tokens count from when it left, so the sender's next one leaves a token later."""
+    def departed(self, key: str, row_id: UUID, seconds: float, cost: float) -> None:
+        """The request of `key` for `row_id`, which took `cost` tokens, left `seconds` after
+        its release. Late, its tokens count from when it left, so the sender's next request
+        leaves a token after it; until it has left, the next one waits (_unknown_lateness)."""
         sender = self.senders.get(key)
-        if sender is not None:
+        if sender is None:
+            return
+        if seconds > DEPARTURE_SLACK_SECONDS:
             sender.bucket.left_late(cost, seconds)
+        self._forget_departure(sender, row_id)
+
+    @property
+    def awaiting_departures(self) -> bool:
+        """Is a sender held until a request of its own leaves? (The dispatcher then wants
+        to hear of each departure at once.)"""
+        return bool(self._awaiting_departure)
 
     def hand_back(self, key: str) -> list[UUID]:
         """The rows in hand of `key`, to return to pending while it waits."""
@@ -311,6 +333,22 @@ class Scheduler(Generic[RowT]):
                 self._to_claim[key] = None
             self._to_release[key] = None
 
+    def _forget_departure(self, sender: Sender, row_id: UUID) -> None:
+        sender.undeparted.pop(row_id, None)
+        if sender.key in self._awaiting_departure:
+            self._awaiting_departure.discard(sender.key)
+            self._to_release[sender.key] = None
+
+    def _unknown_lateness(self, sender: Sender, now: float) -> float:
+        """Tokens that requests not yet left will cost when they leave, at least: a request
+        leaving late takes its tokens from then (departed), so until it has left, the sender's
+        next request must not take them. Not for a token shorter than the departure slack:
+        at an unlimited rate, requests would go one at a time."""
+        slack = DEPARTURE_SLACK_SECONDS
+        return sum(min(cost, (now - released) * self.rate)
+                   for released, cost in sender.undeparted.values()
+                   if now - released > slack and cost > self.rate * slack)
+
     def _claim_for(self, sender: Sender, now: float) -> ClaimRequest | None:
         if not sender.maybe_due:
             return None
@@ -356,8 +394,12 @@ class Scheduler(Generic[RowT]):
             if self._over_budget(sender, cost, wall):
                 self._to_release.pop(key, None)
                 return self._budget_pause(sender, now, wall)
-            if not sender.bucket.try_take(cost):
+            reserved = self._unknown_lateness(sender, now)
+            if not sender.bucket.try_take(cost, reserved):
                 self._to_release.pop(key, None)
+                if reserved and sender.bucket.wait_time(cost) == 0.0:
+                    self._awaiting_departure.add(key)  # its departures bring it back
+                    return None
                 at = now + sender.bucket.wait_time(cost)
                 heapq.heappush(self._timers, (at, next(self._sequence), key))
                 return None
@@ -366,6 +408,7 @@ class Scheduler(Generic[RowT]):
             return Fail(row, exc)
         heapq.heappop(sender.queue)
         sender.in_flight += 1
+        sender.undeparted[row.id] = (now, cost)
         sender.spent_today += cost
         if len(sender.queue) <= self.in_hand_target // 2 and sender.maybe_due:
             self._to_claim[key] = None

@@ -18,12 +18,24 @@ from consumer.dispatch import claims, guards
 from consumer.dispatch.outcomes import RECONCILE_DELAYS
 from consumer.dispatch.scheduler import Sender
 from consumer.dispatch.state import DispatcherState
+from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
 
 # The dispatcher's tick: senders shared, buckets saved, leases reconciled. A request may
 # leave up to a tick after the loop last saw its lock alive.
 TICK_SECONDS = 1.0
+
+
+def paced_senders(settings: Settings) -> dict[str, str]:
+    """sender key (as stored in notification.sender) -> the From number or Messaging Service."""
+    senders = {}
+    default = settings.twilio_messaging_service_sid or settings.twilio_phone_number
+    if default:
+        senders[""] = default
+    for number in settings.extra_senders:
+        senders[number] = number
+    return senders
 
 
 class SenderSharing(DispatcherState):

@@ -7,7 +7,7 @@ import requests
 import urllib3.exceptions
 from urllib3.connection import HTTPConnection
 
-from consumer.dispatch.loop import paced_senders
+from consumer.dispatch.sharing import paced_senders
 from consumer.dispatch.twilio_client import _left_before_failure
 from consumer.settings import Settings
 

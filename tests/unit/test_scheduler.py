@@ -72,8 +72,9 @@ class Harness:
             self.rows[row.id] = row
             self.scheduler.announce(row.sender, row.priority_rank)
 
-    def step(self, free_slots: int = 100) -> list:
-        """One turn of the dispatcher's loop: claim what is asked, then release."""
+    def step(self, free_slots: int = 100, depart: bool = True) -> list:
+        """One turn of the dispatcher's loop: claim what is asked, then release. Released
+        requests leave at once, unless `depart` is False (busy workers)."""
         for request in self.scheduler.claims():
             self.claims.append(request)
             wanted = sorted((r for r in self.due if r.sender == request.sender
@@ -85,14 +86,17 @@ class Harness:
                                              None)
             self.handed_back += surplus
             self.due += [self.rows[i] for i in surplus]  # back to pending
-        return list(self.scheduler.releases(free_slots))
+        actions = list(self.scheduler.releases(free_slots))
+        for send in (a for a in actions if isinstance(a, Send) and depart):
+            self.scheduler.departed(send.row.sender, send.row.id, 0.0, send.cost)
+        return actions
 
     def sent_bodies(self, actions: list) -> list[str]:
         return [a.row.body for a in actions if isinstance(a, Send)]
 
     def finish(self, actions: list, decision: Decision = Decision("sent"),
                retry_after: float | None = None) -> list:
-        return [self.scheduler.finished(a.row.sender, decision, retry_after)
+        return [self.scheduler.finished(a.row.sender, a.row.id, decision, retry_after)
                 for a in actions if isinstance(a, Send)]
 
 
@@ -248,8 +252,8 @@ def test_a_request_that_leaves_late_takes_its_token_from_when_it_left():
     h = Harness(rate=1.0, burst=1.0)
     h.scheduler.take("", "+15005550006")
     h.publish(*[FakeRow(f"m{n}") for n in range(3)])
-    assert h.sent_bodies(h.step()) == ["m0"]
-    h.scheduler.departed_late("", 0.3, 1.0)  # a busy worker started it 0.3 s after its release
+    [send] = h.step(depart=False)
+    h.scheduler.departed("", send.row.id, 0.3, 1.0)  # a busy worker started it 0.3 s late
     h.clock.advance(1.0)
     assert h.sent_bodies(h.step()) == []  # a token after its release, not after it left
     h.clock.advance(0.3)
@@ -260,7 +264,42 @@ def test_a_late_request_at_a_high_rate_is_charged_no_more_than_its_own_tokens():
     h = Harness(rate=1_000_000.0, burst=1.0)
     h.scheduler.take("", "+15005550006")
     h.publish(*[FakeRow(f"m{n}") for n in range(3)])
-    assert h.sent_bodies(h.step()) == ["m0"]
-    h.scheduler.departed_late("", 0.01, 1.0)  # 10 ms late: 10,000 tokens of refill
+    [send] = h.step(depart=False)
+    h.scheduler.departed("", send.row.id, 0.01, 1.0)  # 10 ms late: 10,000 tokens of refill
     h.clock.advance(2.5e-6)  # the debt of one token, then the next token
     assert h.sent_bodies(h.step()) == ["m1"]
+
+
+def test_a_sender_waits_for_its_last_request_to_leave_before_the_next():
+    h = Harness(rate=1.0, burst=1.0)
+    h.scheduler.take("", "+15005550006")
+    h.publish(*[FakeRow(f"m{n}") for n in range(3)])
+    [send] = h.step(depart=False)
+    h.clock.advance(1.2)  # its token is back, but m0 has not left: how late it goes is unknown
+    assert h.sent_bodies(h.step()) == [] and h.scheduler.awaiting_departures
+    h.scheduler.departed("", send.row.id, 1.2, 1.0)  # it left now: its token counts from now
+    assert not h.scheduler.awaiting_departures
+    assert h.sent_bodies(h.step()) == []
+    h.clock.advance(1.0)
+    assert h.sent_bodies(h.step()) == ["m1"]
+
+
+def test_a_request_that_never_left_does_not_hold_its_sender():
+    h = Harness(rate=1.0, burst=1.0)
+    h.scheduler.take("", "+15005550006")
+    h.publish(*[FakeRow(f"m{n}") for n in range(3)])
+    sends = h.step(depart=False)
+    h.finish(sends, Decision("pending", retry_in=60.0))  # the connect was refused
+    h.clock.advance(1.0)
+    assert h.sent_bodies(h.step()) == ["m1"]
+
+
+def test_a_sender_faster_than_the_departure_slack_is_not_held_for_departures():
+    # At an unlimited rate, waiting for each request to leave would send one at a time.
+    h = Harness(rate=1_000_000.0, burst=1.0, target=10)
+    h.scheduler.take("", "+15005550006")
+    h.publish(*[FakeRow(f"m{n}") for n in range(3)])
+    assert h.sent_bodies(h.step(depart=False)) == ["m0"]
+    h.clock.advance(0.01)  # m0 has not left 10 ms after its release
+    assert h.sent_bodies(h.step(depart=False)) == ["m1"]
+    assert not h.scheduler.awaiting_departures
