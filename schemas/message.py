@@ -30,7 +30,6 @@ from pydantic import (
     ValidationInfo,
     WithJsonSchema,
     field_validator,
-    model_validator,
 )
 
 MAX_MEDIA_URLS = 10  # Twilio's limit, counting an inline temporary_media too
@@ -214,13 +213,17 @@ class SmsPart(_Strict):
     def _http_only(cls, urls: list[str]) -> list[str]:
         return [_check_media_url(url) for url in urls]
 
-    @model_validator(mode="after")
-    def _ten_media_in_all(self) -> SmsPart:
-        count = len(self.media_url) + (self.temporary_media is not None)
+    @field_validator("temporary_media")
+    @classmethod
+    def _ten_media_in_all(cls, media: TemporaryMedia | None,
+                          info: ValidationInfo) -> TemporaryMedia | None:
+        # A field validator (media_url is validated before it), not a model validator:
+        # the error names the field, and a model validator costs every message a call.
+        count = len(info.data.get("media_url", ())) + (media is not None)
         if count > MAX_MEDIA_URLS:
             raise ValueError(f"at most {MAX_MEDIA_URLS} media in all (media_url and "
                              f"temporary_media together), got {count}")
-        return self
+        return media
 
 
 class Notification(_Strict):

@@ -197,7 +197,7 @@ CASES = [
     Case("11 media in all", encoded(message(sms={"to_phone_number": TO, "media_url": [
         "https://example.com/a.png"] * 10, "temporary_media": {
             "name": "a.png", "content_type": "image/png", "content_base64": "iVBORw0KGgo="}})),
-         dead="sms: at most 10 media in all"),
+         dead="sms.temporary_media: at most 10 media in all"),
     Case("media URL with a port out of range", encoded(message(sms={
         "to_phone_number": TO, "media_url": "https://example.com:99999/a.png"})),
          dead="sms.media_url: not a valid URL"),

@@ -100,7 +100,8 @@ PHONE = b'"sms": {"to_phone_number": "+14155550123"}'
     (message(publish_datetime="0001-01-01T23:59:59Z"), "publish_datetime: must lie between"),
     # Ten media in all, an inline one included (Twilio's limit).
     (message(sms={"media_url": ["https://e.com/a.png"] * 10, "temporary_media": MEDIA}),
-     "sms: at most 10 media in all (media_url and temporary_media together), got 11"),
+     "sms.temporary_media: at most 10 media in all (media_url and temporary_media together), "
+     "got 11"),
     # What pydantic's parser reads but JSON forbids, or Postgres cannot store.
     (b'{"body": NaN, ' + PHONE + b'}', "body: NaN is not a number JSON can carry"),
     (b'{"body": "x", "user_id": -Infinity, ' + PHONE + b'}', "user_id: -Infinity is not a number"),
