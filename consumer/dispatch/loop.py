@@ -98,9 +98,9 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
             policy, lambda row: row.cost, daily_limit=settings.smsq_daily_segment_limit)
         self.twilio = TwilioSender(settings, self.concurrency)
         self.events: queue.SimpleQueue = queue.SimpleQueue()
-        # Requests that left, from the workers: (sender, row id, seconds after release, cost).
-        # Read before each release; an event only when a sender waits for one of them.
-        self.departures: collections.deque[tuple[str, UUID, float, float]] = collections.deque()
+        # Requests that left, from the workers: (sender, row id, when). Read before releases
+        # and results; an event wakes the loop for one only while a sender waits for it.
+        self.departures: collections.deque[tuple[str, UUID, float]] = collections.deque()
         self.wake_on_departure = False
         self.pool = WorkerPool(self.concurrency, self.events)
         self.in_flight: dict[UUID, claims.ClaimedRow] = {}  # sends and reconciliations
@@ -265,7 +265,7 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
                 self._fail(action.row, action.error)
         for send in self._within_recipient_limits(sends):
             self.in_flight[send.row.id] = send.row
-            self.pool.submit(self._send, send, time.monotonic())
+            self.pool.submit(self._send, send)
 
     def _fail(self, row: claims.ClaimedRow, exc: Exception) -> None:
         """A row smsq cannot handle becomes failed; the others go on (docs/contract.md, 4)."""
@@ -316,6 +316,7 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
         elif kind == "poll":
             self.scheduler.announce_all()
         elif kind == "done":
+            self._note_departures()  # a request's departure is queued before its result
             result = event[1]
             self.in_flight.pop(result.row.id, None)
             try:
@@ -330,13 +331,13 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
 
     # -- sending (in a worker thread) and its outcome (in the loop) ----------------------------
 
-    def _send(self, send: Send[claims.ClaimedRow], released: float) -> SendResult:
+    def _send(self, send: Send[claims.ClaimedRow]) -> SendResult:
         # A request may leave tens of milliseconds after its release (busy threads, the GIL):
         # its tokens count from when it leaves, so two of one sender reach Twilio a token apart.
         row = send.row
 
         def departed(at: float) -> None:
-            self.departures.append((row.sender, row.id, at - released, send.cost))
+            self.departures.append((row.sender, row.id, at))
             if self.wake_on_departure:  # only wakes the loop, which reads self.departures
                 self.events.put(("departed",))
 

@@ -254,15 +254,16 @@ class Scheduler(Generic[RowT]):
             self._forget_departure(sender, send.row.id)
             self._to_release[sender.key] = None
 
-    def departed(self, key: str, row_id: UUID, seconds: float, cost: float) -> None:
-        """The request of `key` for `row_id`, which took `cost` tokens, left `seconds` after
-        its release. Late, its tokens count from when it left, so the sender's next request
-        leaves a token after it; until it has left, the next one waits (_unknown_lateness)."""
+    def departed(self, key: str, row_id: UUID, at: float) -> None:
+        """The request of `key` for `row_id` left at `at` (monotonic). Late, its tokens
+        count from then, not from its release, so the sender's next request reaches Twilio a
+        token after it; until it has left, the next one waits (_unknown_lateness)."""
         sender = self.senders.get(key)
-        if sender is None:
+        if sender is None or row_id not in sender.undeparted:
             return
-        if seconds > DEPARTURE_SLACK_SECONDS:
-            sender.bucket.left_late(cost, seconds)
+        released, cost = sender.undeparted[row_id]
+        if at - released > DEPARTURE_SLACK_SECONDS:
+            sender.bucket.left_late(cost, at - released)
         self._forget_departure(sender, row_id)
 
     @property

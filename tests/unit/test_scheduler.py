@@ -88,7 +88,7 @@ class Harness:
             self.due += [self.rows[i] for i in surplus]  # back to pending
         actions = list(self.scheduler.releases(free_slots))
         for send in (a for a in actions if isinstance(a, Send) and depart):
-            self.scheduler.departed(send.row.sender, send.row.id, 0.0, send.cost)
+            self.scheduler.departed(send.row.sender, send.row.id, self.clock.seconds)
         return actions
 
     def sent_bodies(self, actions: list) -> list[str]:
@@ -253,7 +253,7 @@ def test_a_request_that_leaves_late_takes_its_token_from_when_it_left():
     h.scheduler.take("", "+15005550006")
     h.publish(*[FakeRow(f"m{n}") for n in range(3)])
     [send] = h.step(depart=False)
-    h.scheduler.departed("", send.row.id, 0.3, 1.0)  # a busy worker started it 0.3 s late
+    h.scheduler.departed("", send.row.id, h.clock.seconds + 0.3)  # a busy worker: 0.3 s late
     h.clock.advance(1.0)
     assert h.sent_bodies(h.step()) == []  # a token after its release, not after it left
     h.clock.advance(0.3)
@@ -265,7 +265,7 @@ def test_a_late_request_at_a_high_rate_is_charged_no_more_than_its_own_tokens():
     h.scheduler.take("", "+15005550006")
     h.publish(*[FakeRow(f"m{n}") for n in range(3)])
     [send] = h.step(depart=False)
-    h.scheduler.departed("", send.row.id, 0.01, 1.0)  # 10 ms late: 10,000 tokens of refill
+    h.scheduler.departed("", send.row.id, h.clock.seconds + 0.01)  # 10,000 tokens of refill
     h.clock.advance(2.5e-6)  # the debt of one token, then the next token
     assert h.sent_bodies(h.step()) == ["m1"]
 
@@ -277,7 +277,7 @@ def test_a_sender_waits_for_its_last_request_to_leave_before_the_next():
     [send] = h.step(depart=False)
     h.clock.advance(1.2)  # its token is back, but m0 has not left: how late it goes is unknown
     assert h.sent_bodies(h.step()) == [] and h.scheduler.awaiting_departures
-    h.scheduler.departed("", send.row.id, 1.2, 1.0)  # it left now: its token counts from now
+    h.scheduler.departed("", send.row.id, h.clock.seconds)  # it left now: its token from now
     assert not h.scheduler.awaiting_departures
     assert h.sent_bodies(h.step()) == []
     h.clock.advance(1.0)
