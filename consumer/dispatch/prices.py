@@ -20,7 +20,7 @@ import requests
 from twilio.base.exceptions import TwilioException
 
 from consumer import money
-from consumer.dispatch.twilio_client import Priced, TwilioSender
+from consumer.dispatch.twilio_client import PRICE_PAGE, Priced, TwilioSender
 from consumer.logs import error_text
 from consumer.settings import Settings
 from consumer.signals import StopSignal
@@ -63,9 +63,14 @@ RETURNING t.sent_datetime, n.sender, s.to_phone_number, p.unit, p.price
 """
 
 
-def unpriced(conn: psycopg.Connection) -> dict[str, datetime]:
-    """SID -> when it was sent, of the messages whose price is still to be read."""
-    return dict(conn.execute(_UNPRICED).fetchall())
+def unpriced(conn: psycopg.Connection) -> tuple[set[str], datetime | None]:
+    """The SIDs of the messages whose price is still to be read, and the oldest's send time."""
+    waiting: set[str] = set()
+    oldest = None
+    for sid, sent in conn.execute(_UNPRICED):  # row by row: a day may hold many
+        waiting.add(sid)
+        oldest = sent if oldest is None else min(oldest, sent)
+    return waiting, oldest
 
 
 def record_prices(conn: psycopg.Connection, priced: list[Priced]) -> int:
@@ -81,19 +86,24 @@ def record_prices(conn: psycopg.Connection, priced: list[Priced]) -> int:
     return len(rows)
 
 
-def sweep(conn: psycopg.Connection, twilio: TwilioSender) -> int:
-    """One round: read the prices Twilio now has for our unpriced messages; how many."""
-    waiting = unpriced(conn)
-    if not waiting:
+def sweep(conn: psycopg.Connection, twilio: TwilioSender, batch: int = PRICE_PAGE) -> int:
+    """One round: read the prices Twilio now has for our unpriced messages; how many. They
+    are recorded `batch` at a time, so a sweep after a busy day holds a page, not the day."""
+    waiting, oldest = unpriced(conn)
+    if oldest is None:
         return 0
-    since = min(waiting.values()).astimezone(timezone.utc).date()
-    found: list[Priced] = []
-    for priced in twilio.prices_sent_since(since):
-        if priced.sid in waiting:
-            found.append(priced)
-            if len(found) == len(waiting):
-                break  # the rest of the list is older messages, priced already
-    return record_prices(conn, found) if found else 0
+    recorded, found = 0, []
+    for priced in twilio.prices_sent_since(oldest.astimezone(timezone.utc).date()):
+        if priced.sid not in waiting:
+            continue
+        waiting.discard(priced.sid)
+        found.append(priced)
+        if len(found) == batch or not waiting:
+            recorded += record_prices(conn, found)
+            found = []
+        if not waiting:
+            break  # the rest of the list is older messages, priced already
+    return recorded + (record_prices(conn, found) if found else 0)
 
 
 class PriceSweeper(threading.Thread):

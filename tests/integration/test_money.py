@@ -13,7 +13,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from consumer import money
-from consumer.dispatch.prices import SWEEP_LOCK
+from consumer.dispatch.prices import SWEEP_LOCK, sweep
+from consumer.dispatch.twilio_client import TwilioSender
 from consumer.serve.app import create_app
 from tests.dispatch_support import add_notifications, dispatch_settings, statuses
 from tests.integration.test_twilio_end_to_end import running_serve
@@ -124,6 +125,25 @@ def test_only_one_dispatcher_sweeps_at_a_time(settings, fake_twilio, tmp_path):
     finally:
         stop(dispatcher, signal.SIGTERM)
     assert lists_while_held == 0
+
+
+def test_a_sweep_records_its_prices_a_batch_at_a_time(settings, fake_twilio, tmp_path):
+    fake_twilio.configure(price_delay_ms=0)
+    settings = dispatch_settings(settings, fake_twilio, smsq_price_sweep_seconds=3600)
+    add_notifications(settings, *[{"body": f"message {n}"} for n in range(5)])
+    dispatcher = start_smsq(settings, "dispatch", log_path=tmp_path / "dispatch.log")
+    try:
+        wait_until(lambda: statuses(settings) == {"sent": 5}, timeout=30, message="sent")
+    finally:
+        stop(dispatcher, signal.SIGTERM)
+    assert set(prices(settings).values()) == {None}  # no sweep of the dispatcher's own
+    twilio = TwilioSender(settings, pool_size=1)
+    with psycopg.connect(settings.database_dsn, autocommit=True) as conn:
+        assert sweep(conn, twilio, batch=2) == 5  # batches of 2, 2 and 1
+        assert sweep(conn, twilio, batch=2) == 0  # nothing counted twice
+    twilio.close()
+    assert set(prices(settings).values()) == {PRICE}
+    assert spend_rows(settings) == [("", "US", "USD", 5 * PRICE, 5)]
 
 
 def add_spend(settings, *rows) -> None:
