@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 from uuid import UUID
 
@@ -46,7 +47,7 @@ class ClaimedRow:
     lease_expired: bool = False
     suppressed: bool = False  # claimed to a suppressed number: errored by the claim itself
 
-    @property
+    @cached_property  # asked several times a send; body and media never change after the claim
     def cost(self) -> int:
         """Tokens it takes from its sender's bucket: its segments, or one for an MMS."""
         return cost_of(self.body, has_media=bool(self.media_url or self.media_token))
