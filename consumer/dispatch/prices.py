@@ -16,7 +16,7 @@ import threading
 from datetime import datetime, timezone
 
 import psycopg
-import requests
+import urllib3
 from twilio.base.exceptions import TwilioException
 
 from consumer import money
@@ -119,7 +119,7 @@ class PriceSweeper(threading.Thread):
         while not self.stop.wait(self.settings.smsq_price_sweep_seconds):
             try:
                 self.sweep_once()
-            except (psycopg.Error, requests.RequestException, TwilioException) as exc:
+            except (psycopg.Error, urllib3.exceptions.HTTPError, TwilioException) as exc:
                 log.warning("price sweep failed, tried again next round", extra={
                     "action": "price_sweep_failed", "error": error_text(exc)})
 

@@ -5,9 +5,9 @@ user:
 
 - the base URL from TWILIO_API_URL (a sandbox such as `smsq fake-twilio`), by setting the
   `api` domain's base_url, which is how the library builds every Messages URL;
-- explicit (connect, read) timeouts, and one requests session whose pool holds as many
-  connections as the dispatcher has threads, for http:// and https:// alike (the library
-  only mounts a pool for https://, sized to the CPU count);
+- an HTTP client on urllib3 alone (the library's own is on requests, which was most of a
+  send's CPU), with explicit (connect, read) timeouts, no transport retries, and a pool that
+  holds as many connections as the dispatcher has threads;
 - the response of the current thread kept aside, because the library's exception does not
   carry headers and a 429's Retry-After is in a header;
 - the classification the status table needs: did the request leave before the failure?
@@ -15,25 +15,28 @@ user:
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import math
 import threading
 import time
+import urllib.request
+from base64 import b64encode
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import unquote, urlencode
 from uuid import UUID
 
-import requests
 import urllib3
 import urllib3.connection
 import urllib3.exceptions
-from requests.adapters import HTTPAdapter
 from twilio.base.exceptions import TwilioRestException, TwilioServiceException
-from twilio.http.http_client import TwilioHttpClient
+from twilio.http import HttpClient
 from twilio.http.response import Response
 from twilio.rest import Client
 
@@ -51,9 +54,8 @@ PRICE_PAGE = 1000  # the most Twilio's Messages list gives in one page
 TRIAL_PREFIX = "Sent from your Twilio trial account - "
 # Twilio keeps a message in its queue at most this long (ValidityPeriod, error 21624).
 MAX_VALIDITY_SECONDS = 36_000
-# The library logs every request and its headers at INFO; not an smsq event.
+# The library's base client wants a logger for its request logging, which ours never calls.
 _HTTP_LOG = logging.getLogger("consumer.dispatch.twilio_client.http")
-_HTTP_LOG.setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)
@@ -128,39 +130,78 @@ class _StampedHTTPSPool(urllib3.HTTPSConnectionPool):
     ConnectionCls = _StampedHTTPSConnection
 
 
-class _StampingAdapter(HTTPAdapter):
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _StampedHTTPPool,
-                                                   "https": _StampedHTTPSPool}
-
-
-class PooledHttpClient(TwilioHttpClient):
-    """TwilioHttpClient with a pool sized to the concurrency and per-thread last responses."""
+class PooledHttpClient(HttpClient):
+    """The twilio library's HTTP client on urllib3 alone: a pool sized to the concurrency,
+    no transport retries, and the last response of each thread. requests under the library's
+    own client was most of a send's CPU (preparing, merging settings, hooks, cookies)."""
 
     def __init__(self, base_url: str, pool_size: int, connect_timeout: float,
                  read_timeout: float) -> None:
-        super().__init__(pool_connections=True, logger=_HTTP_LOG)
-        self.timeout = (connect_timeout, read_timeout)  # requests takes a tuple
+        super().__init__(_HTTP_LOG, is_async=False)
         # No transport retries: a blind retry of a POST is exactly a possible double send.
-        adapter = _StampingAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
-        # The standard proxy variables (HTTPS_PROXY, NO_PROXY) are read once, here: looking
-        # them up on every request was a quarter of a request's CPU time.
-        self.session.proxies = requests.utils.get_environ_proxies(base_url)
-        self.session.trust_env = False
+        self.pool = _pool_manager(base_url, maxsize=pool_size, block=False, retries=False)
+        self.timeouts = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
+        self.pool.pool_classes_by_scheme = {"http": _StampedHTTPPool,
+                                            "https": _StampedHTTPSPool}
         self._local = threading.local()
 
-    def request(self, *args, **kwargs) -> Response:
+    def request(self, method: str, url: str, params: dict[str, object] | None = None,
+                data: dict[str, object] | None = None, headers: dict[str, str] | None = None,
+                auth: tuple[str, str] | None = None, timeout: float | None = None,
+                allow_redirects: bool = False) -> Response:
         self._local.response = None
-        response = super().request(*args, **kwargs)
+        headers = dict(headers or {})
+        if auth is not None:
+            headers["Authorization"] = _basic_authorization(*auth)
+        if params:  # the paging URLs come whole, with their query
+            url += ("&" if "?" in url else "?") + urlencode(params, doseq=True)
+        # Redirects are never followed (the library asks for none): following one would
+        # send the request again.
+        answer = self.pool.urlopen(method.upper(), url, body=_body_of(data, headers),
+                                   headers=headers, redirect=False,
+                                   timeout=self.timeouts if timeout is None else timeout)
+        response = Response(answer.status, answer.data.decode("utf-8", "replace"),
+                            answer.headers)
         self._local.response = response
         return response
 
     @property
     def last_response(self) -> Response | None:
         return getattr(self._local, "response", None)
+
+    def close(self) -> None:
+        self.pool.clear()
+
+
+def _pool_manager(base_url: str, **options: Any) -> urllib3.PoolManager:
+    """A ProxyManager when the standard proxy variables (HTTPS_PROXY, NO_PROXY, ...) send
+    `base_url` through a proxy. They are read once, here: looking them up on every request
+    was a quarter of a request's CPU time with requests."""
+    target = urllib3.util.parse_url(base_url)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(target.scheme or "http") or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(target.netloc or ""):
+        return urllib3.PoolManager(**options)
+    credentials = urllib3.util.parse_url(proxy).auth
+    proxy_headers = (urllib3.util.make_headers(proxy_basic_auth=unquote(credentials))
+                     if credentials else None)
+    return urllib3.ProxyManager(proxy, proxy_headers=proxy_headers, **options)
+
+
+@functools.lru_cache(maxsize=4)
+def _basic_authorization(username: str, password: str) -> str:
+    """HTTP Basic auth as requests writes it (latin-1); computed once for the account's pair."""
+    return "Basic " + b64encode(f"{username}:{password}".encode("latin-1")).decode("ascii")
+
+
+def _body_of(data: dict[str, object] | None, headers: dict[str, str]) -> bytes | None:
+    """The request body as requests wrote it for the library: JSON for the JSON content
+    types, otherwise a form in which a list repeats its key (MediaUrl=a&MediaUrl=b)."""
+    if not data:
+        return None
+    if headers.get("Content-Type") in ("application/json", "application/scim+json"):
+        return json.dumps(data).encode()
+    return urlencode(data, doseq=True).encode()
 
 
 class TwilioSender:
@@ -197,7 +238,7 @@ class TwilioSender:
             return TwilioAttempt(request_sent=True, http_status=exc.status, error_code=exc.code,
                                  error_message=exc.detail or exc.title,
                                  retry_after=self._retry_after())
-        except requests.RequestException as exc:
+        except urllib3.exceptions.HTTPError as exc:
             return TwilioAttempt(request_sent=_left_before_failure(exc),
                                  error_message=f"{type(exc).__name__}: {exc}")
         finally:
@@ -273,7 +314,7 @@ class TwilioSender:
         return _seconds_of_retry_after(value) if value else None
 
     def close(self) -> None:
-        self.http.session.close()
+        self.http.close()
 
 
 def validity_period(expire: datetime | None, now: datetime) -> int | None:
@@ -297,19 +338,19 @@ def _is_match(candidate, message: Outgoing, after: datetime) -> bool:
     return same_sender and body in (message.body, TRIAL_PREFIX + message.body)
 
 
-def _left_before_failure(exc: requests.RequestException) -> bool:
+def _left_before_failure(exc: urllib3.exceptions.HTTPError) -> bool:
     """True unless the connection failed before any byte of the request went out.
 
-    A refused or timed-out connect is safe to retry. Anything else (a read timeout, a
-    connection reset or closed after the request was written) leaves the outcome unknown.
+    A refused or timed-out connect, to Twilio or to the proxy, is safe to retry. Anything
+    else (a read timeout, a TLS or protocol error, a connection reset or closed after the
+    request was written) leaves the outcome unknown. With retries=False urllib3 raises the
+    failure itself, not a MaxRetryError around it.
     """
-    if isinstance(exc, requests.ConnectTimeout):
-        return False
-    reason = exc.args[0] if exc.args else None
-    if isinstance(reason, urllib3.exceptions.MaxRetryError):
-        reason = reason.reason
-    return not isinstance(reason, (urllib3.exceptions.NewConnectionError,
-                                   urllib3.exceptions.ConnectTimeoutError))
+    failure: Exception = exc
+    if isinstance(exc, urllib3.exceptions.ProxyError):
+        failure = exc.original_error
+    # NewConnectionError (refused, no route, a name not resolved) is a ConnectTimeoutError.
+    return not isinstance(failure, urllib3.exceptions.ConnectTimeoutError)
 
 
 def _seconds_of_retry_after(value: str) -> float | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import select
 import socket
+import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -104,19 +106,117 @@ def nowhere():
 def test_a_refused_connection_was_not_sent():
     attempt = sender_for(nowhere()).send(Outgoing(TO, FROM, "hello"))
     assert not attempt.request_sent
+    assert attempt.error_message.startswith("NewConnectionError")  # refused, as it claims
     policy = RetryPolicy(max_attempts=5, backoff=1, backoff_max=10)
     assert decide(attempt, 1, policy).status == "pending"
 
 
-@pytest.mark.parametrize("fault", [{"mode": "drop"}, {"mode": "slow", "slow_ms": 3000}])
-def test_an_answer_lost_after_sending_is_unknown(fake_twilio, fault):
+@pytest.mark.parametrize("fault, failure", [
+    ({"mode": "drop"}, "ProtocolError"),  # closed without an answer
+    ({"mode": "slow", "slow_ms": 3000}, "ReadTimeoutError"),  # past the 1 s read timeout
+])
+def test_an_answer_lost_after_sending_is_unknown(fake_twilio, fault, failure):
     fake_twilio.set_faults([fault])
     attempt = sender_for(fake_twilio).send(Outgoing(TO, FROM, "hello"))
     [received] = fake_twilio.messages()
     assert received["accepted"] and received["fault"] == fault["mode"]
     assert attempt.request_sent and attempt.http_status is None
+    assert attempt.error_message.startswith(failure)
     decision = decide(attempt, 1, RetryPolicy(5, 1, 10))
     assert decision.status == "processing"
+
+
+def test_every_media_url_reaches_twilio_under_a_repeated_key(fake_twilio):
+    media = ("https://cdn.example.com/a.png", "https://cdn.example.com/b.png?size=2&name=é")
+    attempt = sender_for(fake_twilio).send(Outgoing(TO, FROM, "two pictures", media_url=media))
+    [received] = fake_twilio.messages()
+    assert attempt.http_status == 201 and attempt.sid.startswith("MM")
+    assert received["media_url"] == list(media)
+
+
+def test_a_list_follows_twilios_next_page_urls(fake_twilio):
+    twilio = sender_for(fake_twilio)
+    sids = {twilio.send(Outgoing(TO, FROM, f"number {n}")).sid for n in range(5)}
+    twilio.send(Outgoing("+14155550100", FROM, "someone else's"))
+    assert {m.sid for m in twilio.client.messages.list(to=TO, page_size=2)} == sids
+    # The first page by its query parameters, the next two by the URLs Twilio gave.
+    assert [request.params for request in fake_list_requests(twilio)] == [
+        {"To": TO, "PageSize": 2}, {}, {}]
+
+
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+@pytest.fixture
+def no_proxy_variables(monkeypatch):
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    return monkeypatch
+
+
+def sender_made_with(fake, monkeypatch, **variables: str) -> RecordingSender:
+    """A sender made while these proxy variables were set; they are gone once it exists (the
+    fake's own control reads them too, on its first call)."""
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    twilio = sender_for(fake)
+    for name in variables:
+        monkeypatch.delenv(name)
+    return twilio
+
+
+def test_a_refused_proxy_means_the_request_did_not_leave(fake_twilio, no_proxy_variables):
+    twilio = sender_made_with(fake_twilio, no_proxy_variables, HTTP_PROXY=nowhere().url)
+    attempt = twilio.send(Outgoing(TO, FROM, "hello"))
+    assert not attempt.request_sent and "proxy" in attempt.error_message
+    assert fake_twilio.messages() == []
+
+
+def test_the_proxy_variables_are_read_once_when_the_client_is_made(fake_twilio,
+                                                                   no_proxy_variables):
+    direct = sender_for(fake_twilio)
+    no_proxy_variables.setenv("HTTP_PROXY", nowhere().url)
+    assert direct.send(Outgoing(TO, FROM, "direct")).http_status == 201
+    proxied = sender_made_with(fake_twilio, no_proxy_variables, HTTP_PROXY=nowhere().url)
+    assert not proxied.send(Outgoing(TO, FROM, "through the proxy")).request_sent
+    assert [m["body"] for m in fake_twilio.messages()] == ["direct"]
+
+
+def test_no_proxy_names_the_hosts_reached_directly(fake_twilio, no_proxy_variables):
+    twilio = sender_made_with(fake_twilio, no_proxy_variables, HTTP_PROXY=nowhere().url,
+                              NO_PROXY="localhost,127.0.0.1")
+    assert twilio.send(Outgoing(TO, FROM, "direct")).http_status == 201
+
+
+def test_a_request_goes_through_the_proxy_named_with_its_credentials(fake_twilio,
+                                                                     no_proxy_variables):
+    with socket.create_server(("127.0.0.1", 0)) as proxy:
+        heads: list[bytes] = []
+
+        def take_one_request() -> None:
+            connection, _ = proxy.accept()
+            with connection:
+                head = b""
+                while b"\r\n\r\n" not in head and (chunk := connection.recv(65536)):
+                    head += chunk
+                heads.append(head)  # then closed without an answer
+
+        listener = threading.Thread(target=take_one_request, daemon=True)
+        listener.start()
+        host, port = proxy.getsockname()
+        twilio = sender_made_with(fake_twilio, no_proxy_variables,
+                                  HTTP_PROXY=f"http://smsq:s%40cret@{host}:{port}")
+        attempt = twilio.send(Outgoing(TO, FROM, "hello"))
+        listener.join(timeout=10)
+    [head] = heads
+    request_line, *header_lines = head.decode().split("\r\n\r\n")[0].split("\r\n")
+    assert request_line.startswith(f"POST {fake_twilio.url}/2010-04-01/Accounts/")
+    headers = dict(line.split(": ", 1) for line in header_lines)
+    proxy_authorization = {v for k, v in headers.items() if k.lower() == "proxy-authorization"}
+    assert proxy_authorization == {"Basic " + base64.b64encode(b"smsq:s@cret").decode()}
+    assert attempt.request_sent and attempt.http_status is None  # left, answer lost
+    assert fake_twilio.messages() == []
 
 
 def test_too_many_requests_carries_retry_after(fake_twilio):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import requests
 import urllib3.exceptions
 from urllib3.connection import HTTPConnection
 
@@ -25,16 +24,19 @@ def test_a_messaging_service_is_preferred_as_the_default_sender():
     assert paced_senders(settings) == {"": "MG" + "1" * 32}
 
 
-def _wrapped(reason: Exception) -> requests.ConnectionError:
-    return requests.ConnectionError(urllib3.exceptions.MaxRetryError(None, "/", reason))
+def _refused() -> urllib3.exceptions.NewConnectionError:
+    return urllib3.exceptions.NewConnectionError(HTTPConnection("h"), "refused")
 
 
 @pytest.mark.parametrize("failure, sent", [
-    (requests.ConnectTimeout(), False),
-    (_wrapped(urllib3.exceptions.NewConnectionError(HTTPConnection("h"), "refused")), False),
-    (_wrapped(urllib3.exceptions.ConnectTimeoutError()), False),
-    (requests.ReadTimeout(), True),
-    (requests.ConnectionError(urllib3.exceptions.ProtocolError("Connection aborted.")), True),
+    (_refused(), False),
+    (urllib3.exceptions.ConnectTimeoutError(), False),
+    (urllib3.exceptions.ProxyError("Unable to connect to proxy", _refused()), False),
+    (urllib3.exceptions.ProxyError("Unable to connect to proxy",
+                                   urllib3.exceptions.SSLError("bad record mac")), True),
+    (urllib3.exceptions.ReadTimeoutError(None, "/", "read timed out"), True),
+    (urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError()), True),
+    (urllib3.exceptions.SSLError("bad record mac"), True),
 ])
 def test_only_a_failed_connect_means_the_request_did_not_leave(failure, sent):
     assert _left_before_failure(failure) is sent
