@@ -62,9 +62,12 @@ class SenderSharing(DispatcherState):
                 self._take_over(key)
 
     def _senders_to_hand_over(self, count: int) -> list[str]:
-        """The ones whose handing over disturbs least: nothing on the wire, few rows in hand."""
-        return sorted(self.held, key=lambda k: (self.held[k].in_flight,
-                                                len(self.held[k].queue)))[:count]
+        """The ones whose handing over disturbs least: nothing on the wire, few rows in hand.
+        Never one with a request not yet left: the next holder could send before it arrives
+        (the saved bucket cannot know how late it leaves); it goes at a later tick."""
+        ready = [key for key, sender in self.held.items() if not sender.undeparted]
+        return sorted(ready, key=lambda k: (self.held[k].in_flight,
+                                            len(self.held[k].queue)))[:count]
 
     def _take_over(self, key: str) -> None:
         tokens = claims.inherited_tokens(self.db, key)

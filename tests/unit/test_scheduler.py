@@ -24,6 +24,7 @@ from consumer.dispatch.scheduler import (
     Scheduler,
     Send,
 )
+from consumer.dispatch.sharing import SenderSharing
 
 START = datetime(2026, 12, 2, 12, 0, tzinfo=timezone.utc)
 POLICY = RetryPolicy(max_attempts=10, backoff=4.0, backoff_max=60.0)
@@ -303,3 +304,19 @@ def test_a_sender_faster_than_the_departure_slack_is_not_held_for_departures():
     h.clock.advance(0.01)  # m0 has not left 10 ms after its release
     assert h.sent_bodies(h.step(depart=False)) == ["m1"]
     assert not h.scheduler.awaiting_departures
+
+
+def test_a_sender_whose_request_has_not_left_is_not_handed_over():
+    class Sharing(SenderSharing):
+        def __init__(self, scheduler) -> None:
+            self.scheduler = scheduler
+
+    h = Harness(rate=1.0, burst=1.0)
+    h.scheduler.take("a", "+15005550006")
+    h.scheduler.take("b", "+15005550007")
+    h.publish(FakeRow("to a", sender="a"))
+    [send] = h.step(depart=False)
+    sharing = Sharing(h.scheduler)
+    assert sharing._senders_to_hand_over(2) == ["b"]  # a's next holder could overtake it
+    h.scheduler.departed("a", send.row.id, h.clock.seconds)
+    assert sorted(sharing._senders_to_hand_over(2)) == ["a", "b"]
