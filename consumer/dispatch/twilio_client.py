@@ -113,6 +113,14 @@ class _DepartureStamped:
             _departure.notify = None
             notify(time.monotonic())
 
+    def _tunnel(self) -> None:
+        # The CONNECT to a proxy is not the request: stamp the request's own first bytes.
+        notify, _departure.notify = getattr(_departure, "notify", None), None
+        try:
+            super()._tunnel()  # type: ignore[misc]
+        finally:
+            _departure.notify = notify
+
 
 class _StampedHTTPConnection(_DepartureStamped, urllib3.connection.HTTPConnection):
     pass
