@@ -5,6 +5,11 @@ costs more than the whole capacity could never find enough tokens, so it may go 
 is full and leaves it in debt (negative tokens); the debt is refilled before anything else goes.
 That keeps the long-run rate exact without splitting a message.
 
+Twilio counts arrivals, and a request may leave well after its tokens were taken (busy
+threads, a new connection). Tokens of a request not yet gone are `held`: until it leaves the
+bucket refills only to `capacity - held`, which leaves it exactly as if the request had taken
+its tokens as it left.
+
 Pure: the clock is injected, nothing sleeps here; the dispatcher asks `wait_time` and sleeps.
 """
 
@@ -30,25 +35,32 @@ class TokenBucket:
         self._clock = clock
         self._tokens = capacity if tokens is None else min(capacity, tokens)
         self._updated = clock()
+        # Tokens of requests taken but not yet left: until they leave, the bucket refills
+        # only to `capacity - held`, as it would had they taken their tokens as they left.
+        self.held = 0.0
 
     @property
     def tokens(self) -> float:
         """Tokens available now (negative while a large message's debt is being paid)."""
+        self._refill()
+        return self._tokens
+
+    def _refill(self) -> None:
         now = self._clock()
         elapsed = max(0.0, now - self._updated)
-        self._tokens = min(self.capacity, self._tokens + elapsed * self.rate)
+        ceiling = self.capacity - self.held
+        if self._tokens < ceiling:
+            self._tokens = min(ceiling, self._tokens + elapsed * self.rate)
         self._updated = now
-        return self._tokens
 
     def wait_time(self, cost: float) -> float:
         """Seconds from now until `try_take(cost)` succeeds; 0.0 if it would succeed now."""
         missing = self._needed(cost) - self.tokens
         return 0.0 if missing <= _EPSILON else missing / self.rate
 
-    def try_take(self, cost: float, reserved: float = 0.0) -> bool:
-        """Take `cost` tokens if the bucket allows it now, `reserved` of its tokens aside;
-        False (and no change) otherwise."""
-        if self.tokens - reserved + _EPSILON < self._needed(cost):
+    def try_take(self, cost: float) -> bool:
+        """Take `cost` tokens if the bucket allows it now; False (and no change) otherwise."""
+        if self.tokens + _EPSILON < self._needed(cost):
             return False
         self._tokens -= cost
         return True
@@ -58,12 +70,19 @@ class TokenBucket:
         stopped it before the request), up to the capacity."""
         self._tokens = min(self.capacity, self.tokens + cost)
 
-    def left_late(self, cost: float, seconds: float) -> None:
-        """`cost` tokens taken `seconds` ago were used only now: count them from now. The
-        bucket refilled meanwhile, and up to `cost` of that refill was not yet earned (a debt,
-        if need be). Never more than `cost`: at a high rate the refill of a few milliseconds
-        is thousands of tokens, and charging it all would starve the sender."""
-        self._tokens = self.tokens - min(cost, seconds * self.rate)
+    def hold(self, cost: float) -> None:
+        """`cost` tokens just taken are for a request that has not left yet."""
+        self._refill()  # until now, under the ceiling as it was
+        self.held += cost
+
+    def unhold(self, cost: float) -> None:
+        """The request that took `cost` tokens left now (or never will)."""
+        self._refill()
+        self.held = max(0.0, self.held - cost)
+
+    def held_back(self, cost: float) -> bool:
+        """Can `cost` not be taken, however long we wait, until a held request leaves?"""
+        return self.held > 0 and self.capacity - self.held + _EPSILON < self._needed(cost)
 
     def _needed(self, cost: float) -> float:
         # A message larger than the bucket goes when the bucket is full, not never.

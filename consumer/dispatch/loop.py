@@ -98,9 +98,9 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
             policy, lambda row: row.cost, daily_limit=settings.smsq_daily_segment_limit)
         self.twilio = TwilioSender(settings, self.concurrency)
         self.events: queue.SimpleQueue = queue.SimpleQueue()
-        # Requests that left, from the workers: (sender, row id, when). Read before releases
-        # and results; an event wakes the loop for one only while a sender waits for it.
-        self.departures: collections.deque[tuple[str, UUID, float]] = collections.deque()
+        # Requests that left, from the workers: (sender, row id). Read before releases and
+        # results; an event wakes the loop for one only while a sender waits for it.
+        self.departures: collections.deque[tuple[str, UUID]] = collections.deque()
         self.wake_on_departure = False
         self.pool = WorkerPool(self.concurrency, self.events)
         self.in_flight: dict[UUID, claims.ClaimedRow] = {}  # sends and reconciliations
@@ -198,6 +198,7 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
 
     def _tick(self, now: float) -> None:
         self.next_tick = now + TICK_SECONDS
+        self._note_departures()  # a sender whose request left may be handed over
         self._share_senders()
         self._save_buckets(self.holder)
         claims.heartbeat(self.db, self.holder, len(self.held))
@@ -328,6 +329,9 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
                 raise
             except Exception as exc:  # noqa: BLE001 - one row smsq cannot handle
                 self._fail(result.row, exc)
+                # Its sender must not wait for it (in_flight, a departure that never comes);
+                # a no-op when finished() ran already, or for a reconciliation.
+                self.scheduler.finished(result.row.sender, result.row.id, None)
 
     # -- sending (in a worker thread) and its outcome (in the loop) ----------------------------
 
@@ -336,8 +340,8 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
         # its tokens count from when it leaves, so two of one sender reach Twilio a token apart.
         row = send.row
 
-        def departed(at: float) -> None:
-            self.departures.append((row.sender, row.id, at))
+        def departed(_at: float) -> None:
+            self.departures.append((row.sender, row.id))
             if self.wake_on_departure:  # only wakes the loop, which reads self.departures
                 self.events.put(("departed",))
 

@@ -28,8 +28,8 @@ from consumer.dispatch.outcomes import BUDGET_PAUSE, Decision, RetryPolicy, paus
 # A row due already but not claimable (locked by an operator's transaction) is looked at
 # again after this, not in a busy loop.
 MIN_WAKE_SECONDS = 0.05
-# A request leaving later than this after its release takes its tokens from when it left. A
-# sender whose token is shorter than this is not held back for its requests' departures.
+# A request's tokens count from when it leaves (TokenBucket.held), except where a token is
+# shorter than this: at an unlimited rate, requests would go one at a time.
 DEPARTURE_SLACK_SECONDS = 0.002
 ALL_RANKS = 2  # a claim of every priority: high (0), medium (1) and low (2)
 
@@ -72,11 +72,16 @@ class Sender:
     pause_reason: str | None = None  # the account-wide error that paused it, until resumed
     pause_message: str = ""
     pauses: int = 0  # account-wide pauses in a row: each waits longer
-    in_flight: int = 0  # requests of this sender on the wire
-    # Requests released that have not left yet: row id -> (when released, tokens taken).
-    undeparted: dict = field(default_factory=dict)
+    # Requests of this sender on the wire, by row id: an answer to a request of an earlier
+    # Sender object of the same key (before a reconnect or a hand-over) is not counted here.
+    on_wire: set = field(default_factory=set)
+    undeparted: dict = field(default_factory=dict)  # row id -> tokens held until it leaves
     spent_today: float = 0.0  # segments sent (or on the wire) on `budget_day`, UTC
     budget_day: date | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.on_wire)
 
     def worst_rank(self) -> int:
         return max(entry[0] for entry in self.queue)
@@ -229,9 +234,9 @@ class Scheduler(Generic[RowT]):
         pauses the sender, longer each time in a row; any other answer from Twilio ends the
         pause."""
         sender = self.senders.get(key)
-        if sender is None:
-            return None
-        sender.in_flight -= 1
+        if sender is None or row_id not in sender.on_wire:
+            return None  # not this Sender's (dropped and taken again since), or told already
+        sender.on_wire.discard(row_id)
         sender.spent_today -= unspent
         self._forget_departure(sender, row_id)  # a request that failed to connect never left
         self._to_release[key] = None
@@ -247,24 +252,23 @@ class Scheduler(Generic[RowT]):
         """A row released to send was stopped before its request (a guard rail): its tokens
         and its share of the budget come back."""
         sender = self.senders.get(send.sender.key)
-        if sender is not None:
-            sender.in_flight -= 1
+        if sender is not None and send.row.id in sender.on_wire:
+            sender.on_wire.discard(send.row.id)
             sender.spent_today -= send.cost
             sender.bucket.give_back(send.cost)
             self._forget_departure(sender, send.row.id)
             self._to_release[sender.key] = None
 
-    def departed(self, key: str, row_id: UUID, at: float) -> None:
-        """The request of `key` for `row_id` left at `at` (monotonic). Late, its tokens
-        count from then, not from its release, so the sender's next request reaches Twilio a
-        token after it; until it has left, the next one waits (_unknown_lateness)."""
+    def departed(self, key: str, row_id: UUID) -> None:
+        """The request of `key` for `row_id` left: the tokens it held count from now (see
+        TokenBucket.held), and a sender waiting for it may go on."""
         sender = self.senders.get(key)
-        if sender is None or row_id not in sender.undeparted:
-            return
-        released, cost = sender.undeparted[row_id]
-        if at - released > DEPARTURE_SLACK_SECONDS:
-            sender.bucket.left_late(cost, at - released)
-        self._forget_departure(sender, row_id)
+        if sender is not None:
+            self._forget_departure(sender, row_id)
+
+    def departure_pending(self, key: str) -> bool:
+        """Has `key` a request not yet left that holds its tokens?"""
+        return bool(self.senders[key].undeparted)
 
     @property
     def awaiting_departures(self) -> bool:
@@ -335,20 +339,12 @@ class Scheduler(Generic[RowT]):
             self._to_release[key] = None
 
     def _forget_departure(self, sender: Sender, row_id: UUID) -> None:
-        sender.undeparted.pop(row_id, None)
+        cost = sender.undeparted.pop(row_id, None)
+        if cost is not None:
+            sender.bucket.unhold(cost)
         if sender.key in self._awaiting_departure:
             self._awaiting_departure.discard(sender.key)
             self._to_release[sender.key] = None
-
-    def _unknown_lateness(self, sender: Sender, now: float) -> float:
-        """Tokens that requests not yet left will cost when they leave, at least: a request
-        leaving late takes its tokens from then (departed), so until it has left, the sender's
-        next request must not take them. Not for a token shorter than the departure slack:
-        at an unlimited rate, requests would go one at a time."""
-        slack = DEPARTURE_SLACK_SECONDS
-        return sum(min(cost, (now - released) * self.rate)
-                   for released, cost in sender.undeparted.values()
-                   if now - released > slack and cost > self.rate * slack)
 
     def _claim_for(self, sender: Sender, now: float) -> ClaimRequest | None:
         if not sender.maybe_due:
@@ -395,10 +391,9 @@ class Scheduler(Generic[RowT]):
             if self._over_budget(sender, cost, wall):
                 self._to_release.pop(key, None)
                 return self._budget_pause(sender, now, wall)
-            reserved = self._unknown_lateness(sender, now)
-            if not sender.bucket.try_take(cost, reserved):
+            if not sender.bucket.try_take(cost):
                 self._to_release.pop(key, None)
-                if reserved and sender.bucket.wait_time(cost) == 0.0:
+                if sender.bucket.held_back(cost):
                     self._awaiting_departure.add(key)  # its departures bring it back
                     return None
                 at = now + sender.bucket.wait_time(cost)
@@ -408,8 +403,10 @@ class Scheduler(Generic[RowT]):
             heapq.heappop(sender.queue)
             return Fail(row, exc)
         heapq.heappop(sender.queue)
-        sender.in_flight += 1
-        sender.undeparted[row.id] = (now, cost)
+        sender.on_wire.add(row.id)
+        if cost > self.rate * DEPARTURE_SLACK_SECONDS:  # its tokens count from when it leaves
+            sender.undeparted[row.id] = cost
+            sender.bucket.hold(cost)
         sender.spent_today += cost
         if len(sender.queue) <= self.in_hand_target // 2 and sender.maybe_due:
             self._to_claim[key] = None

@@ -65,7 +65,7 @@ class SenderSharing(DispatcherState):
         """The ones whose handing over disturbs least: nothing on the wire, few rows in hand.
         Never one with a request not yet left: the next holder could send before it arrives
         (the saved bucket cannot know how late it leaves); it goes at a later tick."""
-        ready = [key for key, sender in self.held.items() if not sender.undeparted]
+        ready = [key for key in self.held if not self.scheduler.departure_pending(key)]
         return sorted(ready, key=lambda k: (self.held[k].in_flight,
                                             len(self.held[k].queue)))[:count]
 

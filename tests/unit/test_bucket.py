@@ -173,18 +173,40 @@ def test_long_run_bounds(rate: float, capacity: float, max_cost: int, idle_chanc
         assert abs(sent_after_first - (rate * elapsed + capacity - sends[0][1])) <= max_cost
 
 
-def test_a_take_used_late_counts_from_when_it_was_used(clock: FakeClock) -> None:
+def test_tokens_held_for_a_request_not_yet_left_count_from_when_it_left(
+        clock: FakeClock) -> None:
     bucket = TokenBucket(rate=1, capacity=1, clock=clock)
     assert bucket.try_take(1)
-    clock.advance(0.3)
-    bucket.left_late(1, 0.3)  # the message left 0.3 s after its tokens were taken
+    bucket.hold(1)
+    clock.advance(1.3)  # the request is still not gone: no refill meanwhile
+    assert bucket.tokens == pytest.approx(0.0) and bucket.held_back(1)
+    bucket.unhold(1)  # it left now
+    assert not bucket.held_back(1)
     assert bucket.wait_time(1) == pytest.approx(1.0)  # a whole token after it left
 
 
-def test_a_late_take_is_charged_at_most_its_own_cost(clock: FakeClock) -> None:
-    bucket = TokenBucket(rate=1_000_000, capacity=1, clock=clock)
-    assert bucket.try_take(1)
-    clock.advance(0.01)  # 10,000 tokens' time, capped at 1 in the bucket
-    bucket.left_late(1, 0.01)
+def test_a_late_burst_is_charged_once_not_twice(clock: FakeClock) -> None:
+    # Ten requests of a burst leave 20 ms late, together: the bucket is as if they had
+    # taken their tokens then (empty), not in debt for the refill of those 20 ms as well.
+    bucket = TokenBucket(rate=100, capacity=10, clock=clock)
+    for _ in range(10):
+        assert bucket.try_take(1)
+        bucket.hold(1)
+    clock.advance(0.02)
+    for _ in range(10):
+        bucket.unhold(1)
     assert bucket.tokens == pytest.approx(0.0)
-    assert bucket.wait_time(1) == pytest.approx(1e-6)
+    assert bucket.wait_time(1) == pytest.approx(0.01)
+
+
+def test_a_held_request_leaves_the_rest_of_the_bucket_refilling(clock: FakeClock) -> None:
+    bucket = TokenBucket(rate=1, capacity=10, clock=clock, tokens=5)
+    assert bucket.try_take(1)
+    bucket.hold(1)
+    clock.advance(3.0)
+    assert bucket.tokens == pytest.approx(7.0)  # as if taken now: min(10, 5 + 3) - 1
+    clock.advance(5.0)
+    assert bucket.tokens == pytest.approx(9.0)  # the ceiling while one token is held
+    bucket.unhold(1)
+    clock.advance(1.0)
+    assert bucket.tokens == pytest.approx(10.0)
