@@ -45,13 +45,13 @@ class TokenBucket:
         self._refill()
         return self._tokens
 
-    def _refill(self) -> None:
-        now = self._clock()
+    def _refill(self, until: float | None = None) -> None:
+        now = self._clock() if until is None else until
         elapsed = max(0.0, now - self._updated)
         ceiling = self.capacity - self.held
         if self._tokens < ceiling:
             self._tokens = min(ceiling, self._tokens + elapsed * self.rate)
-        self._updated = now
+        self._updated = max(self._updated, now)
 
     def wait_time(self, cost: float) -> float:
         """Seconds from now until `try_take(cost)` succeeds; 0.0 if it would succeed now."""
@@ -75,10 +75,12 @@ class TokenBucket:
         self._refill()  # until now, under the ceiling as it was
         self.held += cost
 
-    def unhold(self, cost: float) -> None:
-        """The request that took `cost` tokens left now (or never will)."""
-        self._refill()
+    def unhold(self, cost: float, left: float | None = None) -> None:
+        """The request that took `cost` tokens left at `left` (the clock's time; None: now,
+        or it never will). The bucket refills under the higher ceiling from then on."""
+        self._refill(left)
         self.held = max(0.0, self.held - cost)
+        self._refill()
 
     def held_back(self, cost: float) -> bool:
         """Can `cost` not be taken, however long we wait, until a held request leaves?"""

@@ -98,9 +98,9 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
             policy, lambda row: row.cost, daily_limit=settings.smsq_daily_segment_limit)
         self.twilio = TwilioSender(settings, self.concurrency)
         self.events: queue.SimpleQueue = queue.SimpleQueue()
-        # Requests that left, from the workers: (sender, row id). Read before releases and
-        # results; an event wakes the loop for one only while a sender waits for it.
-        self.departures: collections.deque[tuple[str, UUID]] = collections.deque()
+        # Requests that left, from the workers: (sender, row id, when). Read before releases
+        # and results; an event wakes the loop for one only while a sender waits for it.
+        self.departures: collections.deque[tuple[str, UUID, float]] = collections.deque()
         self.wake_on_departure = False
         self.pool = WorkerPool(self.concurrency, self.events)
         self.in_flight: dict[UUID, claims.ClaimedRow] = {}  # sends and reconciliations
@@ -340,8 +340,8 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
         # its tokens count from when it leaves, so two of one sender reach Twilio a token apart.
         row = send.row
 
-        def departed(_at: float) -> None:
-            self.departures.append((row.sender, row.id))
+        def departed(at: float) -> None:
+            self.departures.append((row.sender, row.id, at))
             if self.wake_on_departure:  # only wakes the loop, which reads self.departures
                 self.events.put(("departed",))
 

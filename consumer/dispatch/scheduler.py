@@ -259,12 +259,12 @@ class Scheduler(Generic[RowT]):
             self._forget_departure(sender, send.row.id)
             self._to_release[sender.key] = None
 
-    def departed(self, key: str, row_id: UUID) -> None:
-        """The request of `key` for `row_id` left: the tokens it held count from now (see
-        TokenBucket.held), and a sender waiting for it may go on."""
+    def departed(self, key: str, row_id: UUID, at: float) -> None:
+        """The request of `key` for `row_id` left at `at` (monotonic): the tokens it held
+        count from then (see TokenBucket.held), and a sender waiting for it may go on."""
         sender = self.senders.get(key)
         if sender is not None:
-            self._forget_departure(sender, row_id)
+            self._forget_departure(sender, row_id, at)
 
     def departure_pending(self, key: str) -> bool:
         """Has `key` a request not yet left that holds its tokens?"""
@@ -338,10 +338,11 @@ class Scheduler(Generic[RowT]):
                 self._to_claim[key] = None
             self._to_release[key] = None
 
-    def _forget_departure(self, sender: Sender, row_id: UUID) -> None:
+    def _forget_departure(self, sender: Sender, row_id: UUID,
+                          left: float | None = None) -> None:
         cost = sender.undeparted.pop(row_id, None)
         if cost is not None:
-            sender.bucket.unhold(cost)
+            sender.bucket.unhold(cost, left)
         if sender.key in self._awaiting_departure:
             self._awaiting_departure.discard(sender.key)
             self._to_release[sender.key] = None

@@ -210,3 +210,15 @@ def test_a_held_request_leaves_the_rest_of_the_bucket_refilling(clock: FakeClock
     bucket.unhold(1)
     clock.advance(1.0)
     assert bucket.tokens == pytest.approx(10.0)
+
+
+def test_a_departure_learnt_late_counts_from_when_the_request_left(clock: FakeClock) -> None:
+    bucket = TokenBucket(rate=1, capacity=1, clock=clock)
+    assert bucket.try_take(1)
+    bucket.hold(1)
+    clock.advance(0.3)  # it left at 0.3 s; the dispatcher hears of it at 0.5 s
+    left = clock.now
+    clock.advance(0.2)
+    bucket.unhold(1, left)
+    assert bucket.tokens == pytest.approx(0.2)
+    assert bucket.wait_time(1) == pytest.approx(0.8)  # a token after it left, not after 0.5 s

@@ -89,7 +89,7 @@ class Harness:
             self.due += [self.rows[i] for i in surplus]  # back to pending
         actions = list(self.scheduler.releases(free_slots))
         for send in (a for a in actions if isinstance(a, Send) and depart):
-            self.scheduler.departed(send.row.sender, send.row.id)
+            self.scheduler.departed(send.row.sender, send.row.id, self.clock.seconds)
         return actions
 
     def sent_bodies(self, actions: list) -> list[str]:
@@ -255,7 +255,7 @@ def test_a_request_that_leaves_late_takes_its_token_from_when_it_left():
     h.publish(*[FakeRow(f"m{n}") for n in range(3)])
     [send] = h.step(depart=False)
     h.clock.advance(0.3)
-    h.scheduler.departed("", send.row.id)  # a busy worker: it left 0.3 s after its release
+    h.scheduler.departed("", send.row.id, h.clock.seconds)  # a busy worker: it left 0.3 s after its release
     h.clock.advance(0.99)
     assert h.sent_bodies(h.step()) == []  # a token after its release, not after it left
     h.clock.advance(0.01)
@@ -270,7 +270,7 @@ def test_a_burst_that_leaves_late_is_charged_once():
     assert burst == [f"m{n}" for n in range(10)]
     h.clock.advance(0.02)  # all ten leave 20 ms late
     for send in sends:
-        h.scheduler.departed("", send.row.id)
+        h.scheduler.departed("", send.row.id, h.clock.seconds)
     h.clock.advance(0.01)  # one token after they left, not nine more
     assert h.sent_bodies(h.step()) == ["m10"]
 
@@ -295,7 +295,7 @@ def test_a_sender_waits_for_its_last_request_to_leave_before_the_next():
     [send] = h.step(depart=False)
     h.clock.advance(1.2)  # m0 has not left: its token counts from when it leaves
     assert h.sent_bodies(h.step()) == [] and h.scheduler.awaiting_departures
-    h.scheduler.departed("", send.row.id)  # it left now: its token counts from now
+    h.scheduler.departed("", send.row.id, h.clock.seconds)  # it left now: its token counts from now
     assert not h.scheduler.awaiting_departures
     assert h.sent_bodies(h.step()) == []
     h.clock.advance(1.0)
@@ -344,5 +344,5 @@ def test_a_sender_whose_request_has_not_left_is_not_handed_over():
     [send] = h.step(depart=False)
     sharing = Sharing(h.scheduler)
     assert sharing._senders_to_hand_over(2) == ["b"]  # a's next holder could overtake it
-    h.scheduler.departed("a", send.row.id)
+    h.scheduler.departed("a", send.row.id, h.clock.seconds)
     assert sorted(sharing._senders_to_hand_over(2)) == ["a", "b"]
