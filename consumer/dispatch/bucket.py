@@ -16,7 +16,7 @@ Pure: the clock is injected, nothing sleeps here; the dispatcher asks `wait_time
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 # Float rounding must not turn "exactly enough after waiting wait_time()" into "a hair short",
 # which would cost the caller another wake-up for a billionth of a token.
@@ -35,15 +35,19 @@ class TokenBucket:
         self._clock = clock
         self._tokens = capacity if tokens is None else min(capacity, tokens)
         self._updated = clock()
-        # Tokens of requests taken but not yet left: until they leave, the bucket refills
-        # only to `capacity - held`, as it would had they taken their tokens as they left.
-        self.held = 0.0
+        # Tokens of requests taken but not yet left, by request: until they leave, the
+        # bucket refills only to `capacity - held`, as if they took their tokens as they left.
+        self._holds: dict[Hashable, float] = {}
 
     @property
     def tokens(self) -> float:
         """Tokens available now (negative while a large message's debt is being paid)."""
         self._refill()
         return self._tokens
+
+    @property
+    def held(self) -> float:
+        return sum(self._holds.values())
 
     def _refill(self, until: float | None = None) -> None:
         now = self._clock() if until is None else until
@@ -70,21 +74,22 @@ class TokenBucket:
         stopped it before the request), up to the capacity."""
         self._tokens = min(self.capacity, self.tokens + cost)
 
-    def hold(self, cost: float) -> None:
-        """`cost` tokens just taken are for a request that has not left yet."""
+    def hold(self, request: Hashable, cost: float) -> None:
+        """`cost` tokens just taken are for `request`, which has not left yet."""
         self._refill()  # until now, under the ceiling as it was
-        self.held += cost
+        self._holds[request] = cost
 
-    def unhold(self, cost: float, left: float | None = None) -> None:
-        """The request that took `cost` tokens left at `left` (the clock's time; None: now,
-        or it never will). The bucket refills under the higher ceiling from then on."""
-        self._refill(left)
-        self.held = max(0.0, self.held - cost)
-        self._refill()
+    def unhold(self, request: Hashable, left: float | None = None) -> None:
+        """`request` left at `left` (the clock's time; None: now, or it never will): the
+        bucket refills under the higher ceiling from then on. Unknown requests are ignored."""
+        if request in self._holds:
+            self._refill(left)
+            del self._holds[request]
+            self._refill()
 
     def held_back(self, cost: float) -> bool:
         """Can `cost` not be taken, however long we wait, until a held request leaves?"""
-        return self.held > 0 and self.capacity - self.held + _EPSILON < self._needed(cost)
+        return bool(self._holds) and self.capacity - self.held + _EPSILON < self._needed(cost)
 
     def _needed(self, cost: float) -> float:
         # A message larger than the bucket goes when the bucket is full, not never.

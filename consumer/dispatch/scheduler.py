@@ -75,7 +75,6 @@ class Sender:
     # Requests of this sender on the wire, by row id: an answer to a request of an earlier
     # Sender object of the same key (before a reconnect or a hand-over) is not counted here.
     on_wire: set = field(default_factory=set)
-    undeparted: dict = field(default_factory=dict)  # row id -> tokens held until it leaves
     spent_today: float = 0.0  # segments sent (or on the wire) on `budget_day`, UTC
     budget_day: date | None = None
 
@@ -268,7 +267,7 @@ class Scheduler(Generic[RowT]):
 
     def departure_pending(self, key: str) -> bool:
         """Has `key` a request not yet left that holds its tokens?"""
-        return bool(self.senders[key].undeparted)
+        return bool(self.senders[key].bucket.held)
 
     @property
     def awaiting_departures(self) -> bool:
@@ -340,9 +339,7 @@ class Scheduler(Generic[RowT]):
 
     def _forget_departure(self, sender: Sender, row_id: UUID,
                           left: float | None = None) -> None:
-        cost = sender.undeparted.pop(row_id, None)
-        if cost is not None:
-            sender.bucket.unhold(cost, left)
+        sender.bucket.unhold(row_id, left)
         if sender.key in self._awaiting_departure:
             self._awaiting_departure.discard(sender.key)
             self._to_release[sender.key] = None
@@ -406,8 +403,7 @@ class Scheduler(Generic[RowT]):
         heapq.heappop(sender.queue)
         sender.on_wire.add(row.id)
         if cost > self.rate * DEPARTURE_SLACK_SECONDS:  # its tokens count from when it leaves
-            sender.undeparted[row.id] = cost
-            sender.bucket.hold(cost)
+            sender.bucket.hold(row.id, cost)
         sender.spent_today += cost
         if len(sender.queue) <= self.in_hand_target // 2 and sender.maybe_due:
             self._to_claim[key] = None

@@ -177,10 +177,10 @@ def test_tokens_held_for_a_request_not_yet_left_count_from_when_it_left(
         clock: FakeClock) -> None:
     bucket = TokenBucket(rate=1, capacity=1, clock=clock)
     assert bucket.try_take(1)
-    bucket.hold(1)
+    bucket.hold("r", 1)
     clock.advance(1.3)  # the request is still not gone: no refill meanwhile
     assert bucket.tokens == pytest.approx(0.0) and bucket.held_back(1)
-    bucket.unhold(1)  # it left now
+    bucket.unhold("r")  # it left now
     assert not bucket.held_back(1)
     assert bucket.wait_time(1) == pytest.approx(1.0)  # a whole token after it left
 
@@ -189,12 +189,12 @@ def test_a_late_burst_is_charged_once_not_twice(clock: FakeClock) -> None:
     # Ten requests of a burst leave 20 ms late, together: the bucket is as if they had
     # taken their tokens then (empty), not in debt for the refill of those 20 ms as well.
     bucket = TokenBucket(rate=100, capacity=10, clock=clock)
-    for _ in range(10):
+    for request in range(10):
         assert bucket.try_take(1)
-        bucket.hold(1)
+        bucket.hold(request, 1)
     clock.advance(0.02)
-    for _ in range(10):
-        bucket.unhold(1)
+    for request in range(10):
+        bucket.unhold(request)
     assert bucket.tokens == pytest.approx(0.0)
     assert bucket.wait_time(1) == pytest.approx(0.01)
 
@@ -202,12 +202,12 @@ def test_a_late_burst_is_charged_once_not_twice(clock: FakeClock) -> None:
 def test_a_held_request_leaves_the_rest_of_the_bucket_refilling(clock: FakeClock) -> None:
     bucket = TokenBucket(rate=1, capacity=10, clock=clock, tokens=5)
     assert bucket.try_take(1)
-    bucket.hold(1)
+    bucket.hold("r", 1)
     clock.advance(3.0)
     assert bucket.tokens == pytest.approx(7.0)  # as if taken now: min(10, 5 + 3) - 1
     clock.advance(5.0)
     assert bucket.tokens == pytest.approx(9.0)  # the ceiling while one token is held
-    bucket.unhold(1)
+    bucket.unhold("r")
     clock.advance(1.0)
     assert bucket.tokens == pytest.approx(10.0)
 
@@ -215,10 +215,10 @@ def test_a_held_request_leaves_the_rest_of_the_bucket_refilling(clock: FakeClock
 def test_a_departure_learnt_late_counts_from_when_the_request_left(clock: FakeClock) -> None:
     bucket = TokenBucket(rate=1, capacity=1, clock=clock)
     assert bucket.try_take(1)
-    bucket.hold(1)
+    bucket.hold("r", 1)
     clock.advance(0.3)  # it left at 0.3 s; the dispatcher hears of it at 0.5 s
     left = clock.now
     clock.advance(0.2)
-    bucket.unhold(1, left)
+    bucket.unhold("r", left)
     assert bucket.tokens == pytest.approx(0.2)
     assert bucket.wait_time(1) == pytest.approx(0.8)  # a token after it left, not after 0.5 s
