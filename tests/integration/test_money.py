@@ -144,6 +144,10 @@ def test_a_sweep_records_its_prices_a_batch_at_a_time(settings, fake_twilio, tmp
     twilio.close()
     assert set(prices(settings).values()) == {PRICE}
     assert spend_rows(settings) == [("", "US", "USD", 5 * PRICE, 5)]
+    with psycopg.connect(settings.database_dsn) as conn:  # one transaction a batch
+        [[transactions]] = conn.execute(
+            "SELECT count(DISTINCT xmin::text) FROM sms_notification").fetchall()
+    assert transactions == 3
 
 
 def add_spend(settings, *rows) -> None:
