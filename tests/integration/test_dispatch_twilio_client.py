@@ -219,6 +219,33 @@ def test_a_request_goes_through_the_proxy_named_with_its_credentials(fake_twilio
     assert fake_twilio.messages() == []
 
 
+def test_a_proxy_tunnel_is_not_the_requests_departure(no_proxy_variables):
+    """The CONNECT of an HTTPS tunnel is written through the same send() that stamps a
+    departure: stamped, a request would count as gone a TLS handshake before its bytes."""
+    with socket.create_server(("127.0.0.1", 0)) as proxy:
+        heads: list[bytes] = []
+
+        def open_a_tunnel_then_close() -> None:
+            connection, _ = proxy.accept()
+            with connection:
+                heads.append(connection.recv(65536))
+                connection.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        listener = threading.Thread(target=open_a_tunnel_then_close, daemon=True)
+        listener.start()
+        host, port = proxy.getsockname()
+        twilio_far_away = type("Far", (), {"url": "https://api.twilio.test", "account_sid": "AC1",
+                                           "auth_token": "x"})
+        twilio = sender_made_with(twilio_far_away, no_proxy_variables,
+                                  HTTPS_PROXY=f"http://{host}:{port}")
+        departures: list[float] = []
+        attempt = twilio.send(Outgoing(TO, FROM, "hello"), departures.append)
+        listener.join(timeout=10)
+    assert heads and heads[0].startswith(b"CONNECT api.twilio.test:443")  # the tunnel opened
+    assert departures == []  # TLS failed inside it: the request itself never left
+    assert attempt.request_sent  # (read as unknown, the safe side: reconciliation decides)
+
+
 def test_too_many_requests_carries_retry_after(fake_twilio):
     fake_twilio.set_fault("429", retry_after=7)
     attempt = sender_for(fake_twilio).send(Outgoing(TO, FROM, "hello"))
