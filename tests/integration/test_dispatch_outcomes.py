@@ -11,6 +11,7 @@ import socket
 from pydantic import AnyHttpUrl, SecretStr
 
 from consumer import metrics
+from consumer.dispatch import loop
 from consumer.dispatch.outcomes import RECONCILE_DELAYS
 from tests.dispatch_support import (
     add_notifications,
@@ -185,3 +186,34 @@ def test_retry_after_holds_every_row_of_the_sender_not_only_the_one_refused(
     assert refused["fault"] == "429" and len(later) == 4  # the three others, and the retry
     pause_ends = refused["received_monotonic"] + 2
     assert [m["body"] for m in later if m["received_monotonic"] < pause_ends] == []
+
+
+def test_an_outcome_smsq_cannot_handle_fails_its_row_and_its_sender_goes_on(
+        settings, fake_twilio, monkeypatch):
+    """The first request never leaves (refused) and its outcome raises in smsq: the row is
+    failed, and its sender does not wait for ever for a departure that will never come."""
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    settings = dispatch_settings(settings, fake_twilio,
+                                 twilio_api_url=AnyHttpUrl(f"http://127.0.0.1:{closed_port}"),
+                                 twilio_sms_rate=1.0, smsq_burst=1.0,
+                                 smsq_retry_backoff=30.0, smsq_retry_backoff_max=60.0)
+    raised: list[str] = []
+    decide = loop.decide
+
+    def decide_raising_once(*args, **kwargs):
+        if not raised:
+            raised.append("once")
+            raise RuntimeError("a bug of smsq's, injected")
+        return decide(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "decide", decide_raising_once)
+    first, second = add_notifications(settings, {"body": "first"}, {"body": "second"})
+    with running_dispatcher(settings):
+        wait_until(lambda: rows_by_id(settings)[second]["attempts"] == 1, timeout=15,
+                   message="the second row attempted after the first one's outcome raised")
+    rows = rows_by_id(settings)
+    assert raised == ["once"]
+    assert rows[first]["status"] == "failed" and "injected" in rows[first]["status_message"]
+    assert "before the request was sent" in rows[second]["status_message"]
