@@ -349,13 +349,13 @@ def dispatcher_stopped(conn: psycopg.Connection, holder: str) -> None:
                  "< now() - interval '1 day'")
 
 
-# A sender taken over: its bucket as the last holder left it, refilled since, if that holder
-# handed it over cleanly; empty if it died (it may have sent after it last wrote).
+# A sender taken over: its bucket as the last holder left it, refilled since at the pace kept
+# (not the row's configured rate), if handed over cleanly; empty if it died mid-send.
 _INHERITED_TOKENS = """
 SELECT CASE WHEN released_datetime IS NOT NULL THEN
-            least(capacity, tokens + rate * extract(epoch FROM now() - released_datetime))
+            least(capacity, tokens + %(pace)s * extract(epoch FROM now() - released_datetime))
        ELSE 0 END
-FROM dispatch_sender WHERE sender = %s
+FROM dispatch_sender WHERE sender = %(sender)s
 """
 
 # Rows a previous holder left in processing: once its requests can no longer be on the wire
@@ -374,9 +374,9 @@ FROM taken WHERE s.notification_id = taken.id
 """
 
 
-def inherited_tokens(conn: psycopg.Connection, sender: str) -> float | None:
-    """Tokens the next holder of `sender` starts with; None when no holder ever wrote."""
-    row = conn.execute(_INHERITED_TOKENS, (sender,)).fetchone()
+def inherited_tokens(conn: psycopg.Connection, sender: str, pace: float) -> float | None:
+    """Tokens the next holder of `sender` (pacing at `pace`) starts with; None: never held."""
+    row = conn.execute(_INHERITED_TOKENS, {"sender": sender, "pace": pace}).fetchone()
     return float(row[0]) if row else None
 
 

@@ -70,7 +70,7 @@ class SenderSharing(DispatcherState):
                                             len(self.held[k].queue)))[:count]
 
     def _take_over(self, key: str) -> None:
-        tokens = claims.inherited_tokens(self.db, key)
+        tokens = claims.inherited_tokens(self.db, key, self.scheduler.rate)
         spent = (guards.segments_today(self.db, key)
                  if self.settings.smsq_daily_segment_limit else 0.0)
         self.scheduler.take(key, self.addresses[key], tokens, spent)
