@@ -7,7 +7,7 @@ on the wire.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from functools import cached_property
@@ -165,7 +165,6 @@ FROM notification c JOIN sms_notification s ON s.notification_id = c.id
 LEFT JOIN sms_temporary_media m ON m.id = s.temporary_media_id
 WHERE c.status = 'processing' AND c.sender = ANY(%(senders)s)
   AND (NOT %(expired_only)s OR c.lease_expire_datetime < now())
-  AND NOT c.id = ANY(%(exclude)s)
 """
 
 # One statement for a whole batch of outcomes: the columns arrive as arrays, side by side.
@@ -425,12 +424,11 @@ def claim_many(conn: psycopg.Connection, requests: list[tuple[str, int, int]], h
         return claimed
 
 
-def stale_processing(conn: psycopg.Connection, senders: list[str], exclude: Iterable[UUID],
+def stale_processing(conn: psycopg.Connection, senders: list[str],
                      expired_only: bool) -> list[ClaimedRow]:
-    """Rows of `senders` in processing that need reconciling with Twilio."""
+    """Rows of `senders` in processing: with `expired_only`, those whose lease ran out."""
     with conn.cursor(row_factory=claimed_rows) as cur:
-        cur.execute(_STALE, {"senders": senders, "exclude": list(exclude),
-                             "expired_only": expired_only})
+        cur.execute(_STALE, {"senders": senders, "expired_only": expired_only})
         return cur.fetchall()
 
 

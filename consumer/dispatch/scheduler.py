@@ -320,6 +320,11 @@ class Scheduler(Generic[RowT]):
             return self.clock.monotonic()
         return self._timers[0][0] if self._timers else None
 
+    def holds_row(self, key: str, row_id: UUID) -> bool:
+        """Whether `row_id` waits in the queue of sender `key` here."""
+        sender = self.senders.get(key)
+        return sender is not None and any(entry[-1].id == row_id for entry in sender.queue)
+
     def queued_ids(self) -> list[UUID]:
         return [entry[-1].id for sender in self.senders.values() for entry in sender.queue]
 

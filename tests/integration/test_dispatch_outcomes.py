@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 
+import psycopg
 from pydantic import AnyHttpUrl, SecretStr
 
 from consumer import metrics
@@ -217,3 +218,24 @@ def test_an_outcome_smsq_cannot_handle_fails_its_row_and_its_sender_goes_on(
     assert raised == ["once"]
     assert rows[first]["status"] == "failed" and "injected" in rows[first]["status_message"]
     assert "before the request was sent" in rows[second]["status_message"]
+
+
+
+def test_rows_in_hand_whose_lease_ran_out_are_sent_not_reconciled(settings, fake_twilio):
+    """A loop stalled past the lease: the rows it still holds in its queue read as stale in
+    Postgres. They are this dispatcher's own, so it sends them, once each, and asks Twilio
+    about none of them."""
+    settings = dispatch_settings(settings, fake_twilio, twilio_sms_rate=1.0, smsq_burst=1.0,
+                                 smsq_lease_seconds=60.0)  # renewed only every 15 s
+    add_notifications(settings, *[{"body": f"row {i}"} for i in range(4)])
+    with running_dispatcher(settings):
+        wait_until(lambda: arrivals(fake_twilio), timeout=10, message="the first send")
+        with psycopg.connect(settings.database_dsn, autocommit=True) as conn:
+            expired = conn.execute(
+                "UPDATE notification SET lease_expire_datetime = now() - interval '1 second'"
+                " WHERE status = 'processing'").rowcount
+        wait_until(lambda: statuses(settings) == {"sent": 4}, timeout=20, message="all sent")
+    assert expired >= 1  # rows in hand: queued, or on the wire
+    assert sorted(m["body"] for m in arrivals(fake_twilio, accepted_only=False)) == [
+        f"row {i}" for i in range(4)]
+    assert fake_twilio.stats().get("list", 0) == 0
