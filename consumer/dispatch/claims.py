@@ -255,11 +255,19 @@ SELECT extract(epoch FROM least(
 ) - now())
 """
 
-_SAVE_BUCKET = """
+# Every held sender's bucket in one statement, each column an array (binary, as in _RECORD):
+# at 300 senders a dispatcher saves 300 rows a second.
+_SAVE_BUCKETS = """
 INSERT INTO dispatch_sender (sender, address, holder, tokens, rate, capacity, paused_until,
                              pause_reason, pause_message, released_datetime, updated_datetime)
-VALUES (%s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s), %s, %s,
-        CASE WHEN %s::text IS NULL THEN now() END, now())
+SELECT b.sender, b.address, b.holder, b.tokens, b.rate, b.capacity,
+       now() + make_interval(secs => b.paused_for), b.pause_reason, b.pause_message,
+       CASE WHEN b.holder IS NULL THEN now() END, now()
+FROM unnest(%b::text[], %b::text[], %b::text[], %b::float8[], %b::float8[], %b::float8[],
+            %b::float8[], %b::text[], %b::text[])
+     AS b(sender, address, holder, tokens, rate, capacity, paused_for, pause_reason,
+          pause_message)
+ORDER BY b.sender  -- the same lock order in every dispatcher
 ON CONFLICT (sender) DO UPDATE SET
     address = excluded.address, holder = excluded.holder, tokens = excluded.tokens,
     rate = excluded.rate, capacity = excluded.capacity, paused_until = excluded.paused_until,
@@ -496,6 +504,8 @@ def save_buckets(conn: psycopg.Connection, buckets: list[tuple]) -> None:
     """(sender, address, holder, tokens, rate, capacity, paused for seconds or None, pause
     reason, pause message) of each sender, for status pages."""
     if buckets:
-        with conn.transaction(), conn.cursor() as cur:
-            cur.executemany(_SAVE_BUCKET, [(*bucket, bucket[2]) for bucket in buckets])
+        columns = [list(column) for column in zip(*buckets)]
+        for floats in columns[3:7]:  # one list may not mix int and float
+            floats[:] = [None if value is None else float(value) for value in floats]
+        conn.execute(_SAVE_BUCKETS, columns)
 
