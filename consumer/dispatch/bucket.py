@@ -10,6 +10,10 @@ threads, a new connection). Tokens of a request not yet gone are `held`: until i
 bucket refills only to `capacity - held`, which leaves it exactly as if the request had taken
 its tokens as it left.
 
+A request may also take its tokens up to `lead` seconds before they are there
+(`take_ahead`): the bucket goes into debt for the difference, exactly as if the tokens had been
+taken when they came, and the request must not leave before then.
+
 Pure: the clock is injected, nothing sleeps here; the dispatcher asks `wait_time` and sleeps.
 """
 
@@ -64,10 +68,19 @@ class TokenBucket:
 
     def try_take(self, cost: float) -> bool:
         """Take `cost` tokens if the bucket allows it now; False (and no change) otherwise."""
-        if self.tokens + _EPSILON < self._needed(cost):
-            return False
+        return self.take_ahead(cost, 0.0) is not None
+
+    def take_ahead(self, cost: float, lead: float) -> float | None:
+        """Take `cost` tokens if they are there within `lead` seconds: how many seconds until
+        they are (0.0: now), before which the request must not leave; None (and no change)
+        when they are further off, or wait for a held request to leave."""
+        if self.held_back(cost):
+            return None
+        wait = self.wait_time(cost)
+        if wait > lead + _EPSILON:
+            return None
         self._tokens -= cost
-        return True
+        return wait
 
     def give_back(self, cost: float) -> None:
         """Return tokens taken for a message that was not sent after all (a guard rail

@@ -52,6 +52,7 @@ from consumer.dispatch.prices import PriceSweeper
 from consumer.dispatch.reconcile import Reconciliation
 from consumer.dispatch.scheduler import (
     ALL_RANKS,
+    RELEASE_LEAD_SECONDS,
     ClaimRequest,
     Expire,
     Paused,
@@ -95,7 +96,8 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
             settings.twilio_sms_rate * HORIZON_SECONDS + settings.smsq_burst)))
         self.scheduler: Scheduler[claims.ClaimedRow] = Scheduler(
             settings.twilio_sms_rate * (1 - PACING_MARGIN), settings.smsq_burst, in_hand_target,
-            policy, lambda row: row.cost, daily_limit=settings.smsq_daily_segment_limit)
+            policy, lambda row: row.cost, daily_limit=settings.smsq_daily_segment_limit,
+            lead=RELEASE_LEAD_SECONDS)
         self.twilio = TwilioSender(settings, self.concurrency)
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         # Requests that left, from the workers: (sender, row id, when). Read before releases
@@ -339,18 +341,20 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
         # A request may leave tens of milliseconds after its release (busy threads, the GIL):
         # its tokens count from when it leaves, so two of one sender reach Twilio a token apart.
         row = send.row
+        released = time.monotonic()
 
         def departed(at: float) -> None:
             self.departures.append((row.sender, row.id, at))
             if self.wake_on_departure:  # only wakes the loop, which reads self.departures
                 self.events.put(("departed",))
 
-        started = time.perf_counter()
         try:
-            attempt, error = self.twilio.send(row.outgoing(send.sender.address), departed), None
+            attempt, error = self.twilio.send(row.outgoing(send.sender.address), departed,
+                                              send.not_before), None
         except Exception as exc:  # noqa: BLE001 - a bug of ours: the row becomes failed
             attempt, error = None, exc
-        seconds = time.perf_counter() - started
+        # From when it could leave: the wait for its tokens is not Twilio's time.
+        seconds = time.monotonic() - max(send.not_before, released)
         metrics.TWILIO_REQUEST_SECONDS.observe(seconds)
         return SendResult(row, attempt, error, seconds, datetime.now(timezone.utc))
 

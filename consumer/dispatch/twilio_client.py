@@ -100,13 +100,18 @@ _departure = threading.local()  # what the current thread's next request calls a
 
 
 class _DepartureStamped:
-    """Calls the thread's departure callback with time.monotonic() once the request's first
-    bytes are in the kernel: after all the work of building the request, which with many
-    threads waiting for the GIL can take tens of milliseconds. Stamped after the write, not
-    before, because the thread may wait for the GIL between any two lines of Python: a stamp
-    taken before would sometimes be milliseconds early, one taken after is never early."""
+    """Holds the request's first bytes until the thread's `not_before` (its tokens are there
+    then), and calls the thread's departure callback with time.monotonic() once they are in
+    the kernel: after all the work of building the request, which with many threads waiting
+    for the GIL can take tens of milliseconds. Stamped after the write, not before, because
+    the thread may wait for the GIL between any two lines of Python: a stamp taken before
+    would sometimes be milliseconds early, one taken after is never early."""
 
     def send(self, data: Any) -> None:
+        not_before = getattr(_departure, "not_before", None)
+        if not_before is not None:
+            _departure.not_before = None
+            time.sleep(max(0.0, not_before - time.monotonic()))
         super().send(data)  # type: ignore[misc]  # urllib3's connection, after this in the MRO
         notify = getattr(_departure, "notify", None)
         if notify is not None:
@@ -116,10 +121,11 @@ class _DepartureStamped:
     def _tunnel(self) -> None:
         # The CONNECT to a proxy is not the request: stamp the request's own first bytes.
         notify, _departure.notify = getattr(_departure, "notify", None), None
+        not_before, _departure.not_before = getattr(_departure, "not_before", None), None
         try:
             super()._tunnel()  # type: ignore[misc]
         finally:
-            _departure.notify = notify
+            _departure.notify, _departure.not_before = notify, not_before
 
 
 class _StampedHTTPConnection(_DepartureStamped, urllib3.connection.HTTPConnection):
@@ -231,12 +237,13 @@ class TwilioSender:
         self.public_url = public
         self.status_callback = f"{public}/twilio/status" if public else None
 
-    def send(self, message: Outgoing,
-             on_departure: Callable[[float], None] | None = None) -> TwilioAttempt:
+    def send(self, message: Outgoing, on_departure: Callable[[float], None] | None = None,
+             not_before: float | None = None) -> TwilioAttempt:
         """Create the message at Twilio; never raises for anything Twilio or the network does.
-        `on_departure` is called with time.monotonic() as the request leaves."""
+        The request leaves no earlier than `not_before` (time.monotonic()), and
+        `on_departure` is called with time.monotonic() as it leaves."""
         params = self._create_params(message)
-        _departure.notify = on_departure
+        _departure.notify, _departure.not_before = on_departure, not_before
         try:
             created = self.client.messages.create(**params)
         except TwilioRestException as exc:  # the legacy error body
@@ -250,7 +257,7 @@ class TwilioSender:
             return TwilioAttempt(request_sent=_left_before_failure(exc),
                                  error_message=f"{type(exc).__name__}: {exc}")
         finally:
-            _departure.notify = None
+            _departure.notify = _departure.not_before = None
         status = self.http.last_response.status_code if self.http.last_response else 201
         return TwilioAttempt(request_sent=True, http_status=status, sid=created.sid,
                              segments=_int_or_none(created.num_segments))

@@ -88,6 +88,20 @@ def test_the_departure_is_stamped_once_after_the_request_left():
     assert readable_at_departure == [True]
 
 
+def test_a_request_released_ahead_leaves_no_earlier_than_its_tokens(fake_twilio):
+    """Released before its tokens are there (RELEASE_LEAD_SECONDS), a request is built and
+    connected at once but reaches Twilio only once they are."""
+    twilio = sender_for(fake_twilio)
+    twilio.send(Outgoing(TO, FROM, "warm"))  # the connection is open: only the hold waits
+    departures: list[float] = []
+    not_before = time.monotonic() + 0.3
+    attempt = twilio.send(Outgoing(TO, FROM, "ahead"), departures.append, not_before)
+    [received] = [m for m in fake_twilio.messages() if m["body"] == "ahead"]
+    assert attempt.request_sent and len(departures) == 1
+    assert departures[0] >= not_before
+    assert received["received_monotonic"] >= not_before  # the sandbox's own clock reading
+
+
 def test_a_request_that_never_left_has_no_departure():
     departures: list[float] = []
     attempt = sender_for(nowhere()).send(Outgoing(TO, FROM, "hello"), departures.append)

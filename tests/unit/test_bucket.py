@@ -222,3 +222,28 @@ def test_a_departure_learnt_late_counts_from_when_the_request_left(clock: FakeCl
     bucket.unhold("r", left)
     assert bucket.tokens == pytest.approx(0.2)
     assert bucket.wait_time(1) == pytest.approx(0.8)  # a token after it left, not after 0.5 s
+
+
+def test_tokens_taken_ahead_are_a_debt_paid_when_they_would_have_come(
+        clock: FakeClock) -> None:
+    bucket = TokenBucket(rate=1, capacity=1, clock=clock)
+    assert bucket.try_take(1)
+    clock.advance(0.8)
+    assert bucket.take_ahead(1, 0.1) is None  # 0.2 s away: further than the lead
+    clock.advance(0.15)
+    assert bucket.take_ahead(1, 0.1) == pytest.approx(0.05)  # it may leave in 0.05 s
+    assert bucket.tokens == pytest.approx(-0.05)
+    clock.advance(0.05)
+    assert bucket.tokens == pytest.approx(0.0)  # as if taken now, when the token came
+    assert bucket.wait_time(1) == pytest.approx(1.0)
+
+
+def test_tokens_are_not_taken_ahead_while_a_held_request_has_not_left(
+        clock: FakeClock) -> None:
+    bucket = TokenBucket(rate=100, capacity=1, clock=clock)
+    assert bucket.take_ahead(1, 0.1) == 0.0
+    bucket.hold("r", 1)
+    clock.advance(0.05)  # its token would be 0.01 s away, within the lead, had it left
+    assert bucket.take_ahead(1, 0.1) is None
+    bucket.unhold("r")  # it leaves now: the next may leave a token after it
+    assert bucket.take_ahead(1, 0.1) == pytest.approx(0.01)

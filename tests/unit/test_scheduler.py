@@ -58,10 +58,11 @@ class FakeRow:
 class Harness:
     """A scheduler with a due list standing in for the database."""
 
-    def __init__(self, rate: float = 1.0, burst: float = 1.0, target: int = 3) -> None:
+    def __init__(self, rate: float = 1.0, burst: float = 1.0, target: int = 3,
+                 lead: float = 0.0) -> None:
         self.clock = FakeClock()
         self.scheduler = Scheduler(rate, burst, target, POLICY, lambda row: row.cost,
-                                   clock=self.clock)
+                                   clock=self.clock, lead=lead)
         self.due: list[FakeRow] = []
         self.rows: dict[uuid.UUID, FakeRow] = {}
         self.handed_back: list[uuid.UUID] = []
@@ -110,6 +111,27 @@ def test_a_sender_sends_one_segment_a_second():
     assert h.scheduler.next_wake(100) == pytest.approx(h.clock.seconds + 1.0)
     h.clock.advance(1.0)
     assert h.sent_bodies(h.step()) == ["m1"]
+
+
+def test_a_request_is_released_ahead_of_its_token_and_told_when_it_may_leave():
+    h = Harness(rate=1.0, burst=1.0, lead=0.1)
+    h.scheduler.take("", "+15005550006")
+    h.publish(*[FakeRow(f"m{n}") for n in range(3)])
+    start = h.clock.seconds
+    [first] = h.step()
+    assert first.not_before == start  # its token is there: it may leave at once
+    assert h.step() == []
+    assert h.scheduler.next_wake(100) == pytest.approx(start + 0.9)
+    h.clock.advance(0.9)
+    [second] = h.step(depart=False)
+    assert second.row.body == "m1" and second.not_before == pytest.approx(start + 1.0)
+    h.clock.advance(0.1)
+    h.scheduler.departed("", second.row.id, start + 1.03)  # it left 30 ms after its token
+    h.clock.advance(0.9)
+    assert h.step() == []  # the third waits for a token after the second left, less the lead
+    h.clock.advance(0.03)
+    [third] = h.step()
+    assert third.not_before == pytest.approx(start + 2.03)
 
 
 def test_a_burst_goes_at_once_and_then_the_rate_holds():
