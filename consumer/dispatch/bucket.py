@@ -71,16 +71,16 @@ class TokenBucket:
         return self.take_ahead(cost, 0.0) is not None
 
     def take_ahead(self, cost: float, lead: float) -> float | None:
-        """Take `cost` tokens if they are there within `lead` seconds: how many seconds until
-        they are (0.0: now), before which the request must not leave; None (and no change)
-        when they are further off, or wait for a held request to leave."""
+        """Take `cost` tokens if they are there within `lead` seconds: the clock's time when
+        they are (now, or up to `lead` later), before which the request must not leave; None
+        (and no change) when they are further off, or wait for a held request to leave."""
         if self.held_back(cost):
             return None
-        wait = self.wait_time(cost)
+        wait = self.wait_time(cost)  # refills up to the clock's time now: self._updated
         if wait > lead + _EPSILON:
             return None
         self._tokens -= cost
-        return wait
+        return self._updated + wait
 
     def give_back(self, cost: float) -> None:
         """Return tokens taken for a message that was not sent after all (a guard rail

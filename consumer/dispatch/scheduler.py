@@ -402,8 +402,10 @@ class Scheduler(Generic[RowT]):
             if self._over_budget(sender, cost, wall):
                 self._to_release.pop(key, None)
                 return self._budget_pause(sender, now, wall)
-            wait = sender.bucket.take_ahead(cost, self.lead)
-            if wait is None:
+            # Its own time, not `now`: releasing a whole round takes a while under load, and a
+            # not_before counted from the round's start would be that much early.
+            not_before = sender.bucket.take_ahead(cost, self.lead)
+            if not_before is None:
                 self._to_release.pop(key, None)
                 if sender.bucket.held_back(cost):
                     self._awaiting_departure.add(key)  # its departures bring it back
@@ -421,7 +423,7 @@ class Scheduler(Generic[RowT]):
         sender.spent_today += cost
         if len(sender.queue) <= self.in_hand_target // 2 and sender.maybe_due:
             self._to_claim[key] = None
-        return Send(sender, row, cost, now + wait)
+        return Send(sender, row, cost, not_before)
 
     def _pause_until(self, sender: Sender, until: float) -> None:
         if until > sender.paused_until:

@@ -134,6 +134,23 @@ def test_a_request_is_released_ahead_of_its_token_and_told_when_it_may_leave():
     assert third.not_before == pytest.approx(start + 2.03)
 
 
+def test_a_request_released_late_in_a_slow_round_may_leave_at_its_tokens_time_not_before():
+    h = Harness(rate=1.0, burst=1.0, lead=0.1)
+    h.scheduler.take("", "+15005550006")
+    h.publish(FakeRow("m0"), FakeRow("m1"))
+    start = h.clock.seconds
+    assert h.sent_bodies(h.step()) == ["m0"]  # it leaves at once: the next token at +1 s
+
+    def slow_cost(row: FakeRow) -> float:  # a busy loop: 30 ms pass while it looks at a row
+        h.clock.advance(0.03)
+        return row.cost
+
+    h.scheduler.cost = slow_cost
+    h.clock.advance(0.95)
+    [send] = h.step(depart=False)
+    assert send.not_before == pytest.approx(start + 1.0)  # not 30 ms early
+
+
 def test_a_burst_goes_at_once_and_then_the_rate_holds():
     h = Harness(rate=1.0, burst=3.0, target=5)
     h.scheduler.take("", "+15005550006")
