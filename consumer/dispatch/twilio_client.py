@@ -100,14 +100,38 @@ _departure = threading.local()  # what the current thread's next request calls a
 
 
 class _DepartureStamped:
-    """Holds the request's first bytes until the thread's `not_before` (its tokens are there
-    then), and calls the thread's departure callback with time.monotonic() once they are in
-    the kernel: after all the work of building the request, which with many threads waiting
-    for the GIL can take tens of milliseconds. Stamped after the write, not before, because
-    the thread may wait for the GIL between any two lines of Python: a stamp taken before
-    would sometimes be milliseconds early, one taken after is never early."""
+    """Writes each request in one piece, no earlier than the thread's `not_before` (when its
+    tokens are there), and calls the thread's departure callback with time.monotonic() once
+    it is in the kernel.
+
+    One piece: http.client writes the head and urllib3 then the body, two packets, the second
+    as late as a wait for the GIL; Twilio takes a message once its whole request is in, so a
+    departure stamped at the head was up to ~15 ms early. Stamped after the write, not before,
+    because the thread may wait for the GIL between any two lines of Python: a stamp taken
+    before would sometimes be milliseconds early, one taken after is never early."""
+
+    _holding_head = False  # in request(), with a body to come: the head waits for it
+    _head: bytes | None = None
+
+    def request(self, method: str, url: str, body: Any = None, *args: Any,
+                **kwargs: Any) -> None:
+        self._holding_head = body is not None
+        try:
+            super().request(method, url, body, *args, **kwargs)  # type: ignore[misc]
+        finally:
+            head, self._head, self._holding_head = self._head, None, False
+            if head is not None:  # an empty body: the head alone
+                self._write(head)
 
     def send(self, data: Any) -> None:
+        if self._holding_head:
+            if self._head is None:
+                self._head = bytes(data)
+                return
+            data, self._head, self._holding_head = self._head + bytes(data), None, False
+        self._write(data)
+
+    def _write(self, data: Any) -> None:
         not_before = getattr(_departure, "not_before", None)
         if not_before is not None:
             _departure.not_before = None
@@ -119,13 +143,16 @@ class _DepartureStamped:
             notify(time.monotonic())
 
     def _tunnel(self) -> None:
-        # The CONNECT to a proxy is not the request: stamp the request's own first bytes.
+        # The CONNECT to a proxy is not the request: it goes at once, unstamped, and the
+        # request's own first bytes are held and stamped.
         notify, _departure.notify = getattr(_departure, "notify", None), None
         not_before, _departure.not_before = getattr(_departure, "not_before", None), None
+        holding, self._holding_head = self._holding_head, False
         try:
             super()._tunnel()  # type: ignore[misc]
         finally:
             _departure.notify, _departure.not_before = notify, not_before
+            self._holding_head = holding
 
 
 class _StampedHTTPConnection(_DepartureStamped, urllib3.connection.HTTPConnection):

@@ -88,6 +88,26 @@ def test_the_departure_is_stamped_once_after_the_request_left():
     assert readable_at_departure == [True]
 
 
+def test_the_whole_request_is_written_before_its_departure_is_stamped():
+    """Twilio takes a message once its whole request is in: when the departure is stamped,
+    the body is already readable on the server's side, with the head."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        readable_at_departure: list[bytes] = []
+
+        def departed(at: float) -> None:
+            connection, _ = listener.accept()
+            readable_at_departure.append(connection.recv(65536, socket.MSG_PEEK))
+            connection.close()  # no answer: the request ends as a lost answer
+
+        host, port = listener.getsockname()
+        nowhere = type("Silent", (), {"url": f"http://{host}:{port}", "account_sid": "AC1",
+                                      "auth_token": "x"})
+        sender_for(nowhere).send(Outgoing(TO, FROM, "the whole body"), departed)
+    [request] = readable_at_departure
+    head, _, body = request.partition(b"\r\n\r\n")
+    assert head.startswith(b"POST ") and b"Body=the+whole+body" in body
+
+
 def test_a_request_released_ahead_leaves_no_earlier_than_its_tokens(fake_twilio):
     """Released before its tokens are there (RELEASE_LEAD_SECONDS), a request is built and
     connected at once but reaches Twilio only once they are."""
