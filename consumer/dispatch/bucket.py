@@ -19,6 +19,7 @@ Pure: the clock is injected, nothing sleeps here; the dispatcher asks `wait_time
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Hashable
 
@@ -42,6 +43,9 @@ class TokenBucket:
         # Tokens of requests taken but not yet left, by request: until they leave, the
         # bucket refills only to `capacity - held`, as if they took their tokens as they left.
         self._holds: dict[Hashable, float] = {}
+        # The latest time a take was told it may leave at: tokens given back by an earlier
+        # take would let the next one leave with it (see give_back).
+        self._latest_not_before = -math.inf
 
     @property
     def tokens(self) -> float:
@@ -80,12 +84,17 @@ class TokenBucket:
         if wait > lead + _EPSILON:
             return None
         self._tokens -= cost
-        return self._updated + wait
+        not_before = self._updated + wait
+        self._latest_not_before = max(self._latest_not_before, not_before)
+        return not_before
 
-    def give_back(self, cost: float) -> None:
-        """Return tokens taken for a message that was not sent after all (a guard rail
-        stopped it before the request), up to the capacity."""
-        self._tokens = min(self.capacity, self.tokens + cost)
+    def give_back(self, cost: float, not_before: float) -> None:
+        """Return the tokens of a take (told `not_before`) whose message was not sent after
+        all (a guard rail stopped it before the request), up to the capacity. Not when a
+        later take was told a later time: that time counted on these tokens being spent,
+        and the next take would be told the same one (two requests at once)."""
+        if not_before + _EPSILON >= self._latest_not_before:
+            self._tokens = min(self.capacity, self.tokens + cost)
 
     def hold(self, request: Hashable, cost: float) -> None:
         """`cost` tokens just taken are for `request`, which has not left yet."""

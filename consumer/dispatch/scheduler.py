@@ -262,7 +262,7 @@ class Scheduler(Generic[RowT]):
         if sender is not None and send.row.id in sender.on_wire:
             sender.on_wire.discard(send.row.id)
             sender.spent_today -= send.cost
-            sender.bucket.give_back(send.cost)
+            sender.bucket.give_back(send.cost, send.not_before)
             self._forget_departure(sender, send.row.id)
             self._to_release[sender.key] = None
 

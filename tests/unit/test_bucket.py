@@ -247,3 +247,17 @@ def test_tokens_are_not_taken_ahead_while_a_held_request_has_not_left(
     assert bucket.take_ahead(1, 0.1) is None
     bucket.unhold("r")  # it leaves now: the next may leave a token after it
     assert bucket.take_ahead(1, 0.1) == pytest.approx(clock.now + 0.01)
+
+
+def test_tokens_given_back_return_only_from_the_latest_take(clock: FakeClock) -> None:
+    bucket = TokenBucket(rate=1, capacity=1, clock=clock)
+    first = bucket.take_ahead(1, 0.0)
+    assert first == clock.now
+    bucket.give_back(1, first)  # nothing taken after it: as if never taken
+    assert bucket.tokens == pytest.approx(1.0)
+    first = bucket.take_ahead(1, 0.0)
+    clock.advance(0.95)
+    second = bucket.take_ahead(1, 0.1)
+    assert first is not None and second == pytest.approx(clock.now + 0.05)
+    bucket.give_back(1, first)  # the second counted on it being spent: it stays spent
+    assert bucket.tokens == pytest.approx(-0.05)

@@ -151,6 +151,22 @@ def test_a_request_released_late_in_a_slow_round_may_leave_at_its_tokens_time_no
     assert send.not_before == pytest.approx(start + 1.0)  # not 30 ms early
 
 
+def test_a_send_given_back_after_later_ones_were_taken_ahead_frees_no_slot_twice():
+    """At a rate too fast to hold tokens (1,000/s), one round takes three tokens ahead; a
+    guard rail then stops the first. Its token must not let the next row leave with the
+    third (found by review: both were told the same time)."""
+    h = Harness(rate=1000.0, burst=1.0, target=10, lead=0.1)
+    h.scheduler.take("", "+15005550006")
+    h.publish(*[FakeRow(f"m{n}") for n in range(3)])
+    sends = [a for a in h.step(depart=False) if isinstance(a, Send)]
+    assert [s.row.body for s in sends] == ["m0", "m1", "m2"]
+    h.scheduler.unsend(sends[0])  # SMSQ_RECIPIENT_LIMIT: m0 never goes
+    h.publish(FakeRow("m3"))
+    [m3] = [a for a in h.step(depart=False) if isinstance(a, Send)]
+    times = sorted([sends[1].not_before, sends[2].not_before, m3.not_before])
+    assert min(b - a for a, b in zip(times, times[1:])) >= 1 / 1000 - 1e-9
+
+
 def test_a_burst_goes_at_once_and_then_the_rate_holds():
     h = Harness(rate=1.0, burst=3.0, target=5)
     h.scheduler.take("", "+15005550006")
