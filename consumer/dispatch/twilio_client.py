@@ -118,10 +118,11 @@ class _DepartureStamped:
         self._holding_head = body is not None
         try:
             super().request(method, url, body, *args, **kwargs)  # type: ignore[misc]
-        finally:
-            head, self._head, self._holding_head = self._head, None, False
-            if head is not None:  # an empty body: the head alone
-                self._write(head)
+            head = self._head  # still waiting after an empty body: it goes alone
+        finally:  # after an error, a head still waiting is dropped, never sent
+            self._head, self._holding_head = None, False
+        if head is not None:
+            self._write(head)
 
     def send(self, data: Any) -> None:
         if self._holding_head:
