@@ -23,7 +23,9 @@ from consumer.dispatch.twilio_client import (
     MissingPublicUrl,
     Outgoing,
     TwilioSender,
+    _departure,
     _seconds_of_retry_after,
+    _StampedHTTPConnection,
     validity_period,
 )
 from consumer.settings import Settings
@@ -106,6 +108,40 @@ def test_the_whole_request_is_written_before_its_departure_is_stamped():
     [request] = readable_at_departure
     head, _, body = request.partition(b"\r\n\r\n")
     assert head.startswith(b"POST ") and b"Body=the+whole+body" in body
+
+
+def test_a_request_whose_body_fails_sends_nothing_not_even_its_head():
+    """The head waits for the body; a body that fails to come must not let the head go out
+    alone, stamped as a departure (a departure would count a token for nothing sent)."""
+    def failing_body():
+        raise OSError("the body could not be read")
+        yield b""  # a generator: urllib3 sends it chunk by chunk
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        host, port = listener.getsockname()
+        connection = _StampedHTTPConnection(host, port)
+        departures: list[float] = []
+        _departure.notify = departures.append
+        try:
+            with pytest.raises(OSError, match="could not be read"):
+                connection.request("POST", "/", body=failing_body())
+        finally:
+            _departure.notify = None
+        listener.setblocking(False)
+        try:
+            server_side, _ = listener.accept()
+        except BlockingIOError:
+            received = b""  # it never even connected
+        else:
+            server_side.setblocking(False)
+            try:
+                received = server_side.recv(65536)
+            except BlockingIOError:
+                received = b""
+            server_side.close()
+        connection.close()
+    assert received == b""
+    assert departures == []
 
 
 def test_a_request_released_ahead_leaves_no_earlier_than_its_tokens(fake_twilio):
