@@ -349,8 +349,9 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
                 self.events.put(("departed",))
 
         try:
-            attempt, error = self.twilio.send(row.outgoing(send.sender.address), departed,
-                                              send.not_before), None
+            attempt, error = self.twilio.send(
+                row.outgoing(send.sender.address), departed, send.not_before,
+                withhold=lambda: send.sender.withholds(time.monotonic())), None
         except Exception as exc:  # noqa: BLE001 - a bug of ours: the row becomes failed
             attempt, error = None, exc
         # From when it could leave: the wait for its tokens is not Twilio's time.
@@ -360,6 +361,9 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
 
     def _on_sent(self, result: SendResult) -> None:
         row = result.row
+        if result.attempt is not None and result.attempt.withheld:
+            self._on_withheld(row)
+            return
         if result.error is not None:
             decision = Decision("failed", status_message=(
                 f"smsq error: {type(result.error).__name__}: {result.error}"))
@@ -381,6 +385,17 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
             "sid": result.attempt.sid if result.attempt else None, "error_code": code,
             "status_message": decision.status_message or None,
             "twilio_ms": round(result.seconds * 1000, 1)})
+
+    def _on_withheld(self, row: claims.ClaimedRow) -> None:
+        """Released ahead, called back before it left (its sender was paused meanwhile): back
+        to pending, no attempt counted, its tokens spent (a later take may count on them)."""
+        self.outcomes.append(claims.Outcome(
+            row.id, "pending", "not sent: its sender was paused before it left",
+            attempted=False))
+        self.scheduler.finished(row.sender, row.id, None, unspent=row.cost)
+        metrics.DISPATCH_SENDS.labels("withheld", "").inc()
+        log.info("message called back before it left: its sender is paused", extra={
+            "action": "send_withheld", "notification_id": str(row.id)})
 
     def _outcome_of(self, result: SendResult, decision: Decision) -> claims.Outcome:
         row, attempt = result.row, result.attempt

@@ -50,6 +50,8 @@ class TwilioAttempt:
     retry_after: float | None = None
     sid: str | None = None
     segments: int | None = None
+    # Called back before any byte left: its sender was paused while it waited for its tokens.
+    withheld: bool = False
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,7 @@ class Sender:
     on_wire: set = field(default_factory=set)
     spent_today: float = 0.0  # segments sent (or on the wire) on `budget_day`, UTC
     budget_day: date | None = None
+    let_go: bool = False  # no longer paced here: nothing of it may leave any more
 
     @property
     def in_flight(self) -> int:
@@ -91,6 +92,12 @@ class Sender:
 
     def paused(self, now: float) -> bool:
         return now < self.paused_until
+
+    def withholds(self, now: float) -> bool:
+        """Must a request released ahead and not yet left be called back? Yes once the sender
+        is let go (its lock lost), and while Twilio asked it to wait (Retry-After, an
+        account-wide error); not for the daily budget, which counted it already."""
+        return self.let_go or (self.paused(now) and self.pause_reason != BUDGET_PAUSE)
 
     def may_release(self, now: float) -> bool:
         """After an account-wide pause, one request probes the account before the others."""
@@ -178,7 +185,7 @@ class Scheduler(Generic[RowT]):
     def drop(self, key: str) -> list[UUID]:
         """Stop pacing `key` (handed to another dispatcher); the ids of its rows in hand."""
         ids = self.hand_back(key)
-        del self.senders[key]
+        self.senders.pop(key).let_go = True
         self._to_claim.pop(key, None)
         self._to_release.pop(key, None)
         self._awaiting_departure.discard(key)
@@ -186,6 +193,8 @@ class Scheduler(Generic[RowT]):
 
     def drop_all(self) -> None:
         """Every lock is gone (the database went away): nothing is paced here any more."""
+        for sender in self.senders.values():
+            sender.let_go = True
         self.senders.clear()
         self._timers.clear()
         self._to_claim.clear()

@@ -99,6 +99,10 @@ class MissingPublicUrl(Exception):
 _departure = threading.local()  # what the current thread's next request calls as it leaves
 
 
+class RequestWithheld(urllib3.exceptions.HTTPError):
+    """The request was called back before any byte of it left (see TwilioSender.send)."""
+
+
 class _DepartureStamped:
     """Writes each request in one piece, no earlier than the thread's `not_before` (when its
     tokens are there), and calls the thread's departure callback with time.monotonic() once
@@ -137,6 +141,9 @@ class _DepartureStamped:
         if not_before is not None:
             _departure.not_before = None
             time.sleep(max(0.0, not_before - time.monotonic()))
+        withhold, _departure.withhold = getattr(_departure, "withhold", None), None
+        if withhold is not None and withhold():
+            raise RequestWithheld("called back before it left")
         super().send(data)  # type: ignore[misc]  # urllib3's connection, after this in the MRO
         notify = getattr(_departure, "notify", None)
         if notify is not None:
@@ -148,11 +155,13 @@ class _DepartureStamped:
         # request's own first bytes are held and stamped.
         notify, _departure.notify = getattr(_departure, "notify", None), None
         not_before, _departure.not_before = getattr(_departure, "not_before", None), None
+        withhold, _departure.withhold = getattr(_departure, "withhold", None), None
         holding, self._holding_head = self._holding_head, False
         try:
             super()._tunnel()  # type: ignore[misc]
         finally:
             _departure.notify, _departure.not_before = notify, not_before
+            _departure.withhold = withhold
             self._holding_head = holding
 
 
@@ -266,12 +275,15 @@ class TwilioSender:
         self.status_callback = f"{public}/twilio/status" if public else None
 
     def send(self, message: Outgoing, on_departure: Callable[[float], None] | None = None,
-             not_before: float | None = None) -> TwilioAttempt:
+             not_before: float | None = None,
+             withhold: Callable[[], bool] | None = None) -> TwilioAttempt:
         """Create the message at Twilio; never raises for anything Twilio or the network does.
-        The request leaves no earlier than `not_before` (time.monotonic()), and
-        `on_departure` is called with time.monotonic() as it leaves."""
+        The request leaves no earlier than `not_before` (time.monotonic()), and not at all if
+        `withhold()` says so then (TwilioAttempt.withheld); `on_departure` is called with
+        time.monotonic() as it leaves."""
         params = self._create_params(message)
         _departure.notify, _departure.not_before = on_departure, not_before
+        _departure.withhold = withhold
         try:
             created = self.client.messages.create(**params)
         except TwilioRestException as exc:  # the legacy error body
@@ -281,11 +293,14 @@ class TwilioSender:
             return TwilioAttempt(request_sent=True, http_status=exc.status, error_code=exc.code,
                                  error_message=exc.detail or exc.title,
                                  retry_after=self._retry_after())
+        except RequestWithheld:
+            return TwilioAttempt(request_sent=False, withheld=True,
+                                 error_message="called back before it left")
         except urllib3.exceptions.HTTPError as exc:
             return TwilioAttempt(request_sent=_left_before_failure(exc),
                                  error_message=f"{type(exc).__name__}: {exc}")
         finally:
-            _departure.notify = _departure.not_before = None
+            _departure.notify = _departure.not_before = _departure.withhold = None
         status = self.http.last_response.status_code if self.http.last_response else 201
         return TwilioAttempt(request_sent=True, http_status=status, sid=created.sid,
                              segments=_int_or_none(created.num_segments))

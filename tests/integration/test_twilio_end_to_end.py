@@ -162,6 +162,26 @@ def test_an_account_outage_of_a_minute_keeps_the_backlog_pending_then_sends_it_a
     assert len(resumed) == 1 and resumed[0].reason == "account_auth"
 
 
+def test_a_request_released_ahead_is_called_back_when_its_sender_is_paused(
+        settings, fake_twilio, caplog):
+    """At 5/s a request is released 0.1 s before its token; the one before it is refused
+    with 20003 after 0.15 s, so the sender is paused while the next still waits for its token:
+    it is called back, not sent into the outage (one refusal a pause, never more)."""
+    fake_twilio.set_latency(150)
+    fake_twilio.set_faults([{"mode": "20003", "seconds": 3}])
+    settings = dispatch_settings(settings, fake_twilio, twilio_sms_rate=5.0, smsq_burst=1.0,
+                                 smsq_retry_backoff=1.0, smsq_retry_backoff_max=2.0)
+    bodies = [f"row {n}" for n in range(6)]
+    add_notifications(settings, *[{"body": body} for body in bodies])
+    with caplog.at_level("INFO", logger="consumer.dispatch.loop"), running_dispatcher(settings):
+        wait_until(lambda: statuses(settings) == {"sent": 6}, timeout=40, message="all sent")
+    assert accepted_bodies(fake_twilio) == Counter(bodies)  # each once
+    refused = [m for m in fake_twilio.messages() if m["fault"] == "20003"]
+    actions = [getattr(r, "action", None) for r in caplog.records]
+    assert actions.count("send_withheld") >= 1
+    assert len(refused) == actions.count("sender_paused") >= 1
+
+
 def test_a_message_twilio_drops_after_accepting_it_is_sent_again(settings, fake_twilio,
                                                                   tmp_path):
     fake_twilio.set_faults([{"mode": "fail-30001", "count": 1}])

@@ -167,6 +167,20 @@ def test_a_send_given_back_after_later_ones_were_taken_ahead_frees_no_slot_twice
     assert min(b - a for a, b in zip(times, times[1:])) >= 1 / 1000 - 1e-9
 
 
+def test_a_request_released_ahead_is_called_back_once_its_sender_pauses_or_is_let_go():
+    h = Harness(rate=1.0, burst=1.0, lead=0.1)
+    sender = h.scheduler.take("", "+15005550006")
+    h.publish(FakeRow("m0"))
+    [send] = h.step(depart=False)
+    assert not send.sender.withholds(h.clock.seconds)
+    h.scheduler.finished("", send.row.id, Decision("pending", pause="account_auth"))
+    assert send.sender.withholds(h.clock.seconds)  # Twilio refuses the account: not now
+    h.clock.advance(3600)
+    assert not send.sender.withholds(h.clock.seconds)
+    h.scheduler.drop_all()  # the locks are gone with the database
+    assert sender.withholds(h.clock.seconds)
+
+
 def test_a_burst_goes_at_once_and_then_the_rate_holds():
     h = Harness(rate=1.0, burst=3.0, target=5)
     h.scheduler.take("", "+15005550006")
