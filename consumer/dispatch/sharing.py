@@ -16,7 +16,7 @@ import time
 from consumer import metrics
 from consumer.dispatch import claims, guards
 from consumer.dispatch.outcomes import RECONCILE_DELAYS
-from consumer.dispatch.scheduler import Sender
+from consumer.dispatch.scheduler import RELEASE_LEAD_SECONDS, Sender
 from consumer.dispatch.state import DispatcherState
 from consumer.settings import Settings
 
@@ -85,7 +85,9 @@ class SenderSharing(DispatcherState):
 
     def _wire_seconds(self) -> float:
         """How long a request of a previous holder may still be on its way to Twilio."""
-        return (self.settings.smsq_twilio_connect_timeout
+        # Released up to a tick after its lock was last seen alive, it may connect, wait
+        # for its tokens (the lead), then wait for its answer.
+        return (self.settings.smsq_twilio_connect_timeout + RELEASE_LEAD_SECONDS
                 + self.settings.smsq_twilio_read_timeout + TICK_SECONDS)
 
     def _hand_over(self, key: str) -> None:
