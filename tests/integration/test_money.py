@@ -137,6 +137,9 @@ def test_a_sweep_records_its_prices_a_batch_at_a_time(settings, fake_twilio, tmp
     finally:
         stop(dispatcher, signal.SIGTERM)
     assert set(prices(settings).values()) == {None}  # no sweep of the dispatcher's own
+    # Twilio prices a message once it has sent it, 100 ms after accepting it here.
+    wait_until(lambda: all(m["status"] not in ("accepted", "queued")
+                           for m in fake_twilio.messages()), timeout=10, message="all sent")
     twilio = TwilioSender(settings, pool_size=1)
     with psycopg.connect(settings.database_dsn, autocommit=True) as conn:
         assert sweep(conn, twilio, batch=2) == 5  # batches of 2, 2 and 1
