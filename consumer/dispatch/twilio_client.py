@@ -96,7 +96,17 @@ class MissingPublicUrl(Exception):
     """Hosted media needs SMSQ_PUBLIC_URL: Twilio must be able to fetch it from us."""
 
 
-_departure = threading.local()  # what the current thread's next request calls as it leaves
+@dataclass(frozen=True)
+class _Leaving:
+    """What the current thread's next request does as it leaves: waits until `not_before`,
+    is called back if `withhold()` says so then, and tells `notify` when it left."""
+
+    notify: Callable[[float], None] | None = None
+    not_before: float | None = None
+    withhold: Callable[[], bool] | None = None
+
+
+_departure = threading.local()  # .leaving: the current thread's next request, or None
 
 
 class RequestWithheld(urllib3.exceptions.HTTPError):
@@ -137,32 +147,27 @@ class _DepartureStamped:
         self._write(data)
 
     def _write(self, data: Any) -> None:
-        not_before = getattr(_departure, "not_before", None)
-        if not_before is not None:
-            _departure.not_before = None
-            time.sleep(max(0.0, not_before - time.monotonic()))
-        withhold, _departure.withhold = getattr(_departure, "withhold", None), None
-        if withhold is not None and withhold():
+        leaving, _departure.leaving = getattr(_departure, "leaving", None), None
+        if leaving is None:  # not a request of TwilioSender.send, or not its first write
+            super().send(data)  # type: ignore[misc]  # urllib3's connection, after this in MRO
+            return
+        if leaving.not_before is not None:
+            time.sleep(max(0.0, leaving.not_before - time.monotonic()))
+        if leaving.withhold is not None and leaving.withhold():
             raise RequestWithheld("called back before it left")
-        super().send(data)  # type: ignore[misc]  # urllib3's connection, after this in the MRO
-        notify = getattr(_departure, "notify", None)
-        if notify is not None:
-            _departure.notify = None
-            notify(time.monotonic())
+        super().send(data)  # type: ignore[misc]
+        if leaving.notify is not None:
+            leaving.notify(time.monotonic())
 
     def _tunnel(self) -> None:
         # The CONNECT to a proxy is not the request: it goes at once, unstamped, and the
         # request's own first bytes are held and stamped.
-        notify, _departure.notify = getattr(_departure, "notify", None), None
-        not_before, _departure.not_before = getattr(_departure, "not_before", None), None
-        withhold, _departure.withhold = getattr(_departure, "withhold", None), None
+        leaving, _departure.leaving = getattr(_departure, "leaving", None), None
         holding, self._holding_head = self._holding_head, False
         try:
             super()._tunnel()  # type: ignore[misc]
         finally:
-            _departure.notify, _departure.not_before = notify, not_before
-            _departure.withhold = withhold
-            self._holding_head = holding
+            _departure.leaving, self._holding_head = leaving, holding
 
 
 class _StampedHTTPConnection(_DepartureStamped, urllib3.connection.HTTPConnection):
@@ -282,8 +287,7 @@ class TwilioSender:
         `withhold()` says so then (TwilioAttempt.withheld); `on_departure` is called with
         time.monotonic() as it leaves."""
         params = self._create_params(message)
-        _departure.notify, _departure.not_before = on_departure, not_before
-        _departure.withhold = withhold
+        _departure.leaving = _Leaving(on_departure, not_before, withhold)
         try:
             created = self.client.messages.create(**params)
         except TwilioRestException as exc:  # the legacy error body
@@ -300,7 +304,7 @@ class TwilioSender:
             return TwilioAttempt(request_sent=_left_before_failure(exc),
                                  error_message=f"{type(exc).__name__}: {exc}")
         finally:
-            _departure.notify = _departure.not_before = _departure.withhold = None
+            _departure.leaving = None
         status = self.http.last_response.status_code if self.http.last_response else 201
         return TwilioAttempt(request_sent=True, http_status=status, sid=created.sid,
                              segments=_int_or_none(created.num_segments))

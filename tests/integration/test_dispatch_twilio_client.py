@@ -24,6 +24,7 @@ from consumer.dispatch.twilio_client import (
     Outgoing,
     TwilioSender,
     _departure,
+    _Leaving,
     _seconds_of_retry_after,
     _StampedHTTPConnection,
     validity_period,
@@ -121,12 +122,12 @@ def test_a_request_whose_body_fails_sends_nothing_not_even_its_head():
         host, port = listener.getsockname()
         connection = _StampedHTTPConnection(host, port)
         departures: list[float] = []
-        _departure.notify = departures.append
+        _departure.leaving = _Leaving(notify=departures.append)
         try:
             with pytest.raises(OSError, match="could not be read"):
                 connection.request("POST", "/", body=failing_body())
         finally:
-            _departure.notify = None
+            _departure.leaving = None
         listener.setblocking(False)
         try:
             server_side, _ = listener.accept()
