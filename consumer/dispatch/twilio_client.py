@@ -50,6 +50,14 @@ from consumer.settings import SANDBOX_ACCOUNT_SID, SANDBOX_AUTH_TOKEN, Settings
 CLOCK_SLACK = timedelta(seconds=5)
 RECONCILE_PAGE = 50
 PRICE_PAGE = 1000  # the most Twilio's Messages list gives in one page
+# A keep-alive connection to Twilio unused this long is closed. A burst opens up to
+# SMSQ_DISPATCH_CONCURRENCY of them, and without this they stay open for good, one file
+# descriptor each, as many as the busiest moment ever needed. Well under the idle time
+# after which a server or load balancer closes them (60 s is common), so a request is not
+# written to a connection the server is closing, which would leave its outcome unknown.
+# httpx closes after 5 s and aiohttp after 15; a sender at one message a second reuses its
+# connection long before.
+KEEPALIVE_EXPIRY_SECONDS = 15.0
 # What a trial account puts before every body it sends.
 TRIAL_PREFIX = "Sent from your Twilio trial account - "
 # Twilio keeps a message in its queue at most this long (ValidityPeriod, error 21624).
@@ -178,11 +186,43 @@ class _StampedHTTPSConnection(_DepartureStamped, urllib3.connection.HTTPSConnect
     pass
 
 
-class _StampedHTTPPool(urllib3.HTTPConnectionPool):
+class _ExpiringKeepAlive:
+    """A connection pool that closes the connections left idle KEEPALIVE_EXPIRY_SECONDS.
+
+    urllib3 keeps every connection it is given back until the pool is cleared. The pool is
+    last in, first out, so under a steady load the same few connections are reused and the
+    others, opened in a burst, lie idle at the bottom: those are closed, looked for at most
+    once a second as connections come back. A closed one stays in the pool and connects
+    again when next taken, as urllib3 does with one the server dropped."""
+
+    keepalive_expiry = KEEPALIVE_EXPIRY_SECONDS
+    _next_sweep = 0.0
+
+    def _put_conn(self, conn: Any) -> None:
+        now = time.monotonic()
+        if conn is not None:
+            conn.smsq_idle_since = now
+        super()._put_conn(conn)  # type: ignore[misc]
+        if now >= self._next_sweep:
+            self._next_sweep = now + min(1.0, self.keepalive_expiry)
+            self._close_idle_since(now - self.keepalive_expiry)
+
+    def _close_idle_since(self, cutoff: float) -> None:
+        pool = self.pool  # type: ignore[attr-defined]
+        if pool is None:  # the pool was closed
+            return
+        with pool.mutex:  # no thread takes a connection while we look
+            for conn in pool.queue:
+                if conn is not None and conn.sock is not None and (
+                        getattr(conn, "smsq_idle_since", cutoff) < cutoff):
+                    conn.close()
+
+
+class _StampedHTTPPool(_ExpiringKeepAlive, urllib3.HTTPConnectionPool):
     ConnectionCls = _StampedHTTPConnection
 
 
-class _StampedHTTPSPool(urllib3.HTTPSConnectionPool):
+class _StampedHTTPSPool(_ExpiringKeepAlive, urllib3.HTTPSConnectionPool):
     ConnectionCls = _StampedHTTPSConnection
 
 

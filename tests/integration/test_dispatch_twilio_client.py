@@ -24,6 +24,7 @@ from consumer.dispatch.twilio_client import (
     Outgoing,
     TwilioSender,
     _departure,
+    _ExpiringKeepAlive,
     _Leaving,
     _seconds_of_retry_after,
     _StampedHTTPConnection,
@@ -157,6 +158,48 @@ def test_a_request_released_ahead_leaves_no_earlier_than_its_tokens(fake_twilio)
     assert attempt.request_sent and len(departures) == 1
     assert departures[0] >= not_before
     assert received["received_monotonic"] >= not_before  # the sandbox's own clock reading
+
+
+def _open_connections(twilio: TwilioSender, url: str) -> int:
+    pool = twilio.http.pool.connection_from_url(url)
+    return sum(1 for conn in list(pool.pool.queue) if conn is not None and conn.sock is not None)
+
+
+def _send_at_once(twilio: TwilioSender, bodies: list[str]) -> list:
+    attempts: list = []
+    threads = [threading.Thread(target=lambda b=body: attempts.append(
+        twilio.send(Outgoing(TO, FROM, b)))) for body in bodies]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return attempts
+
+
+def test_keep_alive_connections_a_burst_opened_are_closed_once_idle(fake_twilio, monkeypatch):
+    """A burst opens a connection per request on the wire; once the load is back to one at a
+    time, the idle ones are closed (a descriptor each), and connect again when needed."""
+    monkeypatch.setattr(_ExpiringKeepAlive, "keepalive_expiry", 0.5)
+    twilio = sender_for(fake_twilio)
+    fake_twilio.set_latency(300)  # the three are on the wire together
+    burst = _send_at_once(twilio, ["burst 1", "burst 2", "burst 3"])
+    assert _open_connections(twilio, fake_twilio.url) == 3
+    fake_twilio.set_latency(0)
+    time.sleep(0.6)  # past the expiry: only the one reused now stays open
+    twilio.send(Outgoing(TO, FROM, "one at a time"))
+    assert _open_connections(twilio, fake_twilio.url) == 1
+    again = _send_at_once(twilio, ["again 1", "again 2", "again 3"])
+    assert all(a.http_status == 201 for a in burst + again)
+    assert len(fake_twilio.messages()) == 7
+
+
+def test_keep_alive_connections_in_use_stay_open(fake_twilio):
+    twilio = sender_for(fake_twilio)
+    fake_twilio.set_latency(300)
+    _send_at_once(twilio, ["burst 1", "burst 2", "burst 3"])
+    fake_twilio.set_latency(0)
+    twilio.send(Outgoing(TO, FROM, "one at a time"))
+    assert _open_connections(twilio, fake_twilio.url) == 3
 
 
 def test_a_request_that_never_left_has_no_departure():
