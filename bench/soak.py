@@ -14,8 +14,9 @@ Every minute it prints each program's RSS and open file descriptors, the tables'
 indexes' sizes, dead tuples, the backlog and the send rate. At the end, once the backlog has
 drained: messages lost (published, confirmed, never created at the sandbox), sent twice
 (created more than once), and the growth of RSS and descriptors from each program's fifth
-minute (after a restart: of its new life) to its last (target: nothing lost or doubled, RSS
-and descriptors flat within 10%).
+minute (after a restart: of its new life) to its last, descriptors also as the medians of the
+first and last five samples (target: nothing lost or doubled, RSS and descriptors flat within
+10%).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -223,7 +225,10 @@ def print_minute(minute: float, programs: list[Program], state: dict, sent: int)
 
 
 def growth(program: Program) -> list[str]:
-    """RSS and descriptors from the fifth minute of each life to its last sample."""
+    """RSS and descriptors from the fifth minute of each life to its last sample, and the
+    medians of the first and of the last five samples from then on. A descriptor count read
+    at one instant includes the requests on the wire then (a slow answer holds one for the
+    read timeout), so single samples swing by a few; a leak moves the medians."""
     lines = []
     for number, life in enumerate(program.lives, 1):
         start = life[0][0] if life else 0
@@ -231,9 +236,14 @@ def growth(program: Program) -> list[str]:
         if len(settled) < 2:
             continue
         (m0, rss0, fds0), (m1, rss1, fds1) = settled[0], settled[-1]
+        window = min(5, len(settled) // 2)
+        fds_first = statistics.median(s[2] for s in settled[:window])
+        fds_last = statistics.median(s[2] for s in settled[-window:])
         lines.append(f"  {program.name} life {number}: RSS {megabytes(rss0)} -> {megabytes(rss1)}"
-                     f" MB ({(rss1 / rss0 - 1) * 100:+.1f}%), descriptors {fds0} -> {fds1} "
-                     f"({(fds1 / fds0 - 1) * 100:+.1f}%), minutes {m0:.0f} to {m1:.0f}")
+                     f" MB ({(rss1 / rss0 - 1) * 100:+.1f}%), descriptors {fds0} -> {fds1}, "
+                     f"median of the first and last {window} samples {fds_first:g} -> "
+                     f"{fds_last:g} ({(fds_last / fds_first - 1) * 100:+.1f}%), most "
+                     f"{max(s[2] for s in settled)}, minutes {m0:.0f} to {m1:.0f}")
     return lines
 
 
