@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import calls_per_second, scratch_database  # noqa: E402
+from bench.ingest import cpu_seconds  # noqa: E402
 from consumer.dispatch import claims  # noqa: E402
 from consumer.dispatch.twilio_client import Outgoing, TwilioSender  # noqa: E402
 from consumer.sandbox import FakeTwilioControl, spawn  # noqa: E402
@@ -61,6 +62,8 @@ def main() -> int:
                         help=f"comma-separated sections of {', '.join(SECTIONS)}")
     parser.add_argument("--pacing-seconds", type=float, default=60.0)
     parser.add_argument("--claim-rows", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="overhead: rounds of the bare client and smsq taking turns")
     args = parser.parse_args()
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
     with scratch_database(f"smsq_bench_dispatch_{os.getpid()}") as dsn:
@@ -72,7 +75,7 @@ def main() -> int:
             elif section == "senders":
                 bench_senders(dsn)
             elif section == "overhead":
-                bench_overhead(dsn)
+                bench_overhead(dsn, args.rounds)
             elif section == "idle":
                 bench_idle_latency(dsn)
             elif section == "claim":
@@ -117,22 +120,67 @@ def bench_senders(dsn: str, count: int = 100, seconds: float = 10.0) -> None:
           f"after the first 2 s (target: >= 98)")
 
 
-def bench_overhead(dsn: str, rows: int = 40_000, seconds: float = 10.0) -> None:
-    insert_pending(dsn, rows, senders=[""])
+def bench_overhead(dsn: str, rounds: int, seconds: float = 10.0) -> None:
+    """Rounds taking turns: the bare client for `seconds / 2`, then smsq dispatch for
+    `seconds` (a new process each round), with the CPU per send of each process."""
+    insert_pending(dsn, 15_000 * rounds, senders=[""])
     concurrency = Settings(_env_file=None).smsq_dispatch_concurrency
-    with fake_twilio() as fake:
-        baseline = raw_client_rate(fake, concurrency, seconds=5.0)
-        fake.clear()
-        with dispatcher(dsn, fake, TWILIO_SMS_RATE="1000000", SMSQ_BURST="1000000"):
-            first = wait_for(lambda: fake.stats().get("create"), 30) and time.monotonic()
-            time.sleep(seconds)
-            done = fake.stats().get("create", 0)
-            elapsed = time.monotonic() - first
-    rate = done / elapsed
-    print(f"no rate limit, zero-latency fake, {concurrency} threads")
-    print(f"  baseline: raw twilio client -> fake, {concurrency} threads: {baseline:.0f} calls/s")
-    print(f"  smsq dispatch (claim, send, record):       {rate:.0f} sends/s "
-          f"(target: >= 1000), {rate / baseline:.2f} of the baseline")
+    ratios, baselines, rates = [], [], []
+    with fake_twilio_process() as (fake_process, fake):
+        print(f"no rate limit, zero-latency fake, {concurrency} threads, {rounds} rounds "
+              f"taking turns; CPU per send, us: client (the bench's process or smsq "
+              f"dispatch), Postgres (dispatch's backends), the fake")
+        for number in range(1, rounds + 1):
+            client_cpu, fake_cpu = cpu_seconds(os.getpid()), cpu_seconds(fake_process.pid)
+            baseline = raw_client_rate(fake, concurrency, seconds=seconds / 2)
+            sent = baseline * seconds / 2
+            print(f"  round {number}: baseline, raw twilio client -> fake: {baseline:.0f} "
+                  f"calls/s; CPU {per_send(cpu_seconds(os.getpid()) - client_cpu, sent)} + "
+                  f"{per_send(cpu_seconds(fake_process.pid) - fake_cpu, sent)}")
+            fake.clear()
+            rate, cpu = smsq_rate(dsn, fake, fake_process.pid, seconds)
+            ratios.append(rate / baseline)
+            baselines.append(baseline)
+            rates.append(rate)
+            done = rate * seconds
+            print(f"  round {number}: smsq dispatch (claim, send, record): {rate:.0f} sends/s, "
+                  f"{rate / baseline:.2f} of the baseline; CPU "
+                  f"{per_send(cpu['dispatch'], done)} + {per_send(cpu['postgres'], done)} + "
+                  f"{per_send(cpu['fake'], done)}")
+            fake.clear()
+    print(f"  smsq / baseline: median {statistics.median(ratios):.2f}, worst {min(ratios):.2f} "
+          f"(target: >= 0.9); smsq median {statistics.median(rates):.0f} sends/s (target: "
+          f">= 1000), baseline median {statistics.median(baselines):.0f} calls/s")
+
+
+def smsq_rate(dsn: str, fake: FakeTwilioControl, fake_pid: int,
+              seconds: float) -> tuple[float, dict]:
+    """Sends per second of one smsq dispatch, from its first send, and the CPU seconds its
+    process, its database backends and the fake spent meanwhile."""
+    with dispatcher(dsn, fake, TWILIO_SMS_RATE="1000000", SMSQ_BURST="1000000") as process:
+        wait_for(lambda: fake.stats().get("create"), 30)
+        first, before = time.monotonic(), fake.stats().get("create", 0)
+        cpu = {"dispatch": -cpu_seconds(process.pid), "postgres": -backends_cpu(dsn),
+               "fake": -cpu_seconds(fake_pid)}
+        time.sleep(seconds)
+        done = fake.stats().get("create", 0) - before
+        elapsed = time.monotonic() - first
+        cpu["dispatch"] += cpu_seconds(process.pid)
+        cpu["postgres"] += backends_cpu(dsn)
+        cpu["fake"] += cpu_seconds(fake_pid)
+    return done / elapsed, cpu
+
+
+def backends_cpu(dsn: str) -> float:
+    """CPU seconds of every backend of this database but the asking one."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        pids = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                            " AND pid <> pg_backend_pid()").fetchall()
+    return sum(cpu_seconds(pid) for (pid,) in pids)
+
+
+def per_send(cpu: float, sends: float) -> str:
+    return f"{cpu / sends * 1e6:.0f}" if sends else "-"
 
 
 def bench_idle_latency(dsn: str, count: int = 200, gap: float = 0.05) -> None:
@@ -313,13 +361,20 @@ def environment(dsn: str, fake: FakeTwilioControl, **values: str) -> dict[str, s
 
 @contextmanager
 def fake_twilio(**config: float) -> Iterator[FakeTwilioControl]:
+    with fake_twilio_process(**config) as (_process, fake):
+        yield fake
+
+
+@contextmanager
+def fake_twilio_process(
+        **config: float) -> Iterator[tuple[subprocess.Popen, FakeTwilioControl]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SMSQ_", "TWILIO_"))}
     env["SMSQ_LOG_LEVEL"] = "WARNING"
     process, fake = spawn(env=env)
     try:
         if config:
             fake.configure(**config)
-        yield fake
+        yield process, fake
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=15)
