@@ -201,6 +201,7 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
     def _tick(self, now: float) -> None:
         self.next_tick = now + TICK_SECONDS
         self._note_departures()  # a sender whose request left may be handed over
+        self.twilio.close_idle()
         self._share_senders()
         self._save_buckets(self.holder)
         claims.heartbeat(self.db, self.holder, len(self.held))

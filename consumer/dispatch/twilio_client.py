@@ -7,7 +7,7 @@ user:
   `api` domain's base_url, which is how the library builds every Messages URL;
 - an HTTP client on urllib3 alone (the library's own is on requests, which was most of a
   send's CPU), with explicit (connect, read) timeouts, no transport retries, and a pool that
-  holds as many connections as the dispatcher has threads;
+  holds as many connections as the dispatcher has threads, closed once idle for 15 s;
 - the response of the current thread kept aside, because the library's exception does not
   carry headers and a 429's Retry-After is in a header;
 - the classification the status table needs: did the request leave before the failure?
@@ -187,35 +187,45 @@ class _StampedHTTPSConnection(_DepartureStamped, urllib3.connection.HTTPSConnect
 
 
 class _ExpiringKeepAlive:
-    """A connection pool that closes the connections left idle KEEPALIVE_EXPIRY_SECONDS.
+    """A connection pool whose connections are closed once idle KEEPALIVE_EXPIRY_SECONDS.
 
-    urllib3 keeps every connection it is given back until the pool is cleared. The pool is
-    last in, first out, so under a steady load the same few connections are reused and the
-    others, opened in a burst, lie idle at the bottom: those are closed, looked for at most
-    once a second as connections come back. A closed one stays in the pool and connects
-    again when next taken, as urllib3 does with one the server dropped."""
+    urllib3 keeps every connection given back until the pool is cleared. Two checks, as
+    aiohttp and httpcore make them: a connection taken for a request after lying idle that
+    long is closed first (it connects again before any byte of the request leaves), and
+    `close_idle`, which the dispatcher calls every second, closes those lying in the pool:
+    the pool is last in, first out, so under a steady load the connections a burst opened
+    lie idle at its bottom. A closed connection stays in the pool and connects again when
+    next taken, as urllib3 does with one the server dropped. This leans on urllib3 2's pool
+    being a queue.LifoQueue (its `queue` and `mutex`)."""
 
     keepalive_expiry = KEEPALIVE_EXPIRY_SECONDS
-    _next_sweep = 0.0
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        conn = super()._get_conn(timeout)  # type: ignore[misc]
+        if _expired(conn, time.monotonic() - self.keepalive_expiry):
+            conn.close()
+        return conn
 
     def _put_conn(self, conn: Any) -> None:
-        now = time.monotonic()
         if conn is not None:
-            conn.smsq_idle_since = now
+            conn.smsq_idle_since = time.monotonic()
         super()._put_conn(conn)  # type: ignore[misc]
-        if now >= self._next_sweep:
-            self._next_sweep = now + min(1.0, self.keepalive_expiry)
-            self._close_idle_since(now - self.keepalive_expiry)
 
-    def _close_idle_since(self, cutoff: float) -> None:
+    def close_idle(self) -> None:
         pool = self.pool  # type: ignore[attr-defined]
         if pool is None:  # the pool was closed
             return
+        cutoff = time.monotonic() - self.keepalive_expiry
         with pool.mutex:  # no thread takes a connection while we look
             for conn in pool.queue:
-                if conn is not None and conn.sock is not None and (
-                        getattr(conn, "smsq_idle_since", cutoff) < cutoff):
+                if _expired(conn, cutoff):
                     conn.close()
+
+
+def _expired(conn: Any, cutoff: float) -> bool:
+    """An open connection given back before `cutoff` (time.monotonic())."""
+    return conn is not None and not conn.is_closed and (
+        getattr(conn, "smsq_idle_since", cutoff) < cutoff)
 
 
 class _StampedHTTPPool(_ExpiringKeepAlive, urllib3.HTTPConnectionPool):
@@ -264,6 +274,13 @@ class PooledHttpClient(HttpClient):
     @property
     def last_response(self) -> Response | None:
         return getattr(self._local, "response", None)
+
+    def close_idle(self) -> None:
+        """Close the keep-alive connections idle KEEPALIVE_EXPIRY_SECONDS or longer."""
+        for key in self.pool.pools.keys():
+            pool = self.pool.pools.get(key)
+            if isinstance(pool, _ExpiringKeepAlive):
+                pool.close_idle()
 
     def close(self) -> None:
         self.pool.clear()
@@ -341,7 +358,10 @@ class TwilioSender:
             return TwilioAttempt(request_sent=False, withheld=True,
                                  error_message="called back before it left")
         except urllib3.exceptions.HTTPError as exc:
-            return TwilioAttempt(request_sent=_left_before_failure(exc),
+            # Still set: the request's first write never came (a TLS handshake or a proxy's
+            # tunnel failed before it), so no byte of it left, whatever the error.
+            unwritten = getattr(_departure, "leaving", None) is not None
+            return TwilioAttempt(request_sent=not unwritten and _left_before_failure(exc),
                                  error_message=f"{type(exc).__name__}: {exc}")
         finally:
             _departure.leaving = None
@@ -415,6 +435,9 @@ class TwilioSender:
         value = response.headers.get("Retry-After") if response is not None else None
         return _seconds_of_retry_after(value) if value else None
 
+    def close_idle(self) -> None:
+        self.http.close_idle()
+
     def close(self) -> None:
         self.http.close()
 
@@ -445,8 +468,9 @@ def _left_before_failure(exc: urllib3.exceptions.HTTPError) -> bool:
 
     A refused or timed-out connect, to Twilio or to the proxy, is safe to retry. Anything
     else (a read timeout, a TLS or protocol error, a connection reset or closed after the
-    request was written) leaves the outcome unknown. With retries=False urllib3 raises the
-    failure itself, not a MaxRetryError around it.
+    request was written) leaves the outcome unknown; the caller knows better when the
+    request's first write never came (a TLS handshake failed before it). With retries=False
+    urllib3 raises the failure itself, not a MaxRetryError around it.
     """
     failure: Exception = exc
     if isinstance(exc, urllib3.exceptions.ProxyError):

@@ -18,13 +18,13 @@ from pydantic import AnyHttpUrl, SecretStr
 from consumer.dispatch.outcomes import RetryPolicy, decide
 from consumer.dispatch.twilio_client import (
     CLOCK_SLACK,
+    KEEPALIVE_EXPIRY_SECONDS,
     MAX_VALIDITY_SECONDS,
     TRIAL_PREFIX,
     MissingPublicUrl,
     Outgoing,
     TwilioSender,
     _departure,
-    _ExpiringKeepAlive,
     _Leaving,
     _seconds_of_retry_after,
     _StampedHTTPConnection,
@@ -160,15 +160,23 @@ def test_a_request_released_ahead_leaves_no_earlier_than_its_tokens(fake_twilio)
     assert received["received_monotonic"] >= not_before  # the sandbox's own clock reading
 
 
-def _open_connections(twilio: TwilioSender, url: str) -> int:
-    pool = twilio.http.pool.connection_from_url(url)
-    return sum(1 for conn in list(pool.pool.queue) if conn is not None and conn.sock is not None)
+def _pool(twilio: TwilioSender, url: str):
+    return twilio.http.pool.connection_from_url(url)
 
 
-def _send_at_once(twilio: TwilioSender, bodies: list[str]) -> list:
+def _open_connections(twilio: TwilioSender, url: str) -> list:
+    return [conn for conn in list(_pool(twilio, url).pool.queue)
+            if conn is not None and not conn.is_closed]
+
+
+def _burst(twilio: TwilioSender, bodies: list[str]) -> list:
+    """Send `bodies` at once, each on its own connection: every request holds its connection
+    until all have one (`withhold` runs once a request has its connection)."""
+    everyone_connected = threading.Barrier(len(bodies))
     attempts: list = []
-    threads = [threading.Thread(target=lambda b=body: attempts.append(
-        twilio.send(Outgoing(TO, FROM, b)))) for body in bodies]
+    threads = [threading.Thread(target=lambda b=body: attempts.append(twilio.send(
+        Outgoing(TO, FROM, b), withhold=lambda: everyone_connected.wait(5) is None)))
+        for body in bodies]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -176,30 +184,71 @@ def _send_at_once(twilio: TwilioSender, bodies: list[str]) -> list:
     return attempts
 
 
-def test_keep_alive_connections_a_burst_opened_are_closed_once_idle(fake_twilio, monkeypatch):
-    """A burst opens a connection per request on the wire; once the load is back to one at a
-    time, the idle ones are closed (a descriptor each), and connect again when needed."""
-    monkeypatch.setattr(_ExpiringKeepAlive, "keepalive_expiry", 0.5)
-    twilio = sender_for(fake_twilio)
-    fake_twilio.set_latency(300)  # the three are on the wire together
-    burst = _send_at_once(twilio, ["burst 1", "burst 2", "burst 3"])
-    assert _open_connections(twilio, fake_twilio.url) == 3
-    fake_twilio.set_latency(0)
-    time.sleep(0.6)  # past the expiry: only the one reused now stays open
-    twilio.send(Outgoing(TO, FROM, "one at a time"))
-    assert _open_connections(twilio, fake_twilio.url) == 1
-    again = _send_at_once(twilio, ["again 1", "again 2", "again 3"])
-    assert all(a.http_status == 201 for a in burst + again)
-    assert len(fake_twilio.messages()) == 7
+def _age_idle_connections(twilio: TwilioSender, url: str, seconds: float) -> None:
+    """As if the pooled connections had lain idle `seconds` longer."""
+    queue = _pool(twilio, url).pool
+    with queue.mutex:
+        for conn in queue.queue:
+            if conn is not None:
+                conn.smsq_idle_since -= seconds
 
 
-def test_keep_alive_connections_in_use_stay_open(fake_twilio):
+def test_keep_alive_connections_a_burst_opened_are_closed_once_idle(fake_twilio):
+    """A burst opens a connection per request on the wire; idle past the expiry, they are
+    closed (a descriptor each), and connect again when needed."""
     twilio = sender_for(fake_twilio)
-    fake_twilio.set_latency(300)
-    _send_at_once(twilio, ["burst 1", "burst 2", "burst 3"])
-    fake_twilio.set_latency(0)
-    twilio.send(Outgoing(TO, FROM, "one at a time"))
-    assert _open_connections(twilio, fake_twilio.url) == 3
+    burst = _burst(twilio, ["burst 1", "burst 2", "burst 3"])
+    assert len(_open_connections(twilio, fake_twilio.url)) == 3
+    _age_idle_connections(twilio, fake_twilio.url, KEEPALIVE_EXPIRY_SECONDS + 1)
+    twilio.close_idle()  # the dispatcher's tick
+    assert _open_connections(twilio, fake_twilio.url) == []
+    again = _burst(twilio, ["again 1", "again 2", "again 3"])
+    assert [a.http_status for a in burst + again] == [201] * 6
+    assert len(fake_twilio.messages()) == 6
+
+
+def test_keep_alive_connections_idle_less_than_the_expiry_stay_open(fake_twilio):
+    twilio = sender_for(fake_twilio)
+    _burst(twilio, ["burst 1", "burst 2", "burst 3"])
+    _age_idle_connections(twilio, fake_twilio.url, KEEPALIVE_EXPIRY_SECONDS - 1)
+    twilio.close_idle()
+    assert len(_open_connections(twilio, fake_twilio.url)) == 3
+
+
+def test_a_request_is_not_written_on_a_connection_idle_past_the_expiry(fake_twilio):
+    """A server closes a connection idle too long, and a request written on it as it does
+    has an unknown outcome: one idle past the expiry connects again first."""
+    twilio = sender_for(fake_twilio)
+    twilio.send(Outgoing(TO, FROM, "first"))
+    [before] = _open_connections(twilio, fake_twilio.url)
+    first_port = before.sock.getsockname()[1]
+    _age_idle_connections(twilio, fake_twilio.url, KEEPALIVE_EXPIRY_SECONDS + 1)
+    attempt = twilio.send(Outgoing(TO, FROM, "second"))
+    [after] = _open_connections(twilio, fake_twilio.url)
+    assert attempt.http_status == 201
+    assert after.sock.getsockname()[1] != first_port
+
+
+def test_a_failed_tls_handshake_means_the_request_did_not_leave():
+    """Over HTTPS a new connection's handshake comes before any byte of the request: a
+    handshake that fails (here the server answers it with garbage) sent nothing."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def answer_with_garbage() -> None:
+            connection, _ = listener.accept()
+            connection.recv(4096)  # the ClientHello
+            connection.sendall(b"this is not TLS\r\n" * 4)
+            connection.close()
+
+        server = threading.Thread(target=answer_with_garbage)
+        server.start()
+        host, port = listener.getsockname()
+        tls = type("Tls", (), {"url": f"https://{host}:{port}", "account_sid": "AC1",
+                               "auth_token": "x"})
+        departures: list[float] = []
+        attempt = sender_for(tls).send(Outgoing(TO, FROM, "hello"), departures.append)
+        server.join()
+    assert "SSL" in attempt.error_message  # the handshake is what failed
+    assert not attempt.request_sent and departures == []
 
 
 def test_a_request_that_never_left_has_no_departure():
@@ -357,7 +406,7 @@ def test_a_proxy_tunnel_is_not_the_requests_departure(no_proxy_variables):
         listener.join(timeout=10)
     assert heads and heads[0].startswith(b"CONNECT api.twilio.test:443")  # the tunnel opened
     assert departures == []  # TLS failed inside it: the request itself never left
-    assert attempt.request_sent  # (read as unknown, the safe side: reconciliation decides)
+    assert not attempt.request_sent  # nothing of it left: sent again, not reconciled
 
 
 def test_too_many_requests_carries_retry_after(fake_twilio):
