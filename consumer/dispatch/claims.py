@@ -22,6 +22,8 @@ from consumer.pipeline import LOCK_CONNECTION_PREFIX, UNSUBSCRIBED, SuppressionR
 from consumer.segments import cost_of
 
 ALL_RANKS = 2  # a claim of every priority (scheduler.ALL_RANKS)
+# The status message of a notification claimed without its sms_notification row.
+NO_SMS_PART = "failed in smsq: no sms_notification row (written around smsq?): nothing to send"
 
 # First key of the two-key advisory locks that give a dispatcher a sender; the second key
 # is hashtext(sender). Two senders hashing alike share a lock: one dispatcher paces both.
@@ -148,6 +150,12 @@ WITH req AS (
     RETURNING n.id, n.sender, n.priority_rank, n.publish_datetime, n.expire_datetime, n.body,
               n.claimed_datetime, due.to_phone_number, due.media_url, due.temporary_media_id,
               due.attempts, due.reconcile_checks, due.suppressed_as IS NOT NULL AS suppressed
+), without_sms_part AS (
+    -- A row written around smsq without its sms_notification has nothing to send. Left
+    -- pending, it would take the first place in every claim of its sender, for ever. The
+    -- set difference is empty but for such rows: no probe at all in the common case.
+    UPDATE notification n SET status = 'failed', status_message = '{NO_SMS_PART}'
+    WHERE n.id = ANY(ARRAY(SELECT id FROM locked EXCEPT SELECT id FROM due))
 ), unsubscribed AS (
     UPDATE sms_notification s SET error_code = {UNSUBSCRIBED}
     WHERE s.notification_id = ANY(ARRAY(SELECT id FROM due WHERE suppressed_as IS NOT NULL))

@@ -59,6 +59,28 @@ def test_a_claim_takes_the_best_rows_of_each_sender_once_with_their_sms_part(dat
     assert len(second[POOL].rows) == 1 and second[POOL].drained
 
 
+def test_a_row_without_its_sms_part_fails_instead_of_holding_up_its_sender(database_url):
+    """A notification written around smsq without its sms_notification row has nothing to
+    send. First in its sender's line, it took a place in every claim and was never sent:
+    a claim of one row got nothing, for ever."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        [orphan] = conn.execute(
+            "INSERT INTO notification (id, body, priority, publish_datetime) VALUES "
+            "(gen_random_uuid(), 'no sms part', 'high', now() - interval '1 hour') "
+            "RETURNING id").fetchone()
+        add_pending(conn, 2)
+        first = claims.claim_many(conn, [("", 1, 2)], "me", 60.0)[""]
+        second = claims.claim_many(conn, [("", 1, 2)], "me", 60.0)[""]
+        status = conn.execute("SELECT status, status_message, claimed_by FROM notification "
+                              "WHERE id = %s", (orphan,)).fetchone()
+        [event] = conn.execute("SELECT old_value, new_value FROM notification_event "
+                               "WHERE notification_id = %s", (orphan,)).fetchall()
+    assert first.rows == [] and first.suppressed == []
+    assert status == ("failed", claims.NO_SMS_PART, None)
+    assert event == ("pending", "failed")
+    assert len(second.rows) == 1 and second.rows[0].id != orphan
+
+
 def test_the_claim_finds_its_rows_by_key_whatever_the_planner_guesses(database_url):
     """Postgres guesses a tenth of the due rows for `LIMIT req.lim`: with a million of them,
     joining the claimed rows by that guess hashed whole tables (seconds, not milliseconds).
