@@ -31,6 +31,13 @@ from consumer.dispatch.twilio_client import (
     validity_period,
 )
 from consumer.settings import Settings
+from tests.dispatch_support import (
+    add_notifications,
+    dispatch_settings,
+    running_dispatcher,
+    statuses,
+)
+from tests.support import wait_until
 
 FROM = "+15005550006"
 TO = "+14155550123"
@@ -213,6 +220,19 @@ def test_keep_alive_connections_idle_less_than_the_expiry_stay_open(fake_twilio)
     _age_idle_connections(twilio, fake_twilio.url, KEEPALIVE_EXPIRY_SECONDS - 1)
     twilio.close_idle()
     assert len(_open_connections(twilio, fake_twilio.url)) == 3
+
+
+def test_the_dispatcher_closes_idle_connections_on_its_tick(settings, fake_twilio):
+    """With nothing more to send, nothing takes a connection from the pool again: the
+    dispatcher's own tick closes the idle one."""
+    settings = dispatch_settings(settings, fake_twilio)
+    add_notifications(settings, {"body": "one"})
+    with running_dispatcher(settings) as dispatcher:
+        wait_until(lambda: statuses(settings) == {"sent": 1}, timeout=15, message="sent")
+        assert len(_open_connections(dispatcher.twilio, fake_twilio.url)) == 1
+        _age_idle_connections(dispatcher.twilio, fake_twilio.url, KEEPALIVE_EXPIRY_SECONDS + 1)
+        wait_until(lambda: _open_connections(dispatcher.twilio, fake_twilio.url) == [],
+                   timeout=5, message="the idle connection closed by a tick")
 
 
 def test_a_request_is_not_written_on_a_connection_idle_past_the_expiry(fake_twilio):
