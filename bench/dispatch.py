@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import calls_per_second, scratch_database  # noqa: E402
-from bench.ingest import cpu_seconds  # noqa: E402
+from bench.ingest import backend_cpu_seconds, cpu_seconds  # noqa: E402
 from consumer.dispatch import claims  # noqa: E402
 from consumer.dispatch.twilio_client import Outgoing, TwilioSender  # noqa: E402
 from consumer.sandbox import FakeTwilioControl, spawn  # noqa: E402
@@ -160,23 +160,16 @@ def smsq_rate(dsn: str, fake: FakeTwilioControl, fake_pid: int,
     with dispatcher(dsn, fake, TWILIO_SMS_RATE="1000000", SMSQ_BURST="1000000") as process:
         wait_for(lambda: fake.stats().get("create"), 30)
         first, before = time.monotonic(), fake.stats().get("create", 0)
-        cpu = {"dispatch": -cpu_seconds(process.pid), "postgres": -backends_cpu(dsn),
+        cpu = {"dispatch": -cpu_seconds(process.pid),
+               "postgres": -backend_cpu_seconds(dsn, "smsq dispatch"),
                "fake": -cpu_seconds(fake_pid)}
         time.sleep(seconds)
         done = fake.stats().get("create", 0) - before
         elapsed = time.monotonic() - first
         cpu["dispatch"] += cpu_seconds(process.pid)
-        cpu["postgres"] += backends_cpu(dsn)
+        cpu["postgres"] += backend_cpu_seconds(dsn, "smsq dispatch")
         cpu["fake"] += cpu_seconds(fake_pid)
     return done / elapsed, cpu
-
-
-def backends_cpu(dsn: str) -> float:
-    """CPU seconds of every backend of this database but the asking one."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        pids = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-                            " AND pid <> pg_backend_pid()").fetchall()
-    return sum(cpu_seconds(pid) for (pid,) in pids)
 
 
 def per_send(cpu: float, sends: float) -> str:

@@ -223,10 +223,11 @@ def rabbitmq_pid() -> int | None:
 
 
 def backend_cpu_seconds(dsn: str, application_name: str) -> float:
-    """CPU of the database's backends serving that application (consume has a few)."""
+    """CPU of the database's backends whose application name starts with `application_name`
+    (consume has a few writers; dispatch a work, a lock, a listen and a price connection)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         rows = conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = %s"
+            "SELECT pid FROM pg_stat_activity WHERE starts_with(application_name, %s)"
             " AND datname = current_database()", (application_name,)).fetchall()
     return sum(cpu_seconds(pid) for (pid,) in rows)
 
