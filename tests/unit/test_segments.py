@@ -12,6 +12,8 @@ from consumer.segments import (
     GSM7_BASIC,
     GSM7_EXTENSION,
     SegmentCount,
+    _basic_gsm7_segments,
+    _count,
     cost_of,
     segments_of,
 )
@@ -99,6 +101,12 @@ def test_cost_is_one_for_mms_and_segments_for_sms() -> None:
 def test_plain_gsm7_matches_the_closed_formula(body: str) -> None:
     n = len(body)
     assert segments_of(body) == SegmentCount("GSM-7", n, 1 if n <= 160 else math.ceil(n / 153))
+
+
+@given(st.integers(min_value=0, max_value=1600))
+def test_the_shortcut_for_basic_gsm7_agrees_with_the_general_count(characters: int) -> None:
+    general = _count("GSM-7", [1] * characters, 7)
+    assert _basic_gsm7_segments(characters) == general.segments
 
 
 @given(st.text(max_size=400), st.characters())
