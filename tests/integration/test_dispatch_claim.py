@@ -3,6 +3,8 @@ the plan Postgres makes of it."""
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 import psycopg
 import pytest
 
@@ -122,3 +124,41 @@ def test_rows_whose_columns_are_not_the_fields_in_order_are_refused(database_url
             row_factory=claims.claimed_rows) as cur:
         with pytest.raises(ValueError, match="first fields of ClaimedRow"):
             cur.execute("SELECT gen_random_uuid() AS id, 0 AS priority_rank")
+
+
+def test_outcomes_land_field_by_field_and_one_that_cannot_be_written_fails_alone(database_url):
+    """record_outcomes writes a batch in one statement; when the batch fails (here a NUL,
+    which Postgres text cannot hold, in one status message), record_each writes the others
+    and marks that one failed with the reason."""
+    sent_at = datetime(2026, 12, 3, 19, 0, 0, 123456, tzinfo=timezone.utc)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        add_pending(conn, 4)
+        sent, unknown, retried, bad = sorted(
+            claims.claim_many(conn, [("", 4, 2)], "me", 60.0)[""].rows,
+            key=lambda row: row.publish_datetime)
+        batch = [
+            claims.Outcome(sent.id, "sent", sid="SM" + "a" * 32, segments=3,
+                           sent_datetime=sent_at),
+            claims.Outcome(unknown.id, "processing", "timed out", lease_seconds=30.0,
+                           reconcile_checks=0),
+            claims.Outcome(retried.id, "pending", "Twilio 500", error_code=20500,
+                           retry_in=90.5),
+            claims.Outcome(bad.id, "errored", "bad \x00 message", error_code=21211),
+        ]
+        with pytest.raises(psycopg.DataError):
+            claims.record_outcomes(conn, batch)
+        assert claims.record_each(conn, batch) == [bad.id]
+        rows = {r[0]: r[1:] for r in conn.execute("""
+            SELECT n.id, n.status, n.status_message, n.sent_datetime,
+                   round(extract(epoch FROM n.retry_datetime - now())),
+                   round(extract(epoch FROM n.lease_expire_datetime - now())),
+                   n.claimed_by, s.twilio_sid, s.segments, s.error_code, s.attempts,
+                   s.reconcile_checks
+            FROM notification n JOIN sms_notification s ON s.notification_id = n.id""")}
+    assert rows[sent.id] == ("sent", "", sent_at, None, None, None, "SM" + "a" * 32, 3, None,
+                             3, 0)
+    assert rows[unknown.id] == ("processing", "timed out", None, None, 30, "me", None, None,
+                                None, 3, 0)
+    assert rows[retried.id] == ("pending", "Twilio 500", None, 90, None, None, None, None,
+                                20500, 3, 0)
+    assert rows[bad.id][0] == "failed" and "could not be written" in rows[bad.id][1]
