@@ -7,6 +7,8 @@ on the wire.
 
 from __future__ import annotations
 
+import json
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime
@@ -99,7 +101,9 @@ class Outcome:
     reconcile_checks: int | None = None  # None: as it is
 
 
-_OUTCOME_FIELDS = [f.name for f in fields(Outcome)]
+# An Outcome's fields as a tuple, in order (for _RECORD); UUIDs and datetimes become their
+# str(), which Postgres reads back as uuid and timestamptz.
+_outcome_fields = operator.attrgetter(*(f.name for f in fields(Outcome)))
 
 _ROW_COLUMNS = """
     c.id, c.sender, c.priority_rank, c.publish_datetime, c.expire_datetime, c.body,
@@ -175,19 +179,17 @@ WHERE c.status = 'processing' AND c.sender = ANY(%(senders)s)
   AND (NOT %(expired_only)s OR c.lease_expire_datetime < now())
 """
 
-# One statement for a whole batch of outcomes: the columns arrive as arrays, side by side.
-# The arrays go as binary parameters (%b): psycopg writes them several times faster than as
-# text, and this runs for every batch of sends (50 outcomes: about 520 us of the dispatcher's
-# CPU instead of 860-1250).
+# One statement for a whole batch of outcomes, which arrive as one JSON array of arrays (each
+# an Outcome's fields, in order). The standard library writes that in C: for 13 outcomes,
+# 31 us of the dispatcher's Python instead of 63 for eleven binary arrays, whose element
+# types psycopg looks up again on every call (and 860-1250 us for 50 as text arrays).
 _RECORD = f"""
 WITH o AS (
-    SELECT * FROM unnest(
-        %(id)b::uuid[], %(status)b::text[], %(status_message)b::text[], %(sid)b::text[],
-        %(segments)b::int[], %(error_code)b::int[], %(retry_in)b::float8[],
-        %(lease_seconds)b::float8[], %(attempted)b::bool[], %(sent_datetime)b::timestamptz[],
-        %(reconcile_checks)b::int[]
-    ) AS o(id, status, status_message, sid, segments, error_code, retry_in, lease_seconds,
-           attempted, sent_datetime, reconcile_checks)
+    SELECT (e->>0)::uuid AS id, e->>1 AS status, e->>2 AS status_message, e->>3 AS sid,
+           (e->>4)::int AS segments, (e->>5)::int AS error_code, (e->>6)::float8 AS retry_in,
+           (e->>7)::float8 AS lease_seconds, (e->>8)::bool AS attempted,
+           (e->>9)::timestamptz AS sent_datetime, (e->>10)::int AS reconcile_checks
+    FROM jsonb_array_elements(%(outcomes)s::jsonb) e
 ), n AS (
     UPDATE notification t SET
         status = o.status,
@@ -451,8 +453,8 @@ def stale_processing(conn: psycopg.Connection, senders: list[str],
 def record_outcomes(conn: psycopg.Connection, outcomes: list[Outcome]) -> None:
     """Write a batch of outcomes with one statement (one transaction, one round trip)."""
     if outcomes:
-        columns = {name: [getattr(o, name) for o in outcomes] for name in _OUTCOME_FIELDS}
-        conn.execute(_RECORD, columns)
+        rows = json.dumps([_outcome_fields(o) for o in outcomes], default=str)
+        conn.execute(_RECORD, {"outcomes": rows})
 
 
 def release_unsent(conn: psycopg.Connection, ids: list[UUID], holder: str) -> int:
