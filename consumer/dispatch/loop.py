@@ -267,7 +267,14 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
                 self._on_paused(action)
             else:
                 self._fail(action.row, action.error)
-        for send in self._within_recipient_limits(sends):
+        try:
+            allowed = self._within_recipient_limits(sends)
+        except BaseException:
+            # Out of the scheduler's queue and not yet in flight: handed back at the next
+            # connect, as rows in hand are when Postgres goes away (else: after their lease).
+            self.unsent_when_lost += [send.row.id for send in sends]
+            raise
+        for send in allowed:
             self.in_flight[send.row.id] = send.row
             self.pool.submit(self._send, send)
 

@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from consumer import metrics
+from consumer.dispatch import guards
 from tests.dispatch_support import (
     SENDER,
     add_notifications,
@@ -263,3 +264,30 @@ def test_the_sandbox_process_answers_21610_for_an_opted_out_number(sandbox_proce
     assert refused.value.code == 21610
     assert sandbox_process.opt_out(remove=(NUMBER,)) == []
     assert client.messages.create(to=NUMBER, from_=SENDER, body="x").sid
+
+
+def test_rows_released_while_their_places_are_taken_go_back_when_postgres_goes_away(
+        settings, fake_twilio, caplog):
+    """Postgres lost while taking recipient places (the work connection killed in the lock
+    wait): the rows released for it are handed back at the reconnect, not left in
+    processing until their lease (60 s here) ends."""
+    settings = dispatch_settings(settings, fake_twilio, smsq_recipient_limit="5/1h",
+                                 smsq_lease_seconds=60.0)
+    [row_id] = add_notifications(settings, {"body": "code", "sms": {"to_phone_number": NUMBER}})
+    caplog.set_level(logging.INFO, logger="consumer.dispatch.loop")
+    with psycopg.connect(settings.database_dsn) as holder:
+        holder.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+                       (guards.RECIPIENT_LOCK_NAMESPACE, NUMBER))
+        with running_dispatcher(settings):
+            waiting = wait_until(lambda: query(
+                settings, "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                          " AND application_name = 'smsq dispatch' AND wait_event_type = 'Lock'"),
+                timeout=20, message="the dispatcher waits for the recipient's lock")
+            assert query(settings, "SELECT pg_terminate_backend(%s)", waiting[0][0]) == [(True,)]
+            holder.rollback()  # the place may be taken now
+            wait_until(lambda: statuses(settings) == {"sent": 1}, timeout=20,
+                       message="sent after the reconnect, long before its lease ends")
+    handed_back = [r for r in caplog.records if getattr(r, "action", "") == "unsent_handed_back"]
+    assert [r.count for r in handed_back] == [1]
+    assert rows_by_id(settings)[row_id]["status"] == "sent"
+    assert len(requests_to(fake_twilio, NUMBER)) == 1
