@@ -244,7 +244,7 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
             self._on_suppressed(claim.suppressed)
             surplus += self.scheduler.claimed(request, claim.rows, claim.drained,
                                               claim.next_due_in)
-        claims.release_unsent(self.db, surplus, self.holder)
+        self._hand_back(surplus)
 
     def _fail_unloadable(self, key: str, exc: psycopg.DataError) -> None:
         failed = claims.fail_unloadable(self.db, key)
@@ -258,16 +258,16 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
     def _release_ready(self) -> None:
         self._note_departures()
         sends = []
-        for action in self.scheduler.releases(self.concurrency - len(self.in_flight)):
-            if isinstance(action, Send):
-                sends.append(action)
-            elif isinstance(action, Expire):
-                self._expire(action.row)
-            elif isinstance(action, Paused):
-                self._on_paused(action)
-            else:
-                self._fail(action.row, action.error)
         try:
+            for action in self.scheduler.releases(self.concurrency - len(self.in_flight)):
+                if isinstance(action, Send):
+                    sends.append(action)
+                elif isinstance(action, Expire):
+                    self._expire(action.row)
+                elif isinstance(action, Paused):
+                    self._on_paused(action)
+                else:
+                    self._fail(action.row, action.error)
             allowed = self._within_recipient_limits(sends)
         except BaseException:
             # Out of the scheduler's queue and not yet in flight: handed back at the next
@@ -433,7 +433,7 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
             self._log_account_pause(event)
         # Rows in hand go back to pending while it waits (status shows them so).
         self._flush_outcomes()
-        claims.release_unsent(self.db, self.scheduler.hand_back(sender.key), self.holder)
+        self._hand_back(self.scheduler.hand_back(sender.key))
 
     @staticmethod
     def _log_account_pause(event: Paused) -> None:

@@ -95,7 +95,7 @@ class SenderSharing(DispatcherState):
         saved for the next holder, then the lock released."""
         sender = self.held[key]
         self._flush_outcomes()
-        claims.release_unsent(self.db, self.scheduler.drop(key), self.holder)
+        self._hand_back(self.scheduler.drop(key))
         claims.save_buckets(self.db, [self._bucket_row(sender, None, time.monotonic())])
         claims.unlock_sender(self.lock_db, key)
         metrics.SENDERS_HELD.set(len(self.held))

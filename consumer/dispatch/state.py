@@ -24,6 +24,7 @@ class DispatcherState:
     in_flight: dict[UUID, claims.ClaimedRow]  # sends and reconciliations
     pool: WorkerPool
     twilio: TwilioSender
+    unsent_when_lost: list[UUID]  # rows to hand back at the next connect
 
     @property
     def db(self) -> psycopg.Connection:
@@ -36,6 +37,15 @@ class DispatcherState:
     @property
     def held(self) -> dict[str, Sender]:
         return self.scheduler.senders
+
+    def _hand_back(self, ids: list[UUID]) -> None:
+        """Rows claimed and never sent, back to pending. Should Postgres go away meanwhile,
+        they go back at the next connect (else they would wait for their lease)."""
+        try:
+            claims.release_unsent(self.db, ids, self.holder)
+        except BaseException:
+            self.unsent_when_lost += ids
+            raise
 
     def _claimed_ids(self) -> list[UUID]:
         raise NotImplementedError
