@@ -159,8 +159,9 @@ class _DepartureStamped:
         if leaving is None:  # not a request of TwilioSender.send, or not its first write
             super().send(data)  # type: ignore[misc]  # urllib3's connection, after this in MRO
             return
-        if leaving.not_before is not None:
-            time.sleep(max(0.0, leaving.not_before - time.monotonic()))
+        wait = 0.0 if leaving.not_before is None else leaving.not_before - time.monotonic()
+        if wait > 0:  # not sleep(0): that hands the GIL to another thread and waits for it back
+            time.sleep(wait)
         if leaving.withhold is not None and leaving.withhold():
             raise RequestWithheld("called back before it left")
         super().send(data)  # type: ignore[misc]
