@@ -239,10 +239,21 @@ FROM n JOIN o ON o.id = n.id
 WHERE s.notification_id = n.id
 """
 
+# Rows never sent go back to pending with any place under SMSQ_RECIPIENT_LIMIT they took for
+# this claim (the CTE reads claimed_datetime as it was): sent later, they take one again.
 _RELEASE = """
-UPDATE notification
-SET status = 'pending', claimed_by = NULL, claimed_datetime = NULL, lease_expire_datetime = NULL
-WHERE id = ANY(%s) AND status = 'processing' AND claimed_by = %s
+WITH released AS (
+    UPDATE notification
+    SET status = 'pending', claimed_by = NULL, claimed_datetime = NULL,
+        lease_expire_datetime = NULL
+    WHERE id = ANY(%(ids)s) AND status = 'processing' AND claimed_by = %(holder)s
+    RETURNING id
+), places AS (
+    DELETE FROM recipient_send r USING notification t
+    WHERE t.id = ANY(ARRAY(SELECT id FROM released)) AND r.notification_id = t.id
+      AND r.sent_datetime >= t.claimed_datetime
+)
+SELECT count(*) FROM released
 """
 
 _RENEW = """
@@ -461,7 +472,7 @@ def release_unsent(conn: psycopg.Connection, ids: list[UUID], holder: str) -> in
     """Hand rows claimed but never sent back to pending, as if never claimed."""
     if not ids:
         return 0
-    return conn.execute(_RELEASE, (ids, holder)).rowcount
+    return scalar(conn.execute(_RELEASE, {"ids": ids, "holder": holder}))
 
 
 def renew_leases(conn: psycopg.Connection, ids: list[UUID], holder: str,
