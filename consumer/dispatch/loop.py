@@ -239,12 +239,12 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
             self._fail_unloadable(requests[0].sender, exc)
             return
         surplus: list[UUID] = []
-        for request in requests:
+        for request in requests:  # every claimed row in hand before the next statement
             claim = claimed[request.sender]
-            self._on_suppressed(claim.suppressed)
             surplus += self.scheduler.claimed(request, claim.rows, claim.drained,
                                               claim.next_due_in)
         self._hand_back(surplus)
+        self._on_suppressed([row for claim in claimed.values() for row in claim.suppressed])
 
     def _fail_unloadable(self, key: str, exc: psycopg.DataError) -> None:
         failed = claims.fail_unloadable(self.db, key)
@@ -269,10 +269,12 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
                 else:
                     self._fail(action.row, action.error)
             allowed = self._within_recipient_limits(sends)
-        except BaseException:
-            # Out of the scheduler's queue and not yet in flight: handed back at the next
-            # connect, as rows in hand are when Postgres goes away (else: after their lease).
-            self.unsent_when_lost += [send.row.id for send in sends]
+        except psycopg.OperationalError:
+            # Out of the scheduler's queue and not yet in flight: handed back at the
+            # reconnect, as rows in hand are (else: after their lease). Not those a guard
+            # stopped already: their outcome is queued, and lands on the row in processing.
+            self.unsent_when_lost += [send.row.id for send in sends
+                                      if send.row.id not in self._queued_outcome_ids()]
             raise
         for send in allowed:
             self.in_flight[send.row.id] = send.row
@@ -481,7 +483,13 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
         self.scheduler.drop_all()
         metrics.SENDERS_HELD.set(0)
 
+    def _queued_outcome_ids(self) -> set[UUID]:
+        return {outcome.id for outcome in self.outcomes}
+
     def _hand_back_unsent_when_lost(self) -> None:
+        # Never a row whose request may be on the wire, or whose outcome waits to be written.
+        waiting = self._queued_outcome_ids() | self.in_flight.keys()
+        self.unsent_when_lost = [i for i in self.unsent_when_lost if i not in waiting]
         if self.unsent_when_lost:
             returned = claims.release_unsent(self.db, self.unsent_when_lost, self.holder)
             log.info("rows in hand when postgres went away handed back", extra={

@@ -43,7 +43,7 @@ class DispatcherState:
         they go back at the next connect (else they would wait for their lease)."""
         try:
             claims.release_unsent(self.db, ids, self.holder)
-        except BaseException:
+        except psycopg.OperationalError:  # the loop ends and reconnects: no stale list
             self.unsent_when_lost += ids
             raise
 

@@ -291,3 +291,41 @@ def test_rows_released_while_their_places_are_taken_go_back_when_postgres_goes_a
     assert [r.count for r in handed_back] == [1]
     assert rows_by_id(settings)[row_id]["status"] == "sent"
     assert len(requests_to(fake_twilio, NUMBER)) == 1
+
+
+def test_postgres_lost_after_a_recipient_limit_stopped_a_row(settings, fake_twilio, caplog):
+    """Two rows to one number with one place, released together: the first takes the place,
+    the second is stopped, and Postgres goes away right after (the connection killed while
+    the stop is counted). The stopped row keeps its outcome (errored, stopped once); the
+    other goes back to pending with its place given back, and is sent once."""
+    settings = dispatch_settings(settings, fake_twilio, smsq_recipient_limit="1/1h",
+                                 smsq_lease_seconds=60.0, smsq_burst=5)  # released together
+    with psycopg.connect(settings.database_dsn, autocommit=True) as conn:
+        conn.execute("""
+            CREATE SEQUENCE faults;  -- not rolled back with the killed transaction
+            CREATE FUNCTION kill_once() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.guard = 'capped' AND nextval('faults') = 1 THEN
+                    PERFORM pg_terminate_backend(pg_backend_pid());
+                    PERFORM pg_sleep(5);  -- the signal ends it here, inside this statement
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER kill_once BEFORE INSERT ON guard_count
+                FOR EACH ROW EXECUTE FUNCTION kill_once()""")
+    first, second = add_notifications(
+        settings, *[{"body": f"code {i}", "priority": "high",
+                     "sms": {"to_phone_number": NUMBER}} for i in range(2)])
+    caplog.set_level(logging.INFO, logger="consumer.dispatch")
+    with running_dispatcher(settings):
+        wait_until(lambda: statuses(settings) == {"sent": 1, "errored": 1}, timeout=20,
+                   message="one sent, one stopped")
+    assert query(settings, "SELECT last_value FROM faults") == [(1,)]  # it struck once
+    assert any(getattr(r, "action", "") == "postgres_lost" for r in caplog.records)
+    rows = rows_by_id(settings)
+    stopped = [r for r in caplog.records if getattr(r, "action", "") == "message_capped"]
+    assert [r.notification_id for r in stopped] == [str(second)]
+    assert rows[second]["status"] == "errored"
+    assert "recipient limit" in rows[second]["status_message"]
+    assert rows[first]["status"] == "sent"
+    assert len(requests_to(fake_twilio, NUMBER)) == 1
