@@ -182,6 +182,25 @@ def test_a_request_released_ahead_is_called_back_when_its_sender_is_paused(
     assert len(refused) == actions.count("sender_paused") >= 1
 
 
+def test_a_request_released_ahead_is_called_back_when_twilio_asks_to_wait(
+        settings, fake_twilio, caplog):
+    """As above, with a 429 and its Retry-After instead of an account-wide error: the whole
+    sender waits out the Retry-After, and the request released ahead of its token meanwhile
+    is called back, not sent into the 429 (one refusal in all)."""
+    fake_twilio.set_latency(150)
+    fake_twilio.set_fault("429", count=1, retry_after=1)
+    settings = dispatch_settings(settings, fake_twilio, twilio_sms_rate=5.0, smsq_burst=1.0)
+    bodies = [f"row {n}" for n in range(6)]
+    add_notifications(settings, *[{"body": body} for body in bodies])
+    with caplog.at_level("INFO", logger="consumer.dispatch.loop"), running_dispatcher(settings):
+        wait_until(lambda: statuses(settings) == {"sent": 6}, timeout=40, message="all sent")
+    assert accepted_bodies(fake_twilio) == Counter(bodies)  # each once
+    refused = [m for m in fake_twilio.messages() if not m["accepted"]]
+    assert [m["fault"] for m in refused] == ["429"]
+    actions = [getattr(r, "action", None) for r in caplog.records]
+    assert actions.count("send_withheld") >= 1
+
+
 def test_a_message_twilio_drops_after_accepting_it_is_sent_again(settings, fake_twilio,
                                                                   tmp_path):
     fake_twilio.set_faults([{"mode": "fail-30001", "count": 1}])
