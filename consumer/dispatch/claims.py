@@ -50,6 +50,9 @@ class ClaimedRow:
     reconcile_checks: int = 0
     lease_expired: bool = False
     suppressed: bool = False  # claimed to a suppressed number: errored by the claim itself
+    # Failed by the claim itself: no sms_notification row, so the fields of the sms part
+    # (claimed_datetime on) are None. Returned only to be logged and counted.
+    without_sms_part: bool = False
 
     @cached_property  # asked several times a send; body and media never change after the claim
     def cost(self) -> int:
@@ -160,14 +163,20 @@ WITH req AS (
     -- set difference is empty but for such rows: no probe at all in the common case.
     UPDATE notification n SET status = 'failed', status_message = '{NO_SMS_PART}'
     WHERE n.id = ANY(ARRAY(SELECT id FROM locked EXCEPT SELECT id FROM due))
+    RETURNING n.id, n.sender, n.priority_rank, n.publish_datetime, n.expire_datetime, n.body
 ), unsubscribed AS (
     UPDATE sms_notification s SET error_code = {UNSUBSCRIBED}
     WHERE s.notification_id = ANY(ARRAY(SELECT id FROM due WHERE suppressed_as IS NOT NULL))
 )
 SELECT c.id, c.sender, c.priority_rank, c.publish_datetime, c.expire_datetime, c.body,
        c.claimed_datetime, c.to_phone_number, c.media_url, m.access_token AS media_token,
-       c.attempts, c.reconcile_checks, false AS lease_expired, c.suppressed
+       c.attempts, c.reconcile_checks, false AS lease_expired, c.suppressed,
+       false AS without_sms_part
 FROM c LEFT JOIN sms_temporary_media m ON m.id = c.temporary_media_id
+UNION ALL
+SELECT w.id, w.sender, w.priority_rank, w.publish_datetime, w.expire_datetime, w.body,
+       NULL, NULL, NULL, NULL, NULL, NULL, false, false, true
+FROM without_sms_part w
 """
 
 # Rows of these senders left in processing by anyone but what this process has in hand.
@@ -420,6 +429,7 @@ class Claim:
     drained: bool = False  # fewer than asked were due
     next_due_in: float | None = None  # then: seconds until the next one is (None: none waits)
     suppressed: list[ClaimedRow] = field(default_factory=list)  # errored by the claim
+    without_sms_part: list[ClaimedRow] = field(default_factory=list)  # failed by the claim
 
 
 def claim_due(conn: psycopg.Connection, sender: str, holder: str, limit: int,
@@ -444,10 +454,14 @@ def claim_many(conn: psycopg.Connection, requests: list[tuple[str, int, int]], h
         claimed: dict[str, Claim] = {sender: Claim([]) for sender in senders}
         for row in cur.fetchall():
             claim = claimed[row.sender]
-            (claim.suppressed if row.suppressed else claim.rows).append(row)
+            if row.without_sms_part:
+                claim.without_sms_part.append(row)
+            else:
+                (claim.suppressed if row.suppressed else claim.rows).append(row)
         for sender, limit, max_rank in requests:
             claim = claimed[sender]
-            if len(claim.rows) + len(claim.suppressed) < limit and max_rank == ALL_RANKS:
+            taken = len(claim.rows) + len(claim.suppressed) + len(claim.without_sms_part)
+            if taken < limit and max_rank == ALL_RANKS:
                 claim.drained = True
                 claim.next_due_in = _seconds_until_next_due(conn, sender)
         return claimed

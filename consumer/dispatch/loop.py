@@ -245,6 +245,17 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
                                               claim.next_due_in)
         self._hand_back(surplus)
         self._on_suppressed([row for claim in claimed.values() for row in claim.suppressed])
+        self._on_without_sms_part([row for claim in claimed.values()
+                                   for row in claim.without_sms_part])
+
+    @staticmethod
+    def _on_without_sms_part(rows: list[claims.ClaimedRow]) -> None:
+        """Rows the claim itself failed: written around smsq without their sms part."""
+        for row in rows:
+            metrics.DISPATCH_SENDS.labels("failed", "").inc()
+            log.error("message failed in smsq: it has no sms_notification row", extra={
+                "action": "send_failed", "notification_id": str(row.id),
+                "status_message": claims.NO_SMS_PART})
 
     def _fail_unloadable(self, key: str, exc: psycopg.DataError) -> None:
         failed = claims.fail_unloadable(self.db, key)

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 from pydantic import AnyHttpUrl
 
+from consumer import metrics
 from consumer.pipeline import CALLBACK_OVERRIDES
 from tests.dispatch_support import (
     SENDER,
@@ -240,3 +241,25 @@ def test_a_row_held_longer_than_its_lease_keeps_its_lease_renewed(settings, fake
         wait_until(lambda: settled(settings, 1), timeout=15, message="the slow one sent")
     [request] = arrivals(fake_twilio)
     assert rows_by_id(settings)[row_id]["twilio_sid"] == request["sid"]
+
+
+def test_a_row_without_its_sms_part_is_failed_logged_and_counted(settings, fake_twilio,
+                                                                 caplog):
+    """A notification written around smsq without its sms_notification row: the claim fails
+    it, the dispatcher says so in its log and its metric, and the row after it is sent."""
+    settings = dispatch_settings(settings, fake_twilio)
+    with psycopg.connect(settings.database_dsn) as conn:
+        [orphan] = conn.execute(
+            "INSERT INTO notification (id, body, priority, publish_datetime) VALUES "
+            "(gen_random_uuid(), 'no sms part', 'high', now() - interval '1 hour') "
+            "RETURNING id").fetchone()
+    [sent] = add_notifications(settings, {"body": "after it"})
+    failed_before = metrics.DISPATCH_SENDS.labels("failed", "")._value.get()
+    with caplog.at_level("INFO", logger="consumer.dispatch.loop"), running_dispatcher(settings):
+        wait_until(lambda: statuses(settings) == {"sent": 1, "failed": 1}, timeout=20,
+                   message="the orphan failed, the other sent")
+    failed = [r for r in caplog.records if getattr(r, "action", None) == "send_failed"]
+    assert [r.notification_id for r in failed] == [str(orphan)]
+    assert metrics.DISPATCH_SENDS.labels("failed", "")._value.get() == failed_before + 1
+    assert rows_by_id(settings)[sent]["status"] == "sent"
+    assert [m["body"] for m in arrivals(fake_twilio)] == ["after it"]

@@ -78,6 +78,9 @@ def test_a_row_without_its_sms_part_fails_instead_of_holding_up_its_sender(datab
         [event] = conn.execute("SELECT old_value, new_value FROM notification_event "
                                "WHERE notification_id = %s", (orphan,)).fetchall()
     assert first.rows == [] and first.suppressed == []
+    assert [row.id for row in first.without_sms_part] == [orphan]  # for the log line
+    assert not first.drained  # a row was taken: its sender is not out of due rows
+    assert [row.without_sms_part for row in second.rows] == [False]
     assert status == ("failed", claims.NO_SMS_PART, None)
     assert event == ("pending", "failed")
     assert len(second.rows) == 1 and second.rows[0].id != orphan
