@@ -250,12 +250,18 @@ WHERE s.notification_id = n.id
 
 # Rows never sent go back to pending with any place under SMSQ_RECIPIENT_LIMIT they took for
 # this claim (the CTE reads claimed_datetime as it was): sent later, they take one again.
-_RELEASE = """
+# `unheld_only`: not a row whose sender another session holds (it may be reconciling the row:
+# put back to pending under it, the row would be claimed and sent while its lookup decides the
+# row was never sent). The try-lock is a transaction's: it conflicts with the holder's
+# session lock, and it is gone at the commit.
+_RELEASE = f"""
 WITH released AS (
     UPDATE notification
     SET status = 'pending', claimed_by = NULL, claimed_datetime = NULL,
         lease_expire_datetime = NULL
     WHERE id = ANY(%(ids)s) AND status = 'processing' AND claimed_by = %(holder)s
+      AND (NOT %(unheld_only)s
+           OR pg_try_advisory_xact_lock({SENDER_LOCK_NAMESPACE}, hashtext(sender)))
     RETURNING id
 ), places AS (
     DELETE FROM recipient_send r USING notification t
@@ -482,11 +488,14 @@ def record_outcomes(conn: psycopg.Connection, outcomes: list[Outcome]) -> None:
         conn.execute(_RECORD, {"outcomes": rows})
 
 
-def release_unsent(conn: psycopg.Connection, ids: list[UUID], holder: str) -> int:
-    """Hand rows claimed but never sent back to pending, as if never claimed."""
+def release_unsent(conn: psycopg.Connection, ids: list[UUID], holder: str,
+                   unheld_only: bool = False) -> int:
+    """Hand rows claimed but never sent back to pending, as if never claimed; with
+    `unheld_only`, only those of senders no other session holds (we hold none either)."""
     if not ids:
         return 0
-    return scalar(conn.execute(_RELEASE, {"ids": ids, "holder": holder}))
+    return scalar(conn.execute(_RELEASE, {"ids": ids, "holder": holder,
+                                          "unheld_only": unheld_only}))
 
 
 def renew_leases(conn: psycopg.Connection, ids: list[UUID], holder: str,

@@ -280,7 +280,7 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
                 else:
                     self._fail(action.row, action.error)
             allowed = self._within_recipient_limits(sends)
-        except psycopg.OperationalError:
+        except Exception:  # noqa: BLE001 - re-raised: the loop ends, and starts afresh
             # Out of the scheduler's queue and not yet in flight: handed back at the
             # reconnect, as rows in hand are (else: after their lease). Not those a guard
             # stopped already: their outcome is queued, and lands on the row in processing.
@@ -343,9 +343,10 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
             self._note_departures()  # a request's departure is queued before its result
             result = event[1]
             self.in_flight.pop(result.row.id, None)
+            sender_event = None
             try:
                 if isinstance(result, SendResult):
-                    self._on_sent(result)
+                    sender_event = self._on_sent(result)
                 else:
                     self._on_reconciled(result)
             except psycopg.OperationalError:
@@ -355,6 +356,12 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
                 # Its sender must not wait for it (in_flight, a departure that never comes);
                 # a no-op when finished() ran already, or for a reconciliation.
                 self.scheduler.finished(result.row.sender, result.row.id, None)
+            # Outside the row's guard: what fails here is the sender's, or the database's
+            # (the loop starts afresh), never the row's.
+            if isinstance(sender_event, Paused):
+                self._on_paused(sender_event)
+            elif isinstance(sender_event, Resumed):
+                self._on_resumed(sender_event)
 
     # -- sending (in a worker thread) and its outcome (in the loop) ----------------------------
 
@@ -380,11 +387,12 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
         metrics.TWILIO_REQUEST_SECONDS.observe(seconds)
         return SendResult(row, attempt, error, seconds, datetime.now(timezone.utc))
 
-    def _on_sent(self, result: SendResult) -> None:
+    def _on_sent(self, result: SendResult) -> Paused | Resumed | None:
+        """Queue the outcome of a send; what it did to its sender, for the caller to act on."""
         row = result.row
         if result.attempt is not None and result.attempt.withheld:
             self._on_withheld(row)
-            return
+            return None
         if result.error is not None:
             decision = Decision("failed", status_message=(
                 f"smsq error: {type(result.error).__name__}: {result.error}"))
@@ -395,10 +403,6 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
         retry_after = result.attempt.retry_after if result.attempt else None
         event = self.scheduler.finished(row.sender, row.id, decision, retry_after,
                                         self._unspent(result, decision))
-        if isinstance(event, Paused):
-            self._on_paused(event)
-        elif isinstance(event, Resumed):
-            self._on_resumed(event)
         code = decision.error_code
         metrics.DISPATCH_SENDS.labels(decision.status, str(code) if code else "").inc()
         log.info(_SEND_LOG[decision.status][1], extra={
@@ -406,6 +410,7 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
             "sid": result.attempt.sid if result.attempt else None, "error_code": code,
             "status_message": decision.status_message or None,
             "twilio_ms": round(result.seconds * 1000, 1)})
+        return event
 
     def _on_withheld(self, row: claims.ClaimedRow) -> None:
         """Released ahead, called back before it left (its sender was paused meanwhile): back
@@ -502,7 +507,9 @@ class Dispatcher(SenderSharing, Reconciliation, GuardRails):
         waiting = self._queued_outcome_ids() | self.in_flight.keys()
         self.unsent_when_lost = [i for i in self.unsent_when_lost if i not in waiting]
         if self.unsent_when_lost:
-            returned = claims.release_unsent(self.db, self.unsent_when_lost, self.holder)
+            # We hold no sender now; one another dispatcher took meanwhile is its to reconcile.
+            returned = claims.release_unsent(self.db, self.unsent_when_lost, self.holder,
+                                             unheld_only=True)
             log.info("rows in hand when postgres went away handed back", extra={
                 "action": "unsent_handed_back", "count": returned})
             self.unsent_when_lost = []

@@ -43,7 +43,7 @@ class DispatcherState:
         they go back at the next connect (else they would wait for their lease)."""
         try:
             claims.release_unsent(self.db, ids, self.holder)
-        except psycopg.OperationalError:  # the loop ends and reconnects: no stale list
+        except Exception:  # re-raised: the loop ends and reconnects, which hands them back
             self.unsent_when_lost += ids
             raise
 

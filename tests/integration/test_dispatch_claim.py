@@ -165,3 +165,24 @@ def test_outcomes_land_field_by_field_and_one_that_cannot_be_written_fails_alone
     assert rows[retried.id] == ("pending", "Twilio 500", None, 90, None, None, None, None,
                                 20500, 3, 0)
     assert rows[bad.id][0] == "failed" and "could not be written" in rows[bad.id][1]
+
+
+def test_a_hand_back_after_a_reconnect_leaves_the_rows_of_a_sender_held_elsewhere(
+        database_url):
+    """Back from losing Postgres, a dispatcher hands back the rows it had in hand, but not
+    those of a sender another dispatcher took meanwhile: that one may be reconciling them,
+    and a row put back to pending under it could be sent twice. Its normal hand-back (its
+    own lock held by its lock connection) is not held back so."""
+    with psycopg.connect(database_url, autocommit=True) as conn, \
+            psycopg.connect(database_url, autocommit=True) as other:
+        add_pending(conn, 2)
+        add_pending(conn, 1, sender=POOL)
+        taken = claims.claim_many(conn, [("", 2, 2), (POOL, 1, 2)], "me", 60.0)
+        mine, held_elsewhere = [r.id for r in taken[""].rows], taken[POOL].rows[0].id
+        assert claims.try_lock_senders(other, [POOL]) == [POOL]  # another dispatcher took it
+        returned = claims.release_unsent(conn, [*mine, held_elsewhere], "me",
+                                         unheld_only=True)
+        status = dict(conn.execute("SELECT id, status FROM notification").fetchall())
+        assert returned == 2 and status[held_elsewhere] == "processing"
+        assert [status[i] for i in mine] == ["pending", "pending"]
+        assert claims.release_unsent(conn, [held_elsewhere], "me") == 1

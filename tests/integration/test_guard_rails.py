@@ -329,3 +329,35 @@ def test_postgres_lost_after_a_recipient_limit_stopped_a_row(settings, fake_twil
     assert "recipient limit" in rows[second]["status_message"]
     assert rows[first]["status"] == "sent"
     assert len(requests_to(fake_twilio, NUMBER)) == 1
+
+
+def test_rows_released_when_taking_their_places_fails_go_back_at_the_fresh_start(
+        settings, fake_twilio, caplog):
+    """Not Postgres lost but an error of the statement itself (here a trigger raising once)
+    while the place is taken: the loop starts afresh, and the row released for it goes back
+    to pending then, not after its lease (60 s here)."""
+    settings = dispatch_settings(settings, fake_twilio, smsq_recipient_limit="5/1h",
+                                 smsq_lease_seconds=60.0)
+    with psycopg.connect(settings.database_dsn, autocommit=True) as conn:
+        conn.execute("""
+            CREATE SEQUENCE faults;
+            CREATE FUNCTION refuse_once() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF nextval('faults') = 1 THEN
+                    RAISE EXCEPTION 'refused once, by the test';
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER refuse_once BEFORE INSERT ON recipient_send
+                FOR EACH ROW EXECUTE FUNCTION refuse_once()""")
+    [row_id] = add_notifications(settings, {"body": "code", "sms": {"to_phone_number": NUMBER}})
+    caplog.set_level(logging.INFO, logger="consumer.dispatch.loop")
+    with running_dispatcher(settings):
+        wait_until(lambda: statuses(settings) == {"sent": 1}, timeout=20,
+                   message="sent after the fresh start, long before its lease ends")
+    actions = [getattr(r, "action", "") for r in caplog.records]
+    assert "dispatch_loop_error" in actions  # the fault struck
+    handed_back = [r for r in caplog.records if getattr(r, "action", "") == "unsent_handed_back"]
+    assert [r.count for r in handed_back] == [1]
+    assert len(requests_to(fake_twilio, NUMBER)) == 1
+    assert rows_by_id(settings)[row_id]["status"] == "sent"
