@@ -12,6 +12,8 @@ import pytest
 
 from consumer.dispatch import claims
 from consumer.dispatch.claims import LOCK_CONNECTION_PREFIX, SENDER_LOCK_NAMESPACE
+from consumer.dispatch.loop import Dispatcher
+from consumer.signals import StopSignal
 from tests.dispatch_support import (
     SENDER,
     add_notifications,
@@ -178,3 +180,32 @@ def test_a_handed_over_bucket_refills_at_the_pace_kept_not_the_configured_rate(s
         conn.execute("UPDATE dispatch_sender SET released_datetime = now() - interval '0.5 s'")
         inherited = claims.inherited_tokens(conn, "", pace=0.5)
     assert inherited == pytest.approx(0.25, abs=0.01)  # 0.5 s at 0.5/s, not at the row's 1/s
+
+
+def test_back_from_losing_postgres_rows_of_a_sender_taken_meanwhile_stay_with_its_holder(
+        settings, fake_twilio):
+    """A dispatcher had a row in hand when Postgres went away; another took the sender
+    meanwhile and may be reconciling the row. Reconnecting, the first must leave it: put back
+    to pending under the other's reconciliation, it could be sent twice. Once nobody holds
+    the sender, the same hand-back returns it."""
+    settings = dispatch_settings(settings, fake_twilio)
+    [row_id] = add_notifications(settings, {"body": "in hand when postgres went away"})
+    dispatcher = Dispatcher(settings, StopSignal())
+    with psycopg.connect(settings.database_dsn, autocommit=True) as conn, \
+            psycopg.connect(settings.database_dsn, autocommit=True) as other:
+        [row] = claims.claim_many(conn, [("", 1, 2)], dispatcher.holder, 60.0)[""].rows
+        assert claims.try_lock_senders(other, [""]) == [""]  # the other dispatcher took it
+        try:
+            dispatcher.unsent_when_lost = [row.id]
+            dispatcher._connect()  # the reconnect: hands back what it can
+            assert status_of(conn, row_id) == "processing"
+            claims.unlock_sender(other, "")
+            dispatcher.unsent_when_lost = [row.id]
+            dispatcher._connect()
+            assert status_of(conn, row_id) == "pending"
+        finally:
+            dispatcher._close()
+
+
+def status_of(conn: psycopg.Connection, row_id) -> str:
+    return conn.execute("SELECT status FROM notification WHERE id = %s", (row_id,)).fetchone()[0]
