@@ -320,7 +320,7 @@ def test_postgres_lost_after_a_recipient_limit_stopped_a_row(settings, fake_twil
     with running_dispatcher(settings):
         wait_until(lambda: statuses(settings) == {"sent": 1, "errored": 1}, timeout=20,
                    message="one sent, one stopped")
-    assert query(settings, "SELECT last_value FROM faults") == [(1,)]  # it struck once
+    assert query(settings, "SELECT last_value, is_called FROM faults") == [(1, True)]  # once
     assert any(getattr(r, "action", "") == "postgres_lost" for r in caplog.records)
     rows = rows_by_id(settings)
     stopped = [r for r in caplog.records if getattr(r, "action", "") == "message_capped"]
